@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# README command 2: set up a virtual environment on a fresh machine and run the test suite.
+# Idempotent: a second run reuses .venv and only re-checks the install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${RXT_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# torch first, pinned to the CPU build: anything looser lets accelerate/peft pull CUDA wheels.
+"$VENV/bin/python" -m pip install -q torch==2.13.0
+"$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[dev]"
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export HF_HOME="${HF_HOME_FOR_TESTS:-$PWD/.cache/hf}"
+exec "$VENV/bin/python" -m pytest "$@"
