@@ -1,0 +1,1241 @@
+"""PyTorch Reactive Transformer (RxT).
+
+An RxT model is three components around a Short-Term Memory (STM):
+
+    query ──► decoder (causal self-attention + memory cross-attention reading STM_{t-1}) ──► answer
+    [BOS][Q]query[A]answer[EOS] ──► encoder ──► ED (every layer's output)
+    (STM_{t-1}, ED) ──► memory attention ──► STM_t
+
+The model itself is stateless: the memory lives in an `STMCache` the caller owns. Submodule names follow
+the reference implementation (rxlm 0.3.80) so that its checkpoints map by prefix; the maths follows
+`architecture.md` (interleaved RoPE, SQA head layouts, MoE routing, memory norms and residual gates).
+
+This file is copied next to the weights by `save_pretrained` (remote code): it imports torch,
+transformers and its two sibling files only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .cache_rxt import STMCache, init_memory_tensor
+from .configuration_rxt import (
+    RxTComponentConfig,
+    RxTConfig,
+    RxTMemoryAttentionConfig,
+    RxTMemoryAttentionOptions,
+    resolve_heads,
+)
+
+try:  # optional GPU kernel; the SDPA path is used whenever it is absent or cannot take the inputs
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001
+    flash_attn_func = None
+
+logger = logging.get_logger(__name__)
+
+# torch.nn.RMSNorm(eps=None) upcasts to fp32 and uses the fp32 epsilon whatever the input dtype (measured
+# on torch 2.13); the reference builds every RMSNorm that way.
+RMS_EPS = torch.finfo(torch.float32).eps
+MEMORY_NORM_EPS = 1e-6
+
+
+# ============================================================================================= basics
+class RxTRMSNorm(nn.Module):
+    """RMSNorm with fp32 internal maths and the fp32 epsilon, as the reference's `nn.RMSNorm(dim)`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), RMS_EPS).to(x.dtype)
+
+
+def make_norm(dim: int, use_rms: bool) -> nn.Module:
+    return RxTRMSNorm(dim) if use_rms else nn.LayerNorm(dim, eps=1e-5)
+
+
+def make_activation(name: str) -> nn.Module:
+    return {
+        "relu": nn.ReLU(), "gelu": nn.GELU(), "swish": nn.SiLU(), "silu": nn.SiLU(),
+        "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "linear": nn.Identity(),
+    }[name]
+
+
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, T, hd] by angle position * inv_freq[i].
+
+    `positions` is [B, T] or [T]. The angles are cast to the activation dtype before cos/sin, as the
+    reference does (this matters for bf16 parity).
+    """
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+    angles = angles.to(x.dtype)
+    if angles.dim() == 2:
+        angles = angles[None]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [B or 1, 1, T, hd/2]
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+# ============================================================================================= attention
+class RxTAttention(nn.Module):
+    """Multi-head attention with the reference's four layouts (mha, gqa, mqa, sqa).
+
+    * more query than key/value heads: key/value heads are shared by contiguous groups of query heads;
+    * fewer query than key/value heads (reverse SQA): the query heads are tiled over the key/value heads and
+      the output has as many heads as keys/values;
+    * optional sigmoid output gate on the concatenated heads (`use_gated_attention`).
+
+    `rope` says which side is rotated: "qk" (self-attention), "q" (memory cross-attention),
+    "k" (memory attention write), or None.
+    """
+
+    def __init__(self, embed_dim: int, att_heads: int, num_query_heads: int, num_kv_heads: int, *,
+                 rope: Optional[str], rope_base: float = 10000.0, output_bias: bool = True, gated: bool = False,
+                 gate_activation: str = "sigmoid", dropout: float = 0.0):
+        super().__init__()
+        self.head_dim = embed_dim // att_heads
+        self.num_query_heads = num_query_heads
+        self.num_kv_heads = num_kv_heads
+        self.num_output_heads = max(num_query_heads, num_kv_heads)
+        self.rope = rope
+        self.rope_base = rope_base
+        self.dropout = dropout
+        self.attn_implementation = "sdpa"
+        self.q_proj = nn.Linear(embed_dim, num_query_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.num_output_heads * self.head_dim, embed_dim, bias=output_bias)
+        self.gate_proj = nn.Linear(embed_dim, self.num_output_heads * self.head_dim, bias=False) if gated else None
+        self.gate_activation = make_activation(gate_activation) if gated else None
+        # Rebuilt by _init_weights after from_pretrained (non-persistent buffers come back as garbage otherwise).
+        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, rope_base), persistent=False)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """Key/value heads [B, Hkv, T, hd] of `states` (keys rotated when this attention rotates keys)."""
+        k = self._heads(self.k_proj(states), self.num_kv_heads)
+        v = self._heads(self.v_proj(states), self.num_kv_heads)
+        if self.rope in ("qk", "k"):
+            k = apply_rope(k, positions, self.inv_freq)
+        return k, v
+
+    def forward(self, hidden: torch.Tensor, kv_states: Optional[torch.Tensor] = None, *,
+                positions: Optional[torch.Tensor] = None, kv_positions: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                key_value: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                cache: Optional[Cache] = None, cache_layer: Optional[int] = None) -> torch.Tensor:
+        """Attend from `hidden` [B, T, D] to `kv_states` (self-attention when None) or to precomputed `key_value`.
+
+        `mask` is a bool [B, 1, T or 1, S] (True = attend). `cache`/`cache_layer` append this step's keys and
+        values to a transformers `Cache` (decoder self-attention during generation).
+        """
+        q = self._heads(self.q_proj(hidden), self.num_query_heads)
+        if self.rope in ("qk", "q"):
+            q = apply_rope(q, positions, self.inv_freq)
+        if key_value is None:
+            source = hidden if kv_states is None else kv_states
+            key_value = self.project_kv(source, positions if kv_positions is None else kv_positions)
+        k, v = key_value
+        if cache is not None:
+            k, v = cache.update(k, v, cache_layer)
+        if self.num_query_heads < self.num_kv_heads:
+            # Reverse SQA: expanded head j reads query head j mod Hq (the whole block is repeated).
+            q = q.repeat(1, self.num_kv_heads // self.num_query_heads, 1, 1)
+        attn = self._attend(q, k, v, mask, is_causal)  # [B, Hout, T, hd]
+        attn = attn.transpose(1, 2).flatten(2)
+        if self.gate_proj is not None:
+            attn = attn * self.gate_activation(self.gate_proj(hidden))
+        return self.out_proj(attn)
+
+    def _attend(self, q, k, v, mask, is_causal):
+        dropout = self.dropout if self.training else 0.0
+        grouped = q.shape[1] != k.shape[1]
+        if self.attn_implementation == "flash_attention_2" and self._flash_ok(q, mask):
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  dropout_p=dropout, causal=is_causal)
+            return out.transpose(1, 2)
+        if self.attn_implementation == "eager":
+            return self._eager(q, k, v, mask, is_causal, dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=is_causal and mask is None, enable_gqa=grouped)
+
+    @staticmethod
+    def _flash_ok(q, mask) -> bool:
+        return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+
+    @staticmethod
+    def _eager(q, k, v, mask, is_causal, dropout):
+        if q.shape[1] != k.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if is_causal and mask is None:
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+            mask = causal
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = F.dropout(scores.softmax(-1), p=dropout)
+        return weights @ v
+
+
+# ============================================================================================= feed-forward
+class RxTFeedForward(nn.Module):
+    """fc1 -> act -> fc2 (biases on both)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = make_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class RxTGatedLinearUnit(nn.Module):
+    """One Linear D -> 2F whose output splits as [linear | gate]; the activation applies to the gate half."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.act = make_activation(activation)
+
+    def forward(self, x):
+        lin, gate = self.linear(x).chunk(2, dim=-1)
+        return lin * self.act(gate)
+
+
+class RxTGatedFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: str, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc1 = RxTGatedLinearUnit(dim, hidden, activation, bias)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(self.fc1(x)))
+
+
+def make_dense_ffn(dim: int, hidden: int, gated: bool, activation: str, dropout: float, bias: bool = True):
+    cls = RxTGatedFeedForward if gated else RxTFeedForward
+    return cls(dim, hidden, activation, dropout, bias)
+
+
+class RxTRouter(nn.Module):
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+
+class RxTMoeFeedForward(nn.Module):
+    """Vectorized mixture of experts with optional shared experts (the reference's stacked layout).
+
+    Routed expert weights are stored in-by-out (`w1` [E, D, 2F or F], `w2` [E, F, D]). Routing: softmax
+    over all experts, top-k, renormalise. Output = sum_k w_k expert_k(x) + global bias + shared expert(s).
+    """
+
+    def __init__(self, cfg: RxTComponentConfig):
+        super().__init__()
+        dim, hidden, experts = cfg.embed_dim, cfg.ff_dim, cfg.num_experts
+        self.num_experts, self.top_k, self.gated = experts, cfg.moe_top_k, cfg.use_gated
+        self.num_shared = cfg.num_shared_experts
+        self.weighted_shared = cfg.moe_use_weighted_shared_experts
+        self.router_dtype = getattr(torch, cfg.router_dtype) if cfg.router_amp else None
+        self.act = make_activation(cfg.ff_activation)
+        self.dropout = nn.Dropout(cfg.ff_dropout)
+        in_width = 2 * hidden if cfg.use_gated else hidden
+        self.router = RxTRouter(dim, experts)
+        self.w1 = nn.Parameter(torch.empty(experts, dim, in_width))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.bias_mode = cfg.moe_bias_mode
+        if self.bias_mode == "global":
+            self.global_bias = nn.Parameter(torch.zeros(dim))
+        elif self.bias_mode == "local":
+            self.b1 = nn.Parameter(torch.zeros(experts, in_width))
+            self.b2 = nn.Parameter(torch.zeros(experts, dim))
+        shared_hidden = cfg.shared_expert_dim or hidden
+        shared_bias = cfg.moe_shared_experts_bias_mode
+        if self.num_shared == 1:
+            self.shared_expert = make_dense_ffn(dim, shared_hidden, cfg.use_gated, cfg.ff_activation,
+                                                cfg.ff_dropout, bias=shared_bias == "local")
+        elif self.num_shared > 1:
+            shared_in = 2 * shared_hidden if cfg.use_gated else shared_hidden
+            self.shared_w1 = nn.Parameter(torch.empty(self.num_shared, dim, shared_in))
+            self.shared_w2 = nn.Parameter(torch.empty(self.num_shared, shared_hidden, dim))
+            if shared_bias == "local":
+                self.shared_b1 = nn.Parameter(torch.zeros(self.num_shared, shared_in))
+                self.shared_b2 = nn.Parameter(torch.zeros(self.num_shared, dim))
+            self.shared_expert_gate = nn.Linear(dim, self.num_shared, bias=False)
+        if self.num_shared >= 1 and shared_bias == "global":
+            self.shared_experts_bias = nn.Parameter(torch.zeros(dim))
+
+    def _expert(self, x, w1, w2, b1=None, b2=None):
+        h = x @ w1
+        if b1 is not None:
+            h = h + b1
+        if self.gated:
+            lin, gate = h.chunk(2, dim=-1)
+            h = lin * self.act(gate)
+        else:
+            h = self.act(h)
+        out = self.dropout(h) @ w2
+        return out if b2 is None else out + b2
+
+    def route(self, x: torch.Tensor):
+        logits = self.router.gate(x)
+        if self.router_dtype is not None:
+            logits = logits.to(self.router_dtype)
+        probs = logits.softmax(dim=-1)
+        top_w, top_idx = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-9)
+        return probs, top_w.to(x.dtype), top_idx
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs, top_w, top_idx = self.route(flat)
+        if self.num_shared and self.weighted_shared:
+            top_w = top_w * (self.top_k / (self.top_k + self.num_shared))
+        out = torch.zeros_like(flat)
+        local = self.bias_mode == "local"
+        # Tokens are grouped by expert, so each expert runs one dense matmul over its tokens.
+        for expert in range(self.num_experts):
+            token_idx, slot = (top_idx == expert).nonzero(as_tuple=True)
+            if token_idx.numel() == 0:
+                continue
+            y = self._expert(flat[token_idx], self.w1[expert], self.w2[expert],
+                             self.b1[expert] if local else None, self.b2[expert] if local else None)
+            out.index_add_(0, token_idx, y * top_w[token_idx, slot, None])
+        if self.bias_mode == "global":
+            out = out + self.global_bias
+        shared_gate_loss = None
+        if self.num_shared == 1:
+            shared = self.shared_expert(flat)
+        elif self.num_shared > 1:
+            gate = self.shared_expert_gate(flat).softmax(dim=-1)  # [N, S_e]
+            has_bias = hasattr(self, "shared_b1")
+            shared = sum(
+                gate[:, s, None] * self._expert(flat, self.shared_w1[s], self.shared_w2[s],
+                                                self.shared_b1[s] if has_bias else None,
+                                                self.shared_b2[s] if has_bias else None)
+                for s in range(self.num_shared)
+            )
+            shared_gate_loss = (gate - 1.0 / self.num_shared).abs().mean()
+        if self.num_shared:
+            if hasattr(self, "shared_experts_bias"):
+                shared = shared + self.shared_experts_bias
+            if self.weighted_shared:
+                shared = shared * (self.num_shared / (self.top_k + self.num_shared))
+            out = out + shared
+        aux = self._load_balancing_loss(probs, top_idx) if self.training else None
+        if aux is not None and shared_gate_loss is not None:
+            aux = aux + shared_gate_loss
+        return out.reshape(shape), aux
+
+    def _load_balancing_loss(self, probs: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """The reference's aux loss: E * sum_e f_e * mean prob of e over the tokens that picked e."""
+        picked = F.one_hot(top_idx, self.num_experts).sum(dim=1).to(probs.dtype)  # [N, E]
+        counts = picked.sum(dim=0)
+        frac = counts / (probs.shape[0] * self.top_k + 1e-6)
+        mean_prob = (probs * picked).sum(dim=0) / counts.clamp(min=1e-6)
+        return self.num_experts * (frac * mean_prob).sum()
+
+
+# ============================================================================================= decoder / encoder
+class RxTLayer(nn.Module):
+    """Pre-norm block: self-attention, optional memory cross-attention, FFN or MoE."""
+
+    def __init__(self, cfg: RxTComponentConfig, *, causal: bool, cross_attention: bool, ffn: str = "main"):
+        super().__init__()
+        dim = cfg.embed_dim
+        hq, hkv = cfg.self_attention_heads()
+        rope = None if cfg.use_nope else "qk"
+        self.causal = causal
+        self.attention = RxTAttention(dim, cfg.att_heads, hq, hkv, rope=rope, rope_base=cfg.rope_base,
+                                      output_bias=cfg.use_attention_output_bias, gated=cfg.use_gated_attention,
+                                      gate_activation=cfg.gated_attention_activation, dropout=cfg.att_dropout)
+        if cross_attention:
+            cq, ckv = cfg.cross_attention_heads()
+            self.memory_cross_attention = RxTAttention(
+                dim, cfg.att_heads, cq, ckv, rope=None if cfg.use_nope else "q", rope_base=cfg.rope_base,
+                output_bias=cfg.use_attention_output_bias, gated=cfg.gated_cross_attention,
+                gate_activation=cfg.gated_attention_activation, dropout=cfg.att_dropout)
+        else:
+            self.memory_cross_attention = None
+        if ffn == "dense":  # stateless 'dense' layers: a gated FFN of their own width, never MoE
+            self.ff = make_dense_ffn(dim, cfg.dense_layer_dim, True, cfg.ff_activation, cfg.ff_dropout)
+        elif cfg.use_moe:
+            self.ff = RxTMoeFeedForward(cfg)
+        else:
+            self.ff = make_dense_ffn(dim, cfg.ff_dim, cfg.use_gated, cfg.ff_activation, cfg.ff_dropout)
+        self.norm1 = make_norm(dim, cfg.use_rms_norm)
+        self.norm3 = make_norm(dim, cfg.use_rms_norm)
+        if cross_attention:
+            self.norm2 = make_norm(dim, cfg.use_rms_norm)
+            self.stm_norm = make_norm(dim, cfg.use_rms_norm)
+
+    def memory_key_value(self, stm_layer: torch.Tensor):
+        """Cross-attention keys/values of one STM layer [B, S, D] (computed once per turn)."""
+        return self.memory_cross_attention.project_kv(self.stm_norm(stm_layer))
+
+    def forward(self, x, *, positions, self_mask, is_causal, pad=None, memory_kv=None, cache=None, cache_layer=None):
+        h = x + self.attention(self.norm1(x), positions=positions, mask=self_mask, is_causal=is_causal,
+                               cache=cache, cache_layer=cache_layer)
+        if self.memory_cross_attention is not None and memory_kv is not None:
+            query = self.norm2(h)
+            if pad is not None:
+                query = query * pad
+            h = h + self.memory_cross_attention(query, positions=positions, key_value=memory_kv)
+        out = self.ff(self.norm3(h))
+        aux = None
+        if isinstance(out, tuple):
+            out, aux = out
+        return h + out, aux
+
+
+class RxTDecoder(nn.Module):
+    """Stateless layers, memory layers (layer i reads STM layer i), final stateless layers, head norm, LM head."""
+
+    def __init__(self, cfg: RxTComponentConfig):
+        super().__init__()
+        self.config = cfg
+        self.layers = nn.ModuleList(RxTLayer(cfg, causal=True, cross_attention=True) for _ in range(cfg.num_layers))
+        self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=True)
+        if cfg.use_head_norm:
+            self.head_norm = (nn.LayerNorm(cfg.embed_dim, eps=1e-5) if cfg.head_norm_type == "layer_norm"
+                              else RxTRMSNorm(cfg.embed_dim))
+        else:
+            self.head_norm = None
+
+        def stateless(kinds):
+            if not kinds:
+                return None
+            return nn.ModuleList(RxTLayer(cfg, causal=True, cross_attention=False, ffn=k if k == "dense" else "main")
+                                 for k in kinds)
+
+        self.stateless_layers = stateless(cfg.stateless_layers_config)
+        self.final_stateless_layers = stateless(cfg.final_stateless_layers_config)
+
+    def ordered_layers(self):
+        """(layer, memory layer index or None) in forward order; the index of each is its KV-cache slot."""
+        for layer in self.stateless_layers or []:
+            yield layer, None
+        for i, layer in enumerate(self.layers):
+            yield layer, i
+        for layer in self.final_stateless_layers or []:
+            yield layer, None
+
+    def memory_key_values(self, memory: torch.Tensor):
+        """Cross-attention K/V for every memory layer from an STM [B, L, S, D]."""
+        return [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
+
+    def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None):
+        aux_losses = []
+        for slot, (layer, mem_idx) in enumerate(self.ordered_layers()):
+            hidden, aux = layer(hidden, positions=positions, self_mask=self_mask, is_causal=is_causal, pad=pad,
+                                memory_kv=None if mem_idx is None else memory_kv[mem_idx],
+                                cache=cache, cache_layer=slot)
+            if aux is not None:
+                aux_losses.append(aux)
+        if self.head_norm is not None:
+            hidden = self.head_norm(hidden)
+        return hidden, aux_losses
+
+
+class RxTEncoder(nn.Module):
+    """Bidirectional layers; every layer's output is kept (the encoded data written into memory)."""
+
+    def __init__(self, cfg: RxTComponentConfig):
+        super().__init__()
+        self.config = cfg
+        # Encoders never read the memory, so cross-attention weights (dead in some reference checkpoints) are not built.
+        self.layers = nn.ModuleList(RxTLayer(cfg, causal=False, cross_attention=False) for _ in range(cfg.num_layers))
+
+    def forward(self, hidden, *, positions, key_mask):
+        states, aux_losses = [], []
+        for layer in self.layers:
+            hidden, aux = layer(hidden, positions=positions, self_mask=key_mask, is_causal=False)
+            states.append(hidden)
+            if aux is not None:
+                aux_losses.append(aux)
+        return torch.stack(states, dim=1), aux_losses  # [B, L, T, D]
+
+
+class RxTMLMHead(nn.Module):
+    """Masked-LM head used in joint pre-training (stage 1): dense -> GELU -> LayerNorm -> vocab projection."""
+
+    def __init__(self, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(embed_dim, embed_dim)
+        self.act = nn.GELU()
+        self.layer_norm = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.decoder = nn.Linear(embed_dim, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(self.act(self.dense(hidden))))
+
+
+# ============================================================================================= memory attention
+class RxTMemoryNorm(nn.Module):
+    """The memory norms of the reference ('rms', 'layer', 'adaptive', 'positional'); 'classic-rms' is RxTRMSNorm.
+
+    Quirk kept for parity: the 'rms'-family norms divide by sqrt(rms + 1e-6), not by rms.
+    """
+
+    def __init__(self, norm_type: str, dim: int, slots: int, init_gate: float, per_dim_scale: bool, decay: float):
+        super().__init__()
+        self.norm_type, self.decay = norm_type, decay
+        self.init_gate = init_gate
+        if norm_type == "positional":
+            self.scale = nn.Parameter(torch.ones(dim if per_dim_scale else slots, *(() if per_dim_scale else (1,))))
+            self.gate = nn.Parameter(torch.full((slots, 1), init_gate))
+            self.register_buffer("ema_rms", torch.ones(slots, 1))
+        else:
+            if norm_type == "layer":
+                self.norm = nn.LayerNorm(dim, eps=1e-5)
+            self.scale = nn.Parameter(torch.ones(dim))
+            self.gate = nn.Parameter(torch.full((1,), init_gate))
+            if norm_type == "adaptive":
+                self.register_buffer("ema_rms", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.norm_type
+        if kind == "layer":
+            normed = self.norm(x) * self.scale
+        else:
+            slot_rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()  # [B, S, 1]
+            if kind == "rms" or (kind == "adaptive" and not self.training):
+                rms = slot_rms
+            elif kind == "adaptive":
+                with torch.no_grad():
+                    self.ema_rms.mul_(self.decay).add_((1 - self.decay) * x.pow(2).mean().sqrt())
+                rms = self.ema_rms
+            else:  # positional: a per-slot EMA, used in train and eval
+                if self.training:
+                    with torch.no_grad():
+                        self.ema_rms.mul_(self.decay).add_((1 - self.decay) * slot_rms.mean(dim=0))
+                rms = self.ema_rms
+            normed = x * (rms + MEMORY_NORM_EPS).rsqrt() * self.scale
+        gate = torch.sigmoid(self.gate)
+        return gate * normed + (1 - gate) * x
+
+
+def make_memory_norm(opts: RxTMemoryAttentionOptions) -> nn.Module:
+    if opts.norm_type == "classic-rms":
+        return RxTRMSNorm(opts.embed_dim)
+    return RxTMemoryNorm(opts.norm_type, opts.embed_dim, opts.stm_size, opts.norm_init_gate,
+                         opts.norm_per_dim_scale, opts.norm_decay)
+
+
+class RxTResidualGate(nn.Module):
+    """How a memory layer mixes its old state with an update.
+
+    Off (the reference default): old + new. Gated: G from a static, elementwise (per-slot) or linear
+    (across slots) gate; tanh gates give (1 + G) new + (1 - G) old, sigmoid gates G new + (1 - G) old.
+    """
+
+    def __init__(self, opts: RxTMemoryAttentionOptions, enabled: bool, disable_residual: bool = False):
+        super().__init__()
+        self.enabled, self.disable_residual = enabled, disable_residual
+        self.gate_type, self.per_slot = opts.residual_gate_type, opts.residual_per_slot_gate
+        self.use_tanh = opts.use_tanh_residual_gate
+        self.init_value = opts.residual_gate_init
+        slots = opts.stm_size
+        if not enabled:
+            return
+        if opts.residual_gate_slot_status_type == "linear" and self.gate_type != "static":
+            self.slot_status = nn.Linear(opts.embed_dim, 1)
+        else:
+            self.slot_status = None
+        if self.gate_type == "linear":
+            self.gate = nn.Linear(slots, slots if self.per_slot else 1)
+        else:
+            self.gate = nn.Parameter(torch.full((slots, 1) if self.per_slot else (1,), self.init_value))
+
+    def _slot_status(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Per-slot summary of old + new, [B, S, 1]: its mean over dim, or a learned projection."""
+        mixed = old + new
+        return self.slot_status(mixed) if self.slot_status is not None else mixed.mean(dim=-1, keepdim=True)
+
+    def forward(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.disable_residual:
+            return new
+        if not self.enabled:
+            return old + new
+        if self.gate_type == "static":
+            g = self.gate
+        elif self.gate_type == "elementwise":
+            status = self._slot_status(old, new)
+            g = self.gate * (status if self.per_slot else status.mean(dim=-2, keepdim=True))
+        else:  # linear: mixes the slots' statuses, S -> S (per slot) or S -> 1
+            g = self.gate(self._slot_status(old, new).squeeze(-1)).unsqueeze(-1)
+        if self.use_tanh:
+            g = torch.tanh(g)
+            return (1 + g) * new + (1 - g) * old
+        g = torch.sigmoid(g)
+        return g * new + (1 - g) * old
+
+
+class RxTPreTrainedModel(PreTrainedModel):
+    base_model_prefix = "rxt"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["RxTLayer"]
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, RxTAttention):
+            init.copy_(module.inv_freq, rope_inv_freq(module.head_dim, module.rope_base))
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, RxTRMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, RxTMoeFeedForward):
+            for name in ("w1", "w2", "shared_w1", "shared_w2"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name), mean=0.0, std=0.02)
+            for name in ("global_bias", "b1", "b2", "shared_b1", "shared_b2", "shared_experts_bias"):
+                if hasattr(module, name):
+                    init.zeros_(getattr(module, name))
+        elif isinstance(module, RxTMemoryNorm):
+            if module.norm_type == "positional":
+                init.normal_(module.scale, mean=1.0, std=0.1)
+            else:
+                init.ones_(module.scale)
+            init.constant_(module.gate, module.init_gate)
+            if hasattr(module, "ema_rms"):
+                init.ones_(module.ema_rms)
+        elif isinstance(module, RxTResidualGate) and module.enabled and isinstance(module.gate, nn.Parameter):
+            init.constant_(module.gate, module.init_value)
+        if isinstance(module, RxTAttention) and module.gate_proj is not None:
+            init.normal_(module.gate_proj.weight, mean=1.0, std=0.01)
+
+
+class RxTMemoryAttention(RxTPreTrainedModel):
+    """Writes encoded data into the Short-Term Memory.
+
+    `forward(stm, encoded, attention_mask)`: `stm` [B, L, S, D], `encoded` [B, L, T, D] (layer i's encoder
+    output feeds memory layer i), `attention_mask` [B, T] -> the new memory [B, L, S, D]. Every layer reads
+    the old memory; variants differ in the pre-step that mixes layers (see the reference notes, §1.6).
+    """
+
+    config_class = RxTMemoryAttentionConfig
+    main_input_name = "encoded"
+
+    def __init__(self, config: RxTMemoryAttentionConfig):
+        super().__init__(config)
+        opts = config.memory_attention_options
+        self.variant = opts.variant
+        n, dim = opts.num_layers, opts.embed_dim
+
+        def attention(kind, rope):
+            hq, hkv = opts.heads(kind)
+            dropout = {"main": opts.att_dropout, "interlayer": opts.interlayer_att_dropout,
+                       "self": opts.self_att_dropout}[kind]
+            return RxTAttention(dim, opts.att_heads, hq, hkv, rope=rope, rope_base=opts.rope_base,
+                                output_bias=True, dropout=dropout)
+
+        def norms():
+            return nn.ModuleList(make_memory_norm(opts) for _ in range(n))
+
+        def gates(enabled=opts.use_gated_residual, disable=False):
+            return nn.ModuleList(RxTResidualGate(opts, enabled, disable) for _ in range(n))
+
+        self.attention_layers = nn.ModuleList(attention("main", "k") for _ in range(n))
+        self.memory_norm_layers = norms()
+        self.memory_input_norm_layers = nn.ModuleList(RxTRMSNorm(dim) for _ in range(n))
+        self.residual_gate_layers = gates(disable=self.variant == "simple" and opts.disable_residual)
+        if self.variant in ("interlayer", "self-interlayer", "grouped-self-interlayer"):
+            self.mean_attention_layers = nn.ModuleList(attention("interlayer", None) for _ in range(n))
+            self.mean_memory_norm_layers = norms()
+            self.mean_stm_norm = make_memory_norm(opts)
+            self.mean_residual_gate_layers = gates()
+            if self.variant != "interlayer":
+                self.interlayer_gate_layers = gates()
+        if self.variant == "self":
+            self.self_attention_layers = nn.ModuleList(attention("self", None) for _ in range(n))
+            self.self_memory_norm_layers = norms()
+            self.self_residual_gate_layers = gates(opts.use_gated_residual and opts.use_gate_for_self_attention)
+        self.num_groups = opts.num_groups if self.variant == "grouped-self-interlayer" else 1
+        self.post_init()
+
+    def _layer_means(self, stm: torch.Tensor) -> list[torch.Tensor]:
+        """The normalised mean over layers (per group for the grouped variant), one tensor per memory layer."""
+        n = stm.shape[1]
+        size = n // self.num_groups
+        means = [self.mean_stm_norm(stm[:, g * size:(g + 1) * size].mean(dim=1)) for g in range(self.num_groups)]
+        return [means[i // size] for i in range(n)]
+
+    def _pre_step(self, i: int, old_layer: torch.Tensor, means) -> torch.Tensor:
+        if self.variant == "self":
+            p = self.self_memory_norm_layers[i](old_layer)
+            return self.self_residual_gate_layers[i](old_layer, self.self_attention_layers[i](p))
+        if self.variant == "simple":
+            return old_layer
+        p = self.mean_memory_norm_layers[i](old_layer)
+        source = means[i] if self.variant == "interlayer" else self.interlayer_gate_layers[i](p, means[i])
+        return self.mean_residual_gate_layers[i](old_layer, self.mean_attention_layers[i](p, source))
+
+    def forward(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        if isinstance(stm, STMCache):
+            stm = stm.memory
+        self._check_inputs(stm, encoded, attention_mask)
+        batch, layers, length = encoded.shape[0], encoded.shape[1], encoded.shape[2]
+        positions = torch.arange(length, device=encoded.device)
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_mask = attention_mask.bool()[:, None, None, :]
+        means = self._layer_means(stm) if self.variant not in ("simple", "self") else None
+        new_layers = []
+        for i in range(layers):
+            old = self._pre_step(i, stm[:, i], means)
+            keys = self.memory_input_norm_layers[i](encoded[:, i])
+            update = self.attention_layers[i](self.memory_norm_layers[i](old), keys, kv_positions=positions,
+                                              mask=key_mask)
+            new_layers.append(self.residual_gate_layers[i](old, update))
+        return torch.stack(new_layers, dim=1)
+
+    def _check_inputs(self, stm, encoded, attention_mask):
+        opts = self.config.memory_attention_options
+        expected = (opts.num_layers, opts.stm_size, opts.embed_dim)
+        if stm.dim() != 4 or tuple(stm.shape[1:]) != expected:
+            raise ValueError(f"stm must be [batch, {expected[0]} layers, {expected[1]} slots, {expected[2]} dim], "
+                             f"got {tuple(stm.shape)}")
+        if encoded.dim() != 4 or encoded.shape[1] != opts.num_layers or encoded.shape[3] != opts.embed_dim:
+            raise ValueError(f"encoded must be [batch, {opts.num_layers} layers, tokens, {opts.embed_dim} dim], "
+                             f"got {tuple(encoded.shape)}")
+        if stm.shape[0] != encoded.shape[0]:
+            raise ValueError(f"STM batch {stm.shape[0]} != encoded batch {encoded.shape[0]}: the memory is written "
+                             "row by row, so every conversation needs its own STM row (use STMCache.select/cat).")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(encoded.shape[::2][:1]) + (encoded.shape[2],):
+            raise ValueError(f"attention_mask must be [batch, tokens] = {[encoded.shape[0], encoded.shape[2]]}, "
+                             f"got {list(attention_mask.shape)}")
+
+    @classmethod
+    def from_rxlm_pretrained(cls, path: str, variant: Optional[str] = None, **kwargs) -> "RxTMemoryAttention":
+        """Load a reference (rxlm) memory-attention component repo (config.json + model.safetensors, keys `model.*`).
+
+        `variant` is inferred from the weights when None.
+        """
+        raw_config, weights = _rxlm_load_files(path, **kwargs)
+        weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+        options = _rxlm_memory_attention_config(raw_config, weights, variant, prefix="")
+        model = cls(RxTMemoryAttentionConfig(memory_attention_config=options))
+        _load_exact(model, _rxlm_map_memory_attention(weights, ""), source=path)
+        return model.eval()
+
+
+# ============================================================================================= full model
+@dataclass
+class RxTOutput(ModelOutput):
+    """Output of [`RxTForConversationalGeneration`]: the LM loss (+ weighted MoE aux loss), logits and the KV cache."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    past_key_values: Optional[Cache] = None
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin):
+    """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
+    attention that write each finished interaction into that memory.
+
+    The model holds no conversation state. Pass an `STMCache` (from `init_memory`) to `forward`, `generate`
+    and `update_memory`; one model serves any number of conversations.
+    """
+
+    config_class = RxTConfig
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        dec, enc = config.decoder_options, config.encoder_options
+        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.decoder = RxTDecoder(dec)
+        self.encoder = RxTEncoder(enc)
+        self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
+            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
+        self.loss_type = "ForCausalLM"
+        self.post_init()
+        self._sync_attn_implementation()
+
+    # -------------------------------------------------------------- HF plumbing
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.decoder.head
+
+    def set_output_embeddings(self, value):
+        self.decoder.head = value
+
+    def _sync_attn_implementation(self) -> None:
+        """Our attention modules dispatch themselves; tell them which kernel the config asks for."""
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl == "flash_attention_2" and flash_attn_func is None:
+            raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                              "'transformers-rxt[flash]' on a CUDA machine); use 'sdpa' otherwise.")
+        for module in self.modules():
+            if isinstance(module, RxTAttention):
+                module.attn_implementation = impl if impl in ("eager", "sdpa", "flash_attention_2") else "sdpa"
+
+    def set_attn_implementation(self, attn_implementation):
+        super().set_attn_implementation(attn_implementation)
+        self._sync_attn_implementation()
+
+    @property
+    def model_signature(self) -> dict:
+        cfg = self.config
+        return {"model_type": cfg.model_type, "layers": cfg.num_memory_layers, "slots": cfg.stm_size,
+                "dim": cfg.hidden_size}
+
+    # -------------------------------------------------------------- memory
+    def init_memory(self, batch_size: int = 1, input_ids: Optional[torch.LongTensor] = None,
+                    attention_mask: Optional[torch.Tensor] = None, init_type: Optional[str] = None,
+                    generator: Optional[torch.Generator] = None) -> STMCache:
+        """A fresh STM for `batch_size` conversations, initialised as the config says.
+
+        With `input_ids` (e.g. a system prompt rendered as an interaction), the fresh memory is then updated
+        once with that text, as the reference's `init_stm_state` does.
+        """
+        if input_ids is not None:
+            batch_size = input_ids.shape[0]
+        shape = (batch_size, self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
+        memory = init_memory_tensor(shape, init_type or self.config.stm_init_type, dtype=self.dtype,
+                                    device=self.device, generator=generator)
+        stm = STMCache(memory, self.model_signature)
+        if input_ids is not None:
+            self.update_memory(input_ids=input_ids, attention_mask=attention_mask, stm=stm)
+        return stm
+
+    def check_stm(self, stm: Union[STMCache, torch.Tensor], batch_size: Optional[int] = None) -> None:
+        """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch)."""
+        memory = stm._memory if isinstance(stm, STMCache) else stm
+        expected = (self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
+        if not isinstance(memory, torch.Tensor) or memory.dim() != 4 or tuple(memory.shape[1:]) != expected:
+            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            raise ValueError(
+                f"STM shape {got} does not fit this model: expected [batch, {expected[0]} layers, {expected[1]} "
+                f"slots, {expected[2]} dim]. Create it with model.init_memory(batch_size)."
+            )
+        signature = stm.model_signature if isinstance(stm, STMCache) else None
+        if signature and signature != self.model_signature:
+            raise ValueError(f"this STMCache was made for another model ({signature}); this model is "
+                             f"{self.model_signature}")
+        if batch_size is not None and memory.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"STM batch {memory.shape[0]} does not match the input batch {batch_size}: use one STM row per "
+                "conversation (model.init_memory(batch_size) or STMCache.select/cat), or a single row to share it."
+            )
+
+    def encode(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None):
+        """Encoder pass: the per-layer outputs [B, L, T, D] (and MoE aux losses) of a full interaction."""
+        self._check_length(input_ids.shape[1], self.config.encoder_config["seq_len"], "encoder input")
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_mask = attention_mask.bool()[:, None, None, :]
+        positions = self._positions(attention_mask, input_ids.shape[1], 0, input_ids.device, left_padding_aware=False)
+        return self.encoder(self.embed_tokens(input_ids), positions=positions, key_mask=key_mask)
+
+    def compute_memory_update(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
+                              memory: torch.Tensor) -> torch.Tensor:
+        """The new memory after reading one interaction per row (pure function; differentiable)."""
+        if memory.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"STM batch {memory.shape[0]} != interaction batch {input_ids.shape[0]}: the memory is "
+                             "written row by row; give every conversation its own STM row.")
+        encoded, _ = self.encode(input_ids, attention_mask)
+        return self.memory_attention(memory, encoded, attention_mask)
+
+    def update_memory(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                      stm: Optional[STMCache] = None, background: bool = False) -> STMCache:
+        """Encode full interactions `[BOS][Q]query[A]answer[EOS]` and write them into `stm` in place.
+
+        With `background=True` the update runs on a thread (a side CUDA stream on GPU); `stm.wait()` or any
+        read of `stm.memory` waits for it.
+        """
+        if stm is None:
+            raise ValueError("update_memory needs the conversation state: pass stm=model.init_memory(batch_size)")
+        if isinstance(stm, torch.Tensor):
+            stm = STMCache(stm)
+        self.check_stm(stm)
+        if stm.batch_size != input_ids.shape[0]:
+            raise ValueError(f"STM batch {stm.batch_size} != interaction batch {input_ids.shape[0]}: the memory "
+                             "is written row by row; give every conversation its own STM row.")
+        grad = torch.is_grad_enabled() and not background
+
+        def compute(memory: torch.Tensor) -> torch.Tensor:
+            stream = torch.cuda.Stream(device=memory.device) if background and memory.is_cuda else None
+            with torch.set_grad_enabled(grad):
+                if stream is None:
+                    return self.compute_memory_update(input_ids, attention_mask, memory)
+                stream.wait_stream(torch.cuda.current_stream(memory.device))
+                with torch.cuda.stream(stream):
+                    new = self.compute_memory_update(input_ids, attention_mask, memory)
+                stream.synchronize()
+                return new
+
+        stm.run_update(compute, background=background)
+        return stm
+
+    # -------------------------------------------------------------- decoder forward
+    @staticmethod
+    def _check_length(length: int, limit: int, what: str) -> None:
+        if length > limit:
+            raise ValueError(f"{what} has {length} tokens but the model accepts at most {limit} (seq_len). "
+                             "Shorten the query/answer or split the interaction; nothing is truncated silently.")
+
+    @staticmethod
+    def _positions(attention_mask, length, past, device, left_padding_aware=True):
+        """RoPE positions: 0.. from the first real token of each row (positions restart every interaction)."""
+        if attention_mask is None or not left_padding_aware:
+            return torch.arange(past, past + length, device=device)
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.clamp(min=0)[:, -length:]
+
+    def _self_attention_mask(self, attention_mask, length, past, device):
+        """bool [B, 1, T, past+T] (True = attend) or None when plain causal attention is exact."""
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            if length == 1 or past == 0:
+                return None  # single new token sees everything; or pure causal prefill (is_causal)
+        total = past + length
+        causal = torch.ones(length, total, dtype=torch.bool, device=device).tril(past)
+        if attention_mask is None:
+            return causal[None, None]
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, -total:]
+        # A left-pad query row would attend to nothing (NaN); let it see itself. Real tokens are unaffected.
+        diag = torch.zeros_like(causal)
+        diag[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
+        return mask | diag[None, None]
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        stm: Optional[Union[STMCache, torch.Tensor]] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> RxTOutput:
+        """Decoder pass conditioned on the memory.
+
+        Args:
+            input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
+            attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
+            stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
+            labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
+        """
+        if stm is None:
+            raise ValueError("RxT decodes conditioned on a memory: pass stm=model.init_memory(batch_size) "
+                             "(or the STMCache of the conversation).")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        self.check_stm(stm, batch)
+        memory = stm.memory if isinstance(stm, STMCache) else stm
+        if memory.dtype != hidden.dtype:
+            memory = memory.to(hidden.dtype)
+        use_cache = use_cache if use_cache is not None else (past_key_values is not None)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_length(past + length, self.config.decoder_config["seq_len"], "the interaction")
+        if attention_mask is not None and attention_mask.shape[-1] != past + length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new = {past + length}")
+        positions = position_ids if position_ids is not None else self._positions(attention_mask, length, past,
+                                                                                   hidden.device)
+        self_mask = self._self_attention_mask(attention_mask, length, past, hidden.device)
+        pad = None
+        if attention_mask is not None:
+            pad = attention_mask[:, -length:, None].to(hidden.dtype)
+        memory_kv = self._memory_kv(memory, past_key_values, batch)
+        hidden, aux_losses = self.decoder(hidden, positions=positions, self_mask=self_mask,
+                                          is_causal=self_mask is None and length > 1, pad=pad,
+                                          memory_kv=memory_kv, cache=past_key_values if use_cache else None)
+        slice_from = -logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else 0
+        kept = hidden[:, slice_from:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+        logits = self.decoder.head(kept)
+
+        loss = lm_loss = aux_loss = None
+        if aux_losses:
+            aux_loss = torch.stack(aux_losses).mean()
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
+        return RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
+                         lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=hidden if output_hidden_states else None)
+
+    def _memory_kv(self, memory: torch.Tensor, cache: Optional[Cache], batch: int):
+        """Memory cross-attention K/V: computed once per turn and kept on the KV cache for later steps."""
+        stored = getattr(cache, "rxt_memory_kv", None) if cache is not None else None
+        if stored is not None and cache.get_seq_length() > 0:
+            return stored
+        memory_kv = self.decoder.memory_key_values(memory)
+        if memory.shape[0] == 1 and batch > 1:
+            memory_kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in memory_kv]
+        if cache is not None:
+            cache.rxt_memory_kv = memory_kv
+        return memory_kv
+
+    # -------------------------------------------------------------- rxlm checkpoints
+    @classmethod
+    def from_rxlm_pretrained(cls, path: str, *, torch_dtype: Optional[torch.dtype] = None, **kwargs):
+        """Load a reference (rxlm 0.3.80) RxTAlpha/RxTBeta checkpoint with identical numbers.
+
+        `path` is a local directory or a Hub repo with rxlm's `config.json` and `model.safetensors`. Missing
+        config keys take the reference's defaults; the memory-attention variant is the one the weights hold.
+        Every weight must be accounted for: missing or unexpected weights raise with their names.
+        """
+        raw_config, weights = _rxlm_load_files(path, **kwargs)
+        config = rxlm_config_to_rxt(raw_config, weights)
+        model = cls(config)
+        _load_exact(model, _rxlm_map_full_model(weights, config), source=path)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model.eval()
+
+
+# ============================================================================================= rxlm loading
+_RXLM_COMPONENT_ONLY = {  # reference fields with no effect on softmax-attention checkpoints
+    "linear_attn_mode", "linear_attn_expand_k", "linear_attn_expand_v", "linear_attn_use_short_conv",
+    "linear_attn_conv_size", "linear_attn_use_gate", "linear_attn_norm_eps", "linear_attn_heads",
+    "moe_use_cutlass_grouped_gemm", "is_causal", "use_post_norm",
+}
+
+
+def _rxlm_load_files(path: str, **hub_kwargs) -> tuple[dict, dict]:
+    """config.json and the state dict of a reference checkpoint (local directory or Hub repo)."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(path):
+        config_file = os.path.join(path, "config.json")
+        weights_file = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights_file) and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            weights_file = os.path.join(path, "pytorch_model.bin")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(path, "config.json", **hub_kwargs)
+        weights_file = hf_hub_download(path, "model.safetensors", **hub_kwargs)
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{path}: missing {os.path.basename(f)}; an rxlm checkpoint has config.json and "
+                                    "model.safetensors (from the reference's save_pretrained/push_to_hub)")
+    try:
+        with open(config_file) as fh:
+            raw_config = json.load(fh)
+        weights = (load_file(weights_file) if weights_file.endswith(".safetensors")
+                   else torch.load(weights_file, map_location="cpu", weights_only=True))
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read the checkpoint ({error}); the file is corrupt or not an rxlm "
+                         "checkpoint") from error
+    # `rxlm.compile` wraps FFNs; its `_orig_mod.` segment is not part of the weight's identity.
+    weights = {k.replace("._orig_mod", ""): v for k, v in weights.items()}
+    return raw_config, weights
+
+
+def _component_options(raw: dict, cls_fields: set, where: str) -> dict:
+    options = {}
+    for key, value in (raw or {}).items():
+        if key in cls_fields:
+            options[key] = value
+        elif key not in _RXLM_COMPONENT_ONLY:
+            logger.warning(f"rxlm {where}: ignoring unknown option {key}={value!r}")
+    return options
+
+
+def _infer_memory_variant(weights: dict, prefix: str, declared: Optional[str]) -> str:
+    """The variant the weights really hold (the reference mislabels self-interlayer as 'interlayer')."""
+    has = lambda part: any(k.startswith(prefix + part) for k in weights)  # noqa: E731
+    if has("interlayer_gate_layers."):
+        return "grouped-self-interlayer" if declared == "grouped-self-interlayer" else "self-interlayer"
+    if has("mean_attention_layers."):
+        return "interlayer"
+    if has("self_attention_layers."):
+        return "self"
+    return "simple"
+
+
+def _rxlm_memory_attention_config(raw: dict, weights: dict, variant: Optional[str], prefix: str) -> dict:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(RxTMemoryAttentionOptions)}
+    options = _component_options(raw, fields, "memory_attention_config")
+    options["variant"] = variant or _infer_memory_variant(weights, prefix, raw.get("variant"))
+    return options
+
+
+def rxlm_config_to_rxt(raw: dict, weights: Optional[dict] = None) -> RxTConfig:
+    """Translate a reference RxTAlpha/RxTBeta `config.json` into an `RxTConfig` (reference defaults fill gaps)."""
+    import dataclasses
+
+    for key in ("decoder_config", "encoder_config", "memory_attention_config"):
+        if key not in raw:
+            raise ValueError(f"not an rxlm RxTAlpha/RxTBeta config: missing {key!r} (a component repo? use "
+                             "RxTMemoryAttention.from_rxlm_pretrained for memory-attention components)")
+    fields = {f.name for f in dataclasses.fields(RxTComponentConfig)}
+    decoder = _component_options(raw["decoder_config"], fields, "decoder_config")
+    encoder = _component_options(raw["encoder_config"], fields, "encoder_config")
+    # The reference encoder never uses cross-attention, whatever its config says.
+    encoder["skip_memory_cross_attention"] = True
+    declared = raw.get("memory_attention_variant", "interlayer")
+    if weights is not None:
+        variant = _infer_memory_variant(weights, "memory_attention.model.", declared)
+    else:  # what rxlm 0.3.80 builds: grouped, or self-interlayer for every other name
+        variant = "grouped-self-interlayer" if declared == "grouped-self-interlayer" else "self-interlayer"
+    mem = _rxlm_memory_attention_config(raw["memory_attention_config"], {}, variant, "")
+    for legacy in ("decoder", "encoder"):
+        opts = decoder if legacy == "decoder" else encoder
+        if opts.get("use_moe") and opts.get("use_vectorized_moe") is False:
+            # Legacy per-expert modules are stacked into the vectorized layout at load time.
+            opts["use_vectorized_moe"] = True
+            opts["moe_bias_mode"] = "local"
+    tok = raw.get("tokenizer_config") or {}
+    beta = "system_prompt_title" in raw or "think_token_id" in tok
+    return RxTConfig(
+        decoder_config=decoder, encoder_config=encoder, memory_attention_config=mem, stm_init_type="standard",
+        bos_token_id=tok.get("bos_token_id", 2), eos_token_id=tok.get("eos_token_id", 3),
+        pad_token_id=tok.get("pad_token_id", 0), query_token_id=tok.get("query_token_id", 5),
+        answer_token_id=tok.get("answer_token_id", 6), think_token_id=tok.get("think_token_id"),
+        tool_call_token_id=tok.get("tool_call_token_id"), tool_use_token_id=tok.get("tool_use_token_id"),
+        internal_token_id=tok.get("internal_token_id"), model_variant="beta" if beta else "alpha",
+        system_prompt_title=raw.get("system_prompt_title", "SYSTEM INSTRUCTIONS"),
+    )
+
+
+def _stack_legacy_experts(weights: dict, prefix: str, config: RxTComponentConfig) -> dict:
+    """Turn legacy per-expert MoE modules (`ff.experts.e.*`) into the stacked in-by-out layout."""
+    out = dict(weights)
+    layer_prefixes = {k.split("ff.experts.")[0] for k in weights if k.startswith(prefix) and ".ff.experts." in k}
+    for lp in sorted(layer_prefixes):
+        if lp + "ff.w1" in weights:  # vectorized copy present too (vectorized_moe_from_legacy): use it
+            for k in [k for k in out if k.startswith(lp + "ff.experts.") or k.startswith(lp + "ff.shared_experts.")]:
+                out.pop(k)
+            continue
+        fc1 = "fc1.linear" if config.use_gated else "fc1"
+        n = config.num_experts
+        out[lp + "ff.w1"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.{fc1}.weight").t() for e in range(n)])
+        out[lp + "ff.w2"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.fc2.weight").t() for e in range(n)])
+        out[lp + "ff.b1"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.{fc1}.bias") for e in range(n)])
+        out[lp + "ff.b2"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.fc2.bias") for e in range(n)])
+        shared = sorted({int(k[len(lp + "ff.shared_experts."):].split(".")[0])
+                         for k in out if k.startswith(lp + "ff.shared_experts.")})
+        if len(shared) == 1:
+            for k in [k for k in out if k.startswith(lp + "ff.shared_experts.0.")]:
+                out[k.replace("ff.shared_experts.0.", "ff.shared_expert.")] = out.pop(k)
+        elif shared:
+            s_n = len(shared)
+            out[lp + "ff.shared_w1"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.{fc1}.weight").t() for s in range(s_n)])
+            out[lp + "ff.shared_w2"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.fc2.weight").t() for s in range(s_n)])
+            out[lp + "ff.shared_b1"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.{fc1}.bias") for s in range(s_n)])
+            out[lp + "ff.shared_b2"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.fc2.bias") for s in range(s_n)])
+    return out
+
+
+def _is_reference_alias(key: str) -> bool:
+    """Reference state that has no weight of ours: RoPE tables (recomputed) and the STM (caller-owned state)."""
+    return ".rope." in key or key.endswith("stm.memory")
+
+
+def _rxlm_map_memory_attention(weights: dict, prefix: str) -> dict:
+    mapped = {}
+    for key, value in weights.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if not _is_reference_alias(rest):
+            mapped[rest] = value
+    return mapped
+
+
+def _rxlm_map_full_model(weights: dict, config: RxTConfig) -> dict:
+    """Reference keys (`decoder.model.*`, `encoder.model.*`, `memory_attention.model.*`) -> ours."""
+    weights = _stack_legacy_experts(weights, "decoder.model.", config.decoder_options)
+    weights = _stack_legacy_experts(weights, "encoder.model.", config.encoder_options)
+    embeddings = [weights[k] for k in ("encoder.model.embedding.weight", "decoder.model.embedding.weight") if k in weights]
+    mapped = {}
+    if embeddings:
+        if len(embeddings) == 2 and not torch.equal(embeddings[0], embeddings[1]):
+            raise ValueError("the checkpoint's decoder and encoder embeddings differ, but RxT shares one embedding "
+                             "(the reference ties them with share_components()); refusing to pick one silently")
+        mapped["embed_tokens.weight"] = embeddings[0]
+    unexpected = []
+    for key, value in weights.items():
+        if key.endswith("embedding.weight") or _is_reference_alias(key):
+            continue
+        if key.startswith("decoder.model."):
+            mapped["decoder." + key[len("decoder.model."):]] = value
+        elif key.startswith("encoder.model."):
+            rest = key[len("encoder.model."):]
+            # Encoder cross-attention exists in some reference checkpoints but is never used: dead weights.
+            if any(part in rest for part in (".memory_cross_attention.", ".norm2.", ".stm_norm.")):
+                continue
+            mapped["encoder." + rest] = value
+        elif key.startswith("memory_attention.model."):
+            mapped["memory_attention." + key[len("memory_attention.model."):]] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"unexpected weights in the rxlm checkpoint (not decoder/encoder/memory_attention): {unexpected}")
+    return mapped
+
+
+def _load_exact(model: nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `model`, refusing any missing or unexpected weight (never keep random weights)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the checkpoint does not match the model its config describes.\n"
+            f"  missing weights ({len(missing)}): {missing}\n  unexpected weights ({len(unexpected)}): {unexpected}"
+        )
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ValueError(f"{source}: weight shapes do not match the config:\n  " + "\n  ".join(wrong))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
