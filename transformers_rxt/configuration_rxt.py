@@ -285,6 +285,7 @@ class RxTMemoryAttentionConfig(PretrainedConfig):
     """Config of a stand-alone memory-attention model (`RxTMemoryAttention`), e.g. a stage-3 component repo."""
 
     model_type = "rxt_memory_attention"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file next to the weights
 
     def __init__(self, memory_attention_config: Optional[dict] = None, stm_init_type: str = "standard", **kwargs):
         self.memory_attention_config = _component_dict(memory_attention_config, RxTMemoryAttentionOptions)
@@ -316,6 +317,7 @@ class RxTConfig(PretrainedConfig):
     """
 
     model_type = "rxt"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file next to the weights
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(

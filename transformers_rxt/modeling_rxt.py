@@ -608,6 +608,13 @@ class RxTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RxTLayer"]
     _is_stateful = True
 
+    # Saved into config.json by save_pretrained, so that every Auto class loads the copied code (remote code).
+    _rxt_auto_map: dict = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = dict(self._rxt_auto_map)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, RxTAttention):
@@ -653,6 +660,9 @@ class RxTMemoryAttention(RxTPreTrainedModel):
 
     config_class = RxTMemoryAttentionConfig
     main_input_name = "encoded"
+    _auto_class = "AutoModel"
+    _rxt_auto_map = {"AutoConfig": "configuration_rxt.RxTMemoryAttentionConfig",
+                     "AutoModel": "modeling_rxt.RxTMemoryAttention"}
 
     def __init__(self, config: RxTMemoryAttentionConfig):
         super().__init__(config)
@@ -780,6 +790,10 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin):
     """
 
     config_class = RxTConfig
+    _auto_class = "AutoModelForCausalLM"
+    _rxt_auto_map = {"AutoConfig": "configuration_rxt.RxTConfig",
+                     "AutoModel": "modeling_rxt.RxTForConversationalGeneration",
+                     "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
     _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
 
     def __init__(self, config: RxTConfig):
@@ -1088,16 +1102,31 @@ def _component_options(raw: dict, cls_fields: set, where: str) -> dict:
     return options
 
 
-def _infer_memory_variant(weights: dict, prefix: str, declared: Optional[str]) -> str:
-    """The variant the weights really hold (the reference mislabels self-interlayer as 'interlayer')."""
+def _infer_memory_variant(weights: dict, prefix: str, declared: Optional[str], gated: bool, full_model: bool) -> str:
+    """The variant the weights really hold.
+
+    rxlm 0.3.80's RxTAlpha builds self-interlayer for every variant name except 'grouped-self-interlayer'.
+    With gated residuals the weights tell (self-interlayer has `interlayer_gate_layers`); with plain-sum gates
+    those layers have no parameters, so a full model follows the reference's build rule and a stand-alone
+    component follows its declared name (defaulting to the interlayer class).
+    """
     has = lambda part: any(k.startswith(prefix + part) for k in weights)  # noqa: E731
-    if has("interlayer_gate_layers."):
-        return "grouped-self-interlayer" if declared == "grouped-self-interlayer" else "self-interlayer"
-    if has("mean_attention_layers."):
-        return "interlayer"
+    grouped = declared == "grouped-self-interlayer"
     if has("self_attention_layers."):
         return "self"
-    return "simple"
+    if not has("mean_attention_layers."):
+        return "simple"
+    if has("interlayer_gate_layers."):
+        return "grouped-self-interlayer" if grouped else "self-interlayer"
+    if gated:  # gates have weights, and no interlayer gate was saved: a genuine interlayer model
+        return "interlayer"
+    if full_model:
+        return "grouped-self-interlayer" if grouped else "self-interlayer"
+    if declared in ("self-interlayer", "grouped-self-interlayer"):
+        return declared
+    logger.warning("memory attention with ungated residuals: interlayer and self-interlayer weights look the "
+                   "same; loading as 'interlayer' (pass variant= to choose)")
+    return "interlayer"
 
 
 def _rxlm_memory_attention_config(raw: dict, weights: dict, variant: Optional[str], prefix: str) -> dict:
@@ -1105,7 +1134,9 @@ def _rxlm_memory_attention_config(raw: dict, weights: dict, variant: Optional[st
 
     fields = {f.name for f in dataclasses.fields(RxTMemoryAttentionOptions)}
     options = _component_options(raw, fields, "memory_attention_config")
-    options["variant"] = variant or _infer_memory_variant(weights, prefix, raw.get("variant"))
+    declared = raw.get("variant") or ("grouped-self-interlayer" if "num_groups" in raw else None)
+    options["variant"] = variant or _infer_memory_variant(weights, prefix, declared,
+                                                          bool(raw.get("use_gated_residual")), full_model=False)
     return options
 
 
@@ -1123,9 +1154,9 @@ def rxlm_config_to_rxt(raw: dict, weights: Optional[dict] = None) -> RxTConfig:
     # The reference encoder never uses cross-attention, whatever its config says.
     encoder["skip_memory_cross_attention"] = True
     declared = raw.get("memory_attention_variant", "interlayer")
-    if weights is not None:
-        variant = _infer_memory_variant(weights, "memory_attention.model.", declared)
-    else:  # what rxlm 0.3.80 builds: grouped, or self-interlayer for every other name
+    gated = bool(raw["memory_attention_config"].get("use_gated_residual"))
+    variant = _infer_memory_variant(weights or {}, "memory_attention.model.", declared, gated, full_model=True)
+    if weights is None:
         variant = "grouped-self-interlayer" if declared == "grouped-self-interlayer" else "self-interlayer"
     mem = _rxlm_memory_attention_config(raw["memory_attention_config"], {}, variant, "")
     for legacy in ("decoder", "encoder"):

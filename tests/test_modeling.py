@@ -1,0 +1,326 @@
+"""Behaviour of the RxT model: every configuration option builds and runs, round trips, dtypes, errors."""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from transformers import AutoModelForCausalLM
+
+from transformers_rxt import RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, STMCache
+from transformers_rxt.conversion import save_rxlm_checkpoint
+from transformers_rxt.modeling_rxt import RxTAttention, apply_rope, rope_inv_freq
+
+from rxt_factories import interaction_batch, tiny_config, tiny_model
+
+ATTENTION = {
+    "mha": dict(self_att_type="mha", cross_att_type="mha"),
+    "gqa": dict(self_att_type="gqa", cross_att_type="gqa"),
+    "mqa": dict(self_att_type="mqa", cross_att_type="mqa"),
+    "sqa-sym": dict(att_groups=2, att_query_groups=2),
+    "sqa-more-queries": dict(att_groups=1, att_query_groups=2, cross_att_groups=1, cross_att_query_groups=2),
+    "sqa-reverse": dict(att_groups=4, att_query_groups=2, cross_att_groups=4, cross_att_query_groups=1),
+    "gated": dict(use_gated_attention=True),
+    "gated-cross-only": dict(use_gated_attention=False, use_gated_cross_attention=True),
+    "stateless": dict(stateless_layers_config=["dense", "moe"], final_stateless_layers_config=["dense"],
+                      dense_layer_dim=40),
+    "layernorm-headnorm": dict(use_rms_norm=False, use_head_norm=True, head_norm_type="layer_norm"),
+    "rms-headnorm": dict(use_head_norm=True, head_norm_type="rms_norm"),
+    "dense-ungated": dict(use_gated=False, ff_activation="gelu"),
+    "no-out-bias": dict(use_attention_output_bias=False),
+}
+MOE = {
+    "moe-shared1-global": dict(use_moe=True, num_experts=4, moe_top_k=2),
+    "moe-noshared-local": dict(use_moe=True, num_experts=4, moe_top_k=1, num_shared_experts=0, moe_bias_mode="local"),
+    "moe-shared2-weighted": dict(use_moe=True, num_experts=4, moe_top_k=2, num_shared_experts=2, shared_expert_dim=24,
+                                 moe_use_weighted_shared_experts=True, moe_shared_experts_bias_mode="global"),
+    "moe-ungated-off": dict(use_moe=True, num_experts=3, moe_top_k=2, use_gated=False, moe_bias_mode="off",
+                            moe_shared_experts_bias_mode="off"),
+}
+MEMORY = {
+    "simple": dict(variant="simple"),
+    "simple-noresidual": dict(variant="simple", disable_residual=True),
+    "self": dict(variant="self", use_gated_residual=True, use_gate_for_self_attention=True),
+    "interlayer": dict(variant="interlayer"),
+    "self-interlayer": dict(variant="self-interlayer"),
+    "grouped": dict(variant="grouped-self-interlayer", num_groups=2),
+}
+NORMS = ["classic-rms", "rms", "layer", "adaptive", "positional"]
+GATES = {
+    "off": dict(use_gated_residual=False),
+    "static-tanh": dict(use_gated_residual=True, residual_gate_type="static"),
+    "static-sigmoid-global": dict(use_gated_residual=True, residual_gate_type="static", residual_per_slot_gate=False,
+                                  use_tanh_residual_gate=False),
+    "elementwise-tanh": dict(use_gated_residual=True, residual_gate_type="elementwise"),
+    "elementwise-linear-status": dict(use_gated_residual=True, residual_gate_type="elementwise",
+                                      residual_gate_slot_status_type="linear"),
+    "linear-sigmoid": dict(use_gated_residual=True, residual_gate_type="linear", use_tanh_residual_gate=False),
+    "linear-global": dict(use_gated_residual=True, residual_gate_type="linear", residual_per_slot_gate=False),
+}
+
+
+def _run_turn(model, seed=0):
+    ids, mask = interaction_batch(batch=2, length=12, vocab=model.config.vocab_size, seed=seed)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+        model.update_memory(ids, mask, stm)
+    return logits, stm.memory
+
+
+def _perturb(model, seed=1):
+    """Move every weight off its init, so that round trips cannot pass by re-initialising."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", list(ATTENTION) + list(MOE))
+def test_decoder_options_run_and_survive_rxlm_round_trip(name, tmp_path):
+    overrides = {**ATTENTION, **MOE}[name]
+    model = _perturb(tiny_model(decoder=overrides, encoder={k: v for k, v in overrides.items()
+                                                           if not k.startswith(("cross", "use_gated_cross",
+                                                                                "stateless", "final", "dense",
+                                                                                "use_head", "head_"))}))
+    logits, memory = _run_turn(model)
+    assert torch.isfinite(logits).all() and torch.isfinite(memory).all()
+    save_rxlm_checkpoint(model, str(tmp_path))
+    loaded = RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
+    logits2, memory2 = _run_turn(loaded)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant,norm,gate", [
+    *[(v, "classic-rms", "off") for v in MEMORY],
+    *[("self-interlayer", n, "static-tanh") for n in NORMS],
+    *[("grouped", "rms", g) for g in GATES],
+])
+def test_memory_attention_options_run_and_round_trip(variant, norm, gate, tmp_path):
+    opts = {**MEMORY[variant], "norm_type": norm, **GATES[gate]}
+    model = _perturb(tiny_model(memory=opts))
+    logits, memory = _run_turn(model)
+    assert torch.isfinite(memory).all()
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = RxTForConversationalGeneration.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_run_turn(reloaded)[1], memory, rtol=0, atol=0)
+    if opts["variant"] in ("self-interlayer", "grouped-self-interlayer"):
+        save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
+        loaded = RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path / "rxlm"))
+        assert loaded.config.memory_attention_config["variant"] == opts["variant"]
+        torch.testing.assert_close(_run_turn(loaded)[1], memory, rtol=0, atol=0)
+
+
+def test_adaptive_norm_differs_between_train_and_eval_and_updates_its_ema():
+    model = tiny_model(memory=dict(norm_type="adaptive"))
+    norm = model.memory_attention.memory_norm_layers[0]
+    x = torch.randn(2, 8, 32) * 3
+    eval_out = norm(x)
+    norm.train()
+    train_out = norm(x)
+    assert not torch.allclose(eval_out, train_out)
+    assert norm.ema_rms.item() != 1.0
+
+
+def test_gated_residual_formulas():
+    model = tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="static", residual_gate_init=0.5))
+    gate = model.memory_attention.residual_gate_layers[0]
+    old, new = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
+    g = torch.tanh(torch.tensor(0.5))
+    torch.testing.assert_close(gate(old, new), (1 + g) * new + (1 - g) * old)
+    plain = tiny_model().memory_attention.residual_gate_layers[0]
+    torch.testing.assert_close(plain(old, new), old + new)
+
+
+def test_reverse_sqa_tiles_queries_over_kv_heads():
+    torch.manual_seed(0)
+    attn = RxTAttention(32, 4, num_query_heads=2, num_kv_heads=4, rope=None)
+    x = torch.randn(1, 5, 32)
+    out = attn(x)
+    q = attn.q_proj(x).view(1, 5, 2, 8).transpose(1, 2)
+    k = attn.k_proj(x).view(1, 5, 4, 8).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 5, 4, 8).transpose(1, 2)
+    heads = [torch.softmax(q[:, j % 2] @ k[:, j].transpose(-1, -2) / 8 ** 0.5, -1) @ v[:, j] for j in range(4)]
+    expected = attn.out_proj(torch.stack(heads, 1).transpose(1, 2).reshape(1, 5, 32))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0  # pair (x0, x1) = (1, 0)
+    inv = rope_inv_freq(4, 10000.0)
+    out = apply_rope(x, torch.tensor([3]), inv)
+    torch.testing.assert_close(out[0, 0, 0, :2], torch.tensor([torch.cos(torch.tensor(3.0)), torch.sin(torch.tensor(3.0))]))
+    assert out[0, 0, 0, 2:].abs().max() == 0
+
+
+def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_path):
+    model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
+    logits, memory = _run_turn(model)
+    model.save_pretrained(tmp_path)
+    for name in ("configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py", "config.json", "model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, RxTForConversationalGeneration) and not loaded.training
+    for module in loaded.modules():
+        if isinstance(module, RxTAttention):
+            torch.testing.assert_close(module.inv_freq, rope_inv_freq(module.head_dim, module.rope_base))
+    logits2, memory2 = _run_turn(loaded)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
+
+
+def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path):
+    model = _perturb(tiny_model(decoder=ATTENTION["gated"]))
+    model.save_pretrained(tmp_path / "model")
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+    torch.save({"ids": ids, "mask": mask, "stm": stm.memory, "logits": logits}, tmp_path / "ref.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["transformers_rxt"] = None  # any import of the package would fail
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        ref = torch.load({str(tmp_path / 'ref.pt')!r})
+        with torch.no_grad():
+            out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
+        print("MAXDIFF", (out - ref["logits"]).abs().max().item())
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MAXDIFF 0.0" in result.stdout
+
+
+def test_bfloat16_end_to_end():
+    model = tiny_model(decoder=MOE["moe-shared1-global"]).to(torch.bfloat16)
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2)
+    assert stm.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, stm=stm, labels=ids)
+        model.update_memory(ids, mask, stm)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert torch.isfinite(stm.memory.float()).all()
+
+
+def test_loss_includes_weighted_moe_aux_loss_in_training():
+    model = tiny_model(decoder=MOE["moe-shared1-global"]).train()
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    out = model(input_ids=ids, attention_mask=mask, stm=model.init_memory(2), labels=ids.masked_fill(mask == 0, -100))
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.router_aux_loss_coef * out.aux_loss)
+    out.loss.backward()
+    assert model.decoder.layers[0].ff.router.gate.weight.grad is not None
+
+
+def test_padding_does_not_change_real_token_logits():
+    model = tiny_model()
+    ids, mask = interaction_batch(batch=2, length=12, vocab=model.config.vocab_size)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+        single = model(input_ids=ids[1:, :10], stm=stm.select(1)).logits
+        left = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, :10]], 1)
+        left_mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+        left_logits = model(input_ids=left, attention_mask=left_mask, stm=stm.select(1)).logits
+    torch.testing.assert_close(batched[1, :10], single[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left_logits[0, 2:], single[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(decoder=dict(embed_dim=30)), "must divide embed_dim"),
+    (dict(decoder=dict(att_groups=3, att_query_groups=2)), "multiple of the smaller"),
+    (dict(decoder=dict(self_att_type="gqa", att_groups=3)), "multiple of att_groups"),
+    (dict(encoder=dict(num_layers=3)), "num_layers must agree"),
+    (dict(decoder=dict(use_moe=True, num_experts=2, moe_top_k=3)), "moe_top_k"),
+    (dict(memory=dict(variant="grouped-self-interlayer", num_groups=3)), "divisible by num_groups"),
+    (dict(memory=dict(norm_type="batch")), "norm_type"),
+    (dict(decoder=dict(self_att_type="hybrid")), "linear/hybrid"),
+    (dict(decoder=dict(flash=True)), "unknown option"),
+])
+def test_config_errors_name_the_problem(kwargs, message):
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        tiny_config(**kwargs)
+
+
+def test_stm_errors():
+    model = tiny_model()
+    ids, mask = interaction_batch(batch=2, vocab=model.config.vocab_size)
+    with pytest.raises(ValueError, match="pass stm="):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="slots"):
+        model(input_ids=ids, stm=torch.zeros(2, 2, 5, 32))
+    with pytest.raises(ValueError, match="STM batch 3 does not match the input batch 2"):
+        model(input_ids=ids, stm=model.init_memory(3))
+    with pytest.raises(ValueError, match="layer-first"):
+        STMCache(torch.zeros(2, 8, 32))
+    with pytest.raises(ValueError, match="written row by row"):
+        model.update_memory(ids, mask, model.init_memory(1))
+    other = STMCache(torch.zeros(2, 2, 8, 32), {"model_type": "rxt", "layers": 2, "slots": 8, "dim": 32, "x": 1})
+    with pytest.raises(ValueError, match="another model"):
+        model(input_ids=ids, stm=other)
+
+
+def test_over_long_input_is_refused_not_truncated():
+    model = tiny_model()
+    too_long = torch.full((1, model.config.decoder_config["seq_len"] + 1), 20)
+    with pytest.raises(ValueError, match="at most 48"):
+        model(input_ids=too_long, stm=model.init_memory(1))
+    with pytest.raises(ValueError, match="at most 48"):
+        model.update_memory(too_long, None, model.init_memory(1))
+
+
+def test_missing_and_unexpected_weights_are_listed(tmp_path):
+    model = tiny_model()
+    save_rxlm_checkpoint(model, str(tmp_path))
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop("decoder.model.layers.1.ff.fc2.bias")
+    weights["decoder.model.layers.0.bogus.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as error:
+        RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
+    assert "decoder.layers.1.ff.fc2.bias" in str(error.value) and "decoder.layers.0.bogus.weight" in str(error.value)
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
+    save_rxlm_checkpoint(tiny_model(), str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
+
+
+def test_embeddings_that_disagree_are_refused(tmp_path):
+    save_rxlm_checkpoint(tiny_model(), str(tmp_path))
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["encoder.model.embedding.weight"] = weights["encoder.model.embedding.weight"] + 1
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="embeddings differ"):
+        RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
+
+
+def test_memory_attention_component_contract():
+    model = tiny_model(memory=MEMORY["interlayer"])
+    memattn = model.memory_attention
+    assert isinstance(memattn, RxTMemoryAttention)
+    memory, encoded = torch.randn(2, 2, 8, 32), torch.randn(2, 2, 10, 32)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    new = memattn(stm=memory, encoded=encoded, attention_mask=mask)
+    assert new.shape == memory.shape
+    # padded tokens of row 1 must not influence its memory
+    encoded2 = encoded.clone()
+    encoded2[1, :, 7:] = 99.0
+    torch.testing.assert_close(memattn(stm=memory, encoded=encoded2, attention_mask=mask), new)

@@ -1,0 +1,5 @@
+"""Conversion between reference (rxlm) checkpoints and HF model directories."""
+
+from .rxlm import convert_rxlm_checkpoint, save_rxlm_checkpoint
+
+__all__ = ["convert_rxlm_checkpoint", "save_rxlm_checkpoint"]
