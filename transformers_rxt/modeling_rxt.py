@@ -32,6 +32,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .cache_rxt import STMCache, init_memory_tensor
+from .interaction_rxt import RxTInteractionMixin
 from .configuration_rxt import (
     RxTComponentConfig,
     RxTConfig,
@@ -781,7 +782,7 @@ class RxTOutput(ModelOutput):
     hidden_states: Optional[torch.Tensor] = None
 
 
-class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin):
+class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
     """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
     attention that write each finished interaction into that memory.
 
@@ -1034,6 +1035,91 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.rxt_memory_kv = memory_kv
         return memory_kv
+
+    # -------------------------------------------------------------- generation
+    MEMORY_UPDATE_MODES = ("async", "sync", "none")
+
+    @torch.no_grad()
+    def generate(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                 stm: Optional[Union[STMCache, torch.Tensor]] = None, memory_update: str = "async", **kwargs):
+        """Answer one query per row with transformers' `generate`, then write the interaction into `stm`.
+
+        Args:
+            input_ids: the prompt as the chat template renders it with `add_generation_prompt=True`, i.e.
+                `[BOS][Q]query[A]`, left-padded in a batch. Nothing is added to it.
+            stm: the conversations' `STMCache` (one row per conversation, or one row shared by all).
+            memory_update: "async" (default: the update runs on a background thread after the answer;
+                `stm.wait()`, any read of `stm.memory` and the next `generate` wait for it), "sync", or "none".
+            **kwargs: anything `GenerationMixin.generate` takes (sampling, beams, `num_return_sequences`,
+                logits processors, stopping criteria, streamers, `return_dict_in_generate`, ...).
+
+        Returns what `GenerationMixin.generate` returns: the prompt followed by the new tokens. With several
+        sequences per row (beams, `num_return_sequences`), the first of each row's group updates the memory.
+        """
+        if memory_update not in self.MEMORY_UPDATE_MODES:
+            raise ValueError(f"memory_update={memory_update!r}; expected one of {self.MEMORY_UPDATE_MODES}")
+        if stm is None:
+            raise ValueError("generate needs the conversation state: pass stm=model.init_memory(batch_size) (or the "
+                             "conversation's STMCache)")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids: the prompt [BOS][Q]query[A] (tokenizer.apply_chat_template("
+                             "..., add_generation_prompt=True))")
+        stm = stm if isinstance(stm, STMCache) else STMCache(stm)
+        stm.wait()  # a pending update must land first; a failed one raises here
+        batch, prompt_len = input_ids.shape
+        self.check_stm(stm, batch)
+        if memory_update != "none" and stm.batch_size != batch:
+            raise ValueError(f"STM batch {stm.batch_size} != query batch {batch}: a shared single-row memory cannot be "
+                             "updated by several conversations; use one row per conversation or memory_update='none'")
+        self._check_generation_length(prompt_len, kwargs)
+        output = super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=stm.memory, **kwargs)
+        if memory_update != "none":
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            group = sequences.shape[0] // batch
+            ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask)
+            self.update_memory(ids, mask, stm, background=memory_update == "async")
+        return output
+
+    def _check_generation_length(self, prompt_len: int, kwargs: dict) -> None:
+        limit = self.config.max_interaction_length
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new is None and "max_length" not in kwargs:
+            kwargs["max_length"] = limit  # by default an answer may run to the end of the interaction window
+        total = prompt_len + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        if prompt_len >= limit or (total is not None and total > limit):
+            raise ValueError(
+                f"the query has {prompt_len} tokens and generation may reach {total}, but an interaction "
+                f"([BOS][Q]query[A]answer[EOS]) holds at most {limit} tokens for this model. Shorten the query or "
+                f"lower max_new_tokens to {max(limit - prompt_len, 0)}; nothing is truncated silently."
+            )
+
+    def interactions_from_generation(self, sequences: torch.LongTensor, prompt_len: int,
+                                     prompt_mask: Optional[torch.Tensor] = None):
+        """Right-padded `[BOS][Q]query[A]answer[EOS]` per row from `generate` output.
+
+        Drops the prompt's left padding and everything after each row's first EOS or first pad id (the padding
+        `generate` adds to finished rows). A row cut by a length limit keeps its answer without EOS, as generated.
+        """
+        device = sequences.device
+        if prompt_mask is None:
+            prompt_mask = torch.ones(sequences.shape[0], prompt_len, dtype=torch.bool, device=device)
+        generated = sequences[:, prompt_len:]
+        eos_ids = self.generation_config.eos_token_id
+        eos_ids = torch.as_tensor(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids], device=device)
+        is_eos = torch.isin(generated, eos_ids).long()
+        # `generate` fills rows that stopped early (EOS, or a per-row stopping criterion) with the pad id.
+        is_pad = (generated == self.config.pad_token_id).long()
+        answer = ((is_eos.cumsum(-1) - is_eos) == 0) & (is_pad.cumsum(-1) == 0)
+        keep = torch.cat([prompt_mask.bool(), answer], dim=1)
+        # Stable sort moves kept tokens to the front of each row in order: a loop-free right-padding.
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        lengths = keep.sum(dim=1)
+        width = int(lengths.max())
+        ids = sequences.gather(1, order)[:, :width]
+        mask = torch.arange(width, device=device)[None] < lengths[:, None]
+        ids = ids.masked_fill(~mask, self.config.pad_token_id)
+        return ids, mask.long()
 
     # -------------------------------------------------------------- rxlm checkpoints
     @classmethod
