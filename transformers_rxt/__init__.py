@@ -15,6 +15,22 @@ from .modeling_rxt import (
     rxlm_config_to_rxt,
 )
 
+from .tokenization_rxt import (
+    RXT_ALPHA_TOKEN_IDS,
+    RXT_BETA_TOKEN_IDS,
+    RXT_CHAT_TEMPLATE,
+    RXT_SPECIAL_TOKENS,
+    load_rxt_tokenizer,
+    rxt_token_ids,
+    tokenize_interaction,
+    tokenize_interactions,
+    tokenize_prompt,
+    tokenize_prompts,
+    tokenize_query,
+    tokenize_system_prompt,
+    train_rxt_tokenizer,
+)
+
 __version__ = "0.1.0"
 
 AutoConfig.register("rxt", RxTConfig, exist_ok=True)
@@ -24,6 +40,19 @@ AutoModelForCausalLM.register(RxTConfig, RxTForConversationalGeneration, exist_o
 AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
 
 __all__ = [
+    "RXT_ALPHA_TOKEN_IDS",
+    "RXT_BETA_TOKEN_IDS",
+    "RXT_CHAT_TEMPLATE",
+    "RXT_SPECIAL_TOKENS",
+    "load_rxt_tokenizer",
+    "rxt_token_ids",
+    "tokenize_interaction",
+    "tokenize_interactions",
+    "tokenize_prompt",
+    "tokenize_prompts",
+    "tokenize_query",
+    "tokenize_system_prompt",
+    "train_rxt_tokenizer",
     "MemoryUpdateError",
     "RxTComponentConfig",
     "RxTConfig",

@@ -323,14 +323,14 @@ class RxTMoeFeedForward(nn.Module):
             top_w = top_w * (self.top_k / (self.top_k + self.num_shared))
         out = torch.zeros_like(flat)
         local = self.bias_mode == "local"
-        # Tokens are grouped by expert, so each expert runs one dense matmul over its tokens.
-        for expert in range(self.num_experts):
+        # Tokens are grouped by expert, so each selected expert runs one dense matmul over its tokens. A token
+        # picks an expert at most once, so the indexed add below never sees a repeated row (and, unlike
+        # index_add_, is fast on CPU).
+        for expert in top_idx.unique().tolist():
             token_idx, slot = (top_idx == expert).nonzero(as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
             y = self._expert(flat[token_idx], self.w1[expert], self.w2[expert],
                              self.b1[expert] if local else None, self.b2[expert] if local else None)
-            out.index_add_(0, token_idx, y * top_w[token_idx, slot, None])
+            out[token_idx] += y * top_w[token_idx, slot, None]
         if self.bias_mode == "global":
             out = out + self.global_bias
         shared_gate_loss = None
@@ -973,6 +973,7 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         logits_to_keep: Union[int, torch.Tensor] = 0,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        encoder_memory: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> RxTOutput:
         """Decoder pass conditioned on the memory.
@@ -982,16 +983,21 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
             stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
             labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
+            encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
+                the memory cross-attention in place of the STM (any number of slots T').
         """
-        if stm is None:
-            raise ValueError("RxT decodes conditioned on a memory: pass stm=model.init_memory(batch_size) "
-                             "(or the STMCache of the conversation).")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
-        self.check_stm(stm, batch)
-        memory = stm.memory if isinstance(stm, STMCache) else stm
+        if encoder_memory is not None:
+            memory = self._check_encoder_memory(encoder_memory, batch)
+        elif stm is None:
+            raise ValueError("RxT decodes conditioned on a memory: pass stm=model.init_memory(batch_size) "
+                             "(or the STMCache of the conversation).")
+        else:
+            self.check_stm(stm, batch)
+            memory = stm.memory if isinstance(stm, STMCache) else stm
         if memory.dtype != hidden.dtype:
             memory = memory.to(hidden.dtype)
         use_cache = use_cache if use_cache is not None else (past_key_values is not None)
@@ -1023,6 +1029,13 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
         return RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
                          lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=hidden if output_hidden_states else None)
+
+    def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
+        layers, dim = self.config.num_memory_layers, self.config.hidden_size
+        if memory.dim() != 4 or memory.shape[1] != layers or memory.shape[3] != dim or memory.shape[0] not in (1, batch):
+            raise ValueError(f"encoder_memory must be [batch={batch}, {layers} layers, tokens, {dim} dim], "
+                             f"got {tuple(memory.shape)}")
+        return memory
 
     def _memory_kv(self, memory: torch.Tensor, cache: Optional[Cache], batch: int):
         """Memory cross-attention K/V: computed once per turn and kept on the KV cache for later steps."""
