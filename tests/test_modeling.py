@@ -324,3 +324,20 @@ def test_memory_attention_component_contract():
     encoded2 = encoded.clone()
     encoded2[1, :, 7:] = 99.0
     torch.testing.assert_close(memattn(stm=memory, encoded=encoded2, attention_mask=mask), new)
+
+
+def test_eager_and_sdpa_attention_agree(tmp_path):
+    model = _perturb(tiny_model(decoder=ATTENTION["sqa-reverse"]))
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sdpa = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+        model.set_attn_implementation("eager")
+        assert {m.attn_implementation for m in model.modules() if isinstance(m, RxTAttention)} == {"eager"}
+        eager = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+    torch.testing.assert_close(eager[mask.bool()], sdpa[mask.bool()], rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert {m.attn_implementation for m in loaded.modules() if isinstance(m, RxTAttention)} == {"eager"}
+    with pytest.raises(ValueError, match="supports"):
+        model.set_attn_implementation("paged")

@@ -832,8 +832,12 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             if isinstance(module, RxTAttention):
                 module.attn_implementation = impl if impl in ("eager", "sdpa", "flash_attention_2") else "sdpa"
 
-    def set_attn_implementation(self, attn_implementation):
-        super().set_attn_implementation(attn_implementation)
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Switch every attention module between "sdpa" (default), "eager" and "flash_attention_2"."""
+        if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"attn_implementation={attn_implementation!r}; RxT supports 'sdpa', 'eager' and "
+                             "'flash_attention_2'")
+        self.config._attn_implementation = attn_implementation
         self._sync_attn_implementation()
 
     @property
