@@ -325,3 +325,70 @@ def test_generate_on_a_cache_whose_update_failed_raises():
         stm.memory
     stm.reset()
     model.generate(ids, stm=stm, max_new_tokens=3)  # usable again after an explicit reset
+
+
+# ------------------------------------------------------------------------------------------- chat layer
+def test_system_prompt_initialises_the_memory():
+    model = tiny_model()
+    system = torch.tensor([[2, 10, 40, 41, 42, 43, 3]])  # [BOS][I]...[EOS]
+    generator = torch.Generator().manual_seed(5)
+    stm = model.init_memory(input_ids=system, generator=generator)
+    expected = model.init_memory(1, generator=torch.Generator().manual_seed(5))
+    model.update_memory(system, None, expected)
+    assert torch.equal(stm.memory, expected.memory)
+
+
+def test_beta_thinking_modes_choose_the_marker_once():
+    model = tiny_model(think_token_id=7, tool_call_token_id=8, tool_use_token_id=9, internal_token_id=10,
+                       model_variant="beta")
+    query = torch.tensor([[2, 5, 30, 31, 32]])
+    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+    fast = list(model.interact(query, stm=stm.clone(), max_seq_len=20, top_k=1, thinking_mode="fast"))
+    extended = list(model.interact(query, stm=stm.clone(), max_seq_len=20, top_k=1, thinking_mode="extended"))
+    assert fast[0] == 6 and extended[0] == 7
+    with torch.no_grad():
+        logits = model(input_ids=query, stm=stm).logits[0, -1]
+    chosen = 7 if logits[7] >= logits[6] else 6
+    auto = list(model.interact(query, stm=stm.clone(), max_seq_len=20, top_k=1, thinking_mode="auto"))
+    assert auto[0] == chosen
+    # After the first step the answer is ordinary decoding, not an [A]/[T] alternation (the reference's bug).
+    answer = [t for t in auto[1:] if t >= 0]
+    assert answer != [7, 6] * (len(answer) // 2) or len(answer) < 2
+    alpha = tiny_model()
+    with pytest.raises(ValueError, match="RxTBeta"):
+        list(alpha.interact(query, stm=alpha.init_memory(1), thinking_mode="extended"))
+
+
+def test_interact_updates_memory_even_if_the_caller_stops_at_eos():
+    model = tiny_model()
+    query = torch.tensor([[2, 5, 30, 31, 32]])
+    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+    before = stm.memory.clone()
+    for token in model.interact(query, stm=stm, max_seq_len=16, top_k=1):
+        if token == model.config.eos_token_id or token < 0:
+            break
+    assert not torch.equal(stm.memory, before)  # .memory waits for the background update
+
+
+def test_memory_reads_during_generation_wait_for_that_interaction():
+    model = tiny_model()
+    ids, _ = _prompts(model, [6])
+    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+    before = stm.memory.clone()
+    seen = threading.Event()
+
+    class Signal:
+        def put(self, value):
+            seen.set()
+
+        def end(self):
+            pass
+
+    thread = threading.Thread(target=lambda: model.generate(ids, stm=stm, max_new_tokens=20, min_new_tokens=20,
+                                                            streamer=Signal()))
+    thread.start()
+    seen.wait()
+    assert stm.update_pending  # reserved while the answer is still being generated
+    after = stm.memory  # blocks until this interaction is written
+    thread.join()
+    assert not torch.equal(after, before)

@@ -68,16 +68,38 @@ class STMCache:
     def update_pending(self) -> bool:
         return not self._done.is_set()
 
-    def run_update(self, compute: Callable[[torch.Tensor], torch.Tensor], background: bool = False) -> None:
+    def reserve(self) -> None:
+        """Mark an update as pending before it can be computed (e.g. while the answer is being generated).
+
+        Reads of `memory` then wait until `run_update(..., reserved=True)` or `release()` finishes it, so a
+        caller can never observe the memory from before an interaction whose update is on its way.
+        """
+        with self._lock:
+            self.wait()
+            self._done.clear()
+
+    def release(self) -> None:
+        """Cancel a reservation without changing the memory (the interaction did not complete)."""
+        self._done.set()
+
+    def run_update(self, compute: Callable[[torch.Tensor], torch.Tensor], background: bool = False,
+                   reserved: bool = False) -> None:
         """Replace the memory with `compute(current_memory)`, now or on a background thread.
 
-        Only one update can be pending: a new one first waits for the previous one.
+        Only one update can be pending: a new one first waits for the previous one (unless this call
+        completes a `reserve()`).
         """
-        self.wait()
+        if not reserved:
+            self.reserve()
         if not background:
-            self._set(compute(self._memory))
+            try:
+                self._set(compute(self._memory))
+            except BaseException as error:
+                self._error = error
+                raise
+            finally:
+                self._done.set()
             return
-        self._done.clear()
 
         def work() -> None:
             try:
@@ -93,9 +115,8 @@ class STMCache:
     def _set(self, new_memory: torch.Tensor) -> None:
         if new_memory.shape != self._memory.shape:
             raise ValueError(f"memory update changed the STM shape {tuple(self._memory.shape)} -> {tuple(new_memory.shape)}")
-        with self._lock:
-            # In place, so that views the caller holds (and CUDA graphs) see the new state.
-            self._memory.copy_(new_memory)
+        # In place, so that views the caller holds (and CUDA graphs) see the new state.
+        self._memory.copy_(new_memory)
 
     # ------------------------------------------------------------------ tensor access
     @property
@@ -197,12 +218,11 @@ class STMCache:
         self._error = None
         fresh = init_memory_tensor(self._memory.shape, init_type, dtype=self._memory.dtype,
                                    device=self._memory.device, generator=generator)
-        with self._lock:
-            if rows is None:
-                self._memory.copy_(fresh)
-            else:
-                index = torch.as_tensor([rows] if isinstance(rows, int) else rows, device=self.device)
-                self._memory[index] = fresh[index]
+        if rows is None:
+            self._memory.copy_(fresh)
+        else:
+            index = torch.as_tensor([rows] if isinstance(rows, int) else rows, device=self.device)
+            self._memory[index] = fresh[index]
         return self
 
     # ------------------------------------------------------------------ persistence

@@ -904,7 +904,7 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         return self.memory_attention(memory, encoded, attention_mask)
 
     def update_memory(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
-                      stm: Optional[STMCache] = None, background: bool = False) -> STMCache:
+                      stm: Optional[STMCache] = None, background: bool = False, _reserved: bool = False) -> STMCache:
         """Encode full interactions `[BOS][Q]query[A]answer[EOS]` and write them into `stm` in place.
 
         With `background=True` the update runs on a thread (a side CUDA stream on GPU); `stm.wait()` or any
@@ -914,10 +914,15 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             raise ValueError("update_memory needs the conversation state: pass stm=model.init_memory(batch_size)")
         if isinstance(stm, torch.Tensor):
             stm = STMCache(stm)
-        self.check_stm(stm)
-        if stm.batch_size != input_ids.shape[0]:
-            raise ValueError(f"STM batch {stm.batch_size} != interaction batch {input_ids.shape[0]}: the memory "
-                             "is written row by row; give every conversation its own STM row.")
+        try:
+            self.check_stm(stm)
+            if stm.batch_size != input_ids.shape[0]:
+                raise ValueError(f"STM batch {stm.batch_size} != interaction batch {input_ids.shape[0]}: the memory "
+                                 "is written row by row; give every conversation its own STM row.")
+        except ValueError:
+            if _reserved:
+                stm.release()
+            raise
         grad = torch.is_grad_enabled() and not background
 
         def compute(memory: torch.Tensor) -> torch.Tensor:
@@ -931,7 +936,7 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
                 stream.synchronize()
                 return new
 
-        stm.run_update(compute, background=background)
+        stm.run_update(compute, background=background, reserved=_reserved)
         return stm
 
     # -------------------------------------------------------------- decoder forward
@@ -1089,12 +1094,19 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             raise ValueError(f"STM batch {stm.batch_size} != query batch {batch}: a shared single-row memory cannot be "
                              "updated by several conversations; use one row per conversation or memory_update='none'")
         self._check_generation_length(prompt_len, kwargs)
-        output = super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=stm.memory, **kwargs)
-        if memory_update != "none":
+        memory = stm.memory
+        if memory_update == "none":
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
+        stm.reserve()  # from here on, readers of stm wait for this interaction's update
+        try:
+            output = super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             group = sequences.shape[0] // batch
             ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask)
-            self.update_memory(ids, mask, stm, background=memory_update == "async")
+        except BaseException:
+            stm.release()  # no answer, no update: the memory stays as it was
+            raise
+        self.update_memory(ids, mask, stm, background=memory_update == "async", _reserved=True)
         return output
 
     def _check_generation_length(self, prompt_len: int, kwargs: dict) -> None:
