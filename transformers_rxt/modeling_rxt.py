@@ -81,17 +81,25 @@ def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, T, hd] by angle position * inv_freq[i].
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B or 1, 1, T, hd/2] for `positions` ([B, T] or [T]).
 
-    `positions` is [B, T] or [T]. The angles are cast to the activation dtype before cos/sin, as the
-    reference does (this matters for bf16 parity).
+    The angles are cast to the activation dtype before cos/sin, as the reference does (this matters for bf16
+    parity). Computed once per forward and shared by every attention of a component.
     """
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
-    angles = angles.to(x.dtype)
+    angles = angles.to(dtype)
     if angles.dim() == 2:
         angles = angles[None]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [B or 1, 1, T, hd/2]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, T, hd] by angle position * inv_freq[i].
+
+    `positions` is a position tensor or the `(cos, sin)` pair from `rope_tables`.
+    """
+    cos, sin = positions if isinstance(positions, tuple) else rope_tables(positions, inv_freq, x.dtype)
     pairs = x.unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -456,6 +464,8 @@ class RxTDecoder(nn.Module):
 
     def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None):
         aux_losses = []
+        if not self.config.use_nope:
+            positions = rope_tables(positions, self.layers[0].attention.inv_freq, hidden.dtype)
         for slot, (layer, mem_idx) in enumerate(self.ordered_layers()):
             hidden, aux = layer(hidden, positions=positions, self_mask=self_mask, is_causal=is_causal, pad=pad,
                                 memory_kv=None if mem_idx is None else memory_kv[mem_idx],
@@ -478,6 +488,8 @@ class RxTEncoder(nn.Module):
 
     def forward(self, hidden, *, positions, key_mask):
         states, aux_losses = [], []
+        if not self.config.use_nope:
+            positions = rope_tables(positions, self.layers[0].attention.inv_freq, hidden.dtype)
         for layer in self.layers:
             hidden, aux = layer(hidden, positions=positions, self_mask=key_mask, is_causal=False)
             states.append(hidden)
@@ -729,6 +741,7 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             key_mask = attention_mask.bool()[:, None, None, :]
+        positions = rope_tables(positions, self.attention_layers[0].inv_freq, encoded.dtype)
         means = self._layer_means(stm) if self.variant not in ("simple", "self") else None
         new_layers = []
         for i in range(layers):
