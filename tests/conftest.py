@@ -2,6 +2,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: tests are many tiny ops, where thread hand-offs cost more than they save (and the
+# suite also launches subprocesses that would oversubscribe the cores).
+torch.set_num_threads(1)
 
 # Tests are offline and must never touch the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

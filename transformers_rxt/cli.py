@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--save-memory", help="save the conversation's STM to FILE at the end")
     chat.set_defaults(func=_chat)
+
+    from .hub.push import add_push_parser
+
+    add_push_parser(commands)
     return parser
 
 
@@ -129,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as error:
         print(f"rxt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

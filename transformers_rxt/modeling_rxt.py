@@ -1163,6 +1163,22 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         ids = ids.masked_fill(~mask, self.config.pad_token_id)
         return ids, mask.long()
 
+    # -------------------------------------------------------------- hub
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload as a gated RAML v1.0 repository: weights, config with `auto_map`, code files, tokenizer and a
+        model card filled from this model; gating is turned on before the first upload.
+
+        Takes transformers' `push_to_hub` arguments plus `tokenizer=`, `gated=` and the card arguments of
+        `transformers_rxt.hub.build_model_card` (`stages`, `eval_results`, `datasets`, ...).
+        """
+        try:
+            from transformers_rxt.hub.push import push_rxt_to_hub
+        except ImportError:  # a remote-code copy used without the package installed
+            logger.warning("transformers-rxt is not installed: pushing with transformers' generic card. RxT models "
+                           "must be published under RAML v1.0; install transformers-rxt for the RAML card and gating.")
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_rxt_to_hub(self, repo_id, **kwargs)
+
     # -------------------------------------------------------------- rxlm checkpoints
     @classmethod
     def from_rxlm_pretrained(cls, path: str, *, torch_dtype: Optional[torch.dtype] = None, **kwargs):

@@ -1,0 +1,511 @@
+"""RAML v1.0 model cards and Hub pushes, tested offline against a loopback mock of the Hub HTTP API."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, constants
+
+from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
+from transformers_rxt.hub import (
+    RAML_LICENSE_NAME,
+    RxTCardValidationError,
+    build_model_card,
+    check_remote_code,
+    count_parameters,
+    describe_architecture,
+    push_rxt_to_hub,
+    save_hub_ready,
+    validate_model_card,
+)
+
+from rxt_factories import interaction_batch, tiny_model
+
+VOCAB = 300
+MOE = dict(use_moe=True, num_experts=6, moe_top_k=2, num_shared_experts=1, shared_expert_dim=40,
+           use_head_norm=True, head_norm_type="rms_norm", stateless_layers_config=["dense"], dense_layer_dim=40)
+MEMORY = dict(variant="self-interlayer", use_gated_residual=True, residual_gate_type="elementwise",
+              use_tanh_residual_gate=False)
+CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py", "interaction_rxt.py", "tokenization_rxt.py"}
+STAGES = [
+    {"stage": "joint-pretraining", "dataset": "roneneldan/TinyStories", "steps": 1200, "tokens": 3_500_000},
+    {"stage": "smat", "dataset": ["ReactiveAI/TinyStories-MRL"], "steps": 80, "final_loss": 2.25},
+]
+EVAL = {"memory_retention": {1: 0.875, 4: 0.5}, "tensorbleu_reward": 0.3125, "perplexity": 7.5}
+
+
+# ============================================================================================== fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"the {a} {b} ran to the {c} and found a {d}" for a in ("small", "red", "old") for b in ("fox", "cat")
+             for c in ("river", "hill", "house") for d in ("stone", "friend", "story")]
+    return train_rxt_tokenizer(texts * 3, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def moe_model():
+    model = tiny_model(seed=1, vocab=VOCAB, decoder=MOE, memory=MEMORY)
+    with torch.no_grad():  # move every weight off its init value so that a wrong load cannot pass
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+class MockHub:
+    """A loopback stand-in for the Hub endpoints used by create_repo, update_repo_settings and create_commit.
+
+    Every file is answered "regular" at preupload, so even safetensors arrive inline (base64) in the commit
+    payload and no LFS/xet transfer is attempted. `calls` records (method, path, auth header) in order.
+    """
+
+    def __init__(self):
+        self.calls, self.settings, self.commits, self.files, self.validated = [], [], [], {}, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code, payload, headers=()):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _read(self):
+                size = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(size) if size else b""
+
+            def _record(self):
+                hub.calls.append((self.command, self.path.split("?")[0], self.headers.get("authorization")))
+                return self.path.split("?")[0]
+
+            def do_POST(self):
+                path, body = self._record(), self._read()
+                if path == "/api/repos/create":
+                    request = json.loads(body)
+                    repo = f"{request['organization']}/{request['name']}" if request.get("organization") \
+                        else f"user/{request['name']}"
+                    hub.created = request
+                    return self._reply(200, {"url": f"{hub.endpoint}/{repo}", "name": repo})
+                if path == "/api/validate-yaml":  # create_commit asks the Hub to check README.md's metadata
+                    hub.validated.append(json.loads(body))
+                    return self._reply(200, {})
+                if "/preupload/" in path:
+                    files = json.loads(body)["files"]
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                if "/commit/" in path:
+                    repo = path[len("/api/models/"):].split("/commit/")[0]
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                             for line in lines if line["key"] == "file"}
+                    hub.commits.append({"repo": repo, "header": lines[0]["value"], "files": files})
+                    hub.files.setdefault(repo, {}).update(files)
+                    return self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{'0' * 40}",
+                                             "commitOid": "0" * 40, "pullRequestUrl": None})
+                return self._reply(404, {"error": f"mock hub: no route for POST {path}"})
+
+            def do_PUT(self):
+                path, body = self._record(), self._read()
+                if path.endswith("/settings"):
+                    hub.settings.append((path, json.loads(body)))
+                    return self._reply(200, {})
+                return self._reply(404, {"error": f"mock hub: no route for PUT {path}"})
+
+            def do_GET(self):
+                self._record()
+                return self._reply(404, {"error": "not found"}, [("X-Error-Code", "EntryNotFound")])
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    # conftest turns offline mode on for the whole suite; only these loopback requests may go out.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    monkeypatch.setenv("HF_TOKEN", "hf_mock_write_token")
+    server = MockHub()
+    yield server
+    server.close()
+
+
+def _reference_outputs(model, path):
+    ids, mask = interaction_batch(vocab=model.config.vocab_size, seed=3)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+    torch.save({"ids": ids, "mask": mask, "stm": stm.memory, "logits": logits}, path)
+
+
+def _load_remotely(model_dir: Path, ref_path: Path, tmp_path: Path) -> str:
+    """Load `model_dir` in a fresh interpreter where transformers_rxt cannot be imported; run the card's usage."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["transformers_rxt"] = None  # any import of the package fails
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(model_dir)!r}
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        ref = torch.load({str(ref_path)!r})
+        with torch.no_grad():
+            out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
+        print("MAXDIFF", (out - ref["logits"]).abs().max().item())
+        # the usage section of the card, verbatim in spirit
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        stm = model.init_memory(batch_size=1)
+        before = stm.memory.clone()
+        for query in ["the red fox", "what did the fox find"]:
+            prompt = tokenizer.apply_chat_template([{{"role": "user", "content": query}}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+            output = model.generate(**prompt, stm=stm, max_new_tokens=5, do_sample=False)
+            tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        stm.wait()
+        print("STM_UPDATED", bool((stm.memory != before).any()), type(stm).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# ============================================================================================== card
+def test_card_has_every_raml_metadata_field(moe_model, tokenizer):
+    card = build_model_card(moe_model, repo_id="rxt-org/RxT-Tiny", tokenizer=tokenizer, stages=STAGES,
+                            eval_results=EVAL, base_model="rxt-org/RxT-Tiny-Base", tags=["my-tag"])
+    data = card.data.to_dict()
+    assert data["license"] == "other" and data["license_name"] == RAML_LICENSE_NAME
+    assert data["license_link"].startswith("https://")
+    assert data["pipeline_tag"] == "text-generation" and data["library_name"] == "transformers"
+    assert data["language"] == ["en"]
+    assert data["base_model"] == "rxt-org/RxT-Tiny-Base"
+    # datasets default to the ones the stage records name
+    assert data["datasets"] == ["roneneldan/TinyStories", "ReactiveAI/TinyStories-MRL"]
+    for tag in ("RxT", "ReactiveTransformer", "Event-Driven", "MemorySystem", "ShortTermMemory",
+                "MixtureOfExperts", "SparseQueryAttention", "my-tag"):
+        assert tag in data["tags"]
+    assert data["gated"] is True
+    assert "RAML" in data["extra_gated_prompt"] and "non-commercial" in data["extra_gated_prompt"]
+    for key in ("extra_gated_heading", "extra_gated_description", "extra_gated_button_content"):
+        assert isinstance(data[key], str) and data[key]
+    fields = data["extra_gated_fields"]
+    assert fields["Company"] == "text" and fields["Country"] == "country"
+    purpose = fields["I want to use this model for"]
+    assert purpose["type"] == "select"
+    assert purpose["options"] == ["Research", "Education", {"label": "Other", "value": "other"}]
+    checkboxes = [k for k, v in fields.items() if v == "checkbox"]
+    assert checkboxes == ["I agree to use this model for non-commercial purposes only"]
+    # the YAML block is real YAML with the same content
+    front = card.content.split("---")[1]
+    assert yaml.safe_load(front)["extra_gated_fields"] == fields
+
+
+def test_card_architecture_numbers_equal_the_config(moe_model, tokenizer):
+    config = moe_model.config
+    dec, enc, mem = config.decoder_options, config.encoder_options, config.memory_attention_options
+    arch = describe_architecture(moe_model)
+    assert arch["dim"] == config.hidden_size == dec.embed_dim
+    assert arch["memory_layers"] == dec.num_layers and arch["decoder_layers"] == dec.num_layers + 1
+    assert arch["att_heads"] == dec.att_heads
+    assert (arch["decoder"]["self_attention"]["query_heads"], arch["decoder"]["self_attention"]["kv_heads"]) \
+        == dec.self_attention_heads()
+    assert (arch["decoder"]["cross_attention"]["query_heads"], arch["decoder"]["cross_attention"]["kv_heads"]) \
+        == dec.cross_attention_heads()
+    assert arch["decoder"]["ffn"]["experts"] == 6 and arch["decoder"]["ffn"]["active_experts"] == 2
+    assert arch["decoder"]["ffn"]["dim"] == dec.ff_dim and arch["encoder"]["ffn"]["dim"] == enc.ff_dim
+    assert arch["memory_attention"]["variant"] == mem.variant
+    assert arch["stm"] == {"layers": dec.num_layers, "slots": config.stm_size, "dim": config.hidden_size}
+    assert arch["interaction_length"] == config.max_interaction_length
+    assert arch["vocab_size"] == config.vocab_size == VOCAB
+
+    body = build_model_card(moe_model, repo_id="rxt-org/RxT-Tiny", tokenizer=tokenizer).text
+    hq, hkv = dec.self_attention_heads()
+    expected_lines = [
+        f"- Hidden dim: {config.hidden_size}",
+        f"- Attention heads: {dec.att_heads} (head width {dec.head_dim})",
+        f"  - self-attention: symmetric Sparse Query Attention (sSQA), query/key-value heads {hq}/{hkv} of {dec.att_heads}",
+        "  - Mixture-of-Experts feed-forward: 6 experts, 2 active per token, plus 1 shared expert (dim 40)",
+        f"  - expert FFN: SwiGLU feed-forward with {dec.ff_dim} dim",
+        f"  - feed-forward: SwiGLU feed-forward with {enc.ff_dim} dim",
+        "  - variant: Gated Self/Interlayer Memory Attention (`self-interlayer`)",
+        "  - residual gate: elementwise residual gate with sigmoid activation (per STM slot",
+        "  - RMSNorm before the LM head",
+        f"- Vocabulary: {VOCAB} tokens (the tokenizer defines {len(tokenizer)}, with the RxT chat template)",
+        f"- Interaction (query + answer) length: {config.max_interaction_length} tokens",
+        f"- STM size: {dec.num_layers} layers × {config.stm_size} slots × {config.hidden_size} dim",
+        "- Positions: RoPE (base 10000)",
+        'repo = "rxt-org/RxT-Tiny"',
+    ]
+    for line in expected_lines:
+        assert line in body, line
+
+
+def test_parameter_counts_per_component_and_moe_active(moe_model):
+    counts = count_parameters(moe_model)
+    assert counts["total"]["total"] == sum(p.numel() for p in moe_model.parameters())
+    assert sum(counts[k]["total"] for k in ("embedding", "decoder", "encoder", "memory_attention")) \
+        == counts["total"]["total"]
+    assert counts["embedding"]["total"] == VOCAB * 32
+    assert counts["memory_attention"]["total"] == sum(p.numel() for p in moe_model.memory_attention.parameters())
+    # Independent arithmetic: each of the 2 memory layers has 6 routed experts of (32 x 2*48 + 48 x 32) weights;
+    # a token uses 2 of them, so 4 experts per layer are inactive. The stateless dense layer is not MoE.
+    per_expert = 32 * 2 * 48 + 48 * 32
+    inactive = 2 * 4 * per_expert
+    assert counts["decoder"]["total"] - counts["decoder"]["active"] == inactive
+    assert counts["total"]["total"] - counts["total"]["active"] == inactive
+    assert counts["encoder"]["active"] == counts["encoder"]["total"]
+    # the same numbers from the config alone (meta device, no weights)
+    assert count_parameters(moe_model.config) == counts
+    dense = tiny_model(vocab=VOCAB)
+    dense_counts = count_parameters(dense)
+    assert all(v["total"] == v["active"] for v in dense_counts.values())
+
+    body = build_model_card(moe_model).text
+    assert f"| Decoder (incl. LM head) | {counts['decoder']['total']:,} (" in body
+    assert f"| {counts['decoder']['active']:,} (" in body
+    assert f"| **Total** | {counts['total']['total']:,} (" in body
+
+
+def test_stages_eval_and_trainer_state(moe_model, tmp_path):
+    body = build_model_card(moe_model, stages=STAGES, eval_results=EVAL).text
+    assert "| 1 | joint-pretraining | roneneldan/TinyStories | 1,200 | - | 3,500,000 | - |" in body
+    assert "| 2 | smat | ReactiveAI/TinyStories-MRL | 80 | - | - | 2.25 |" in body
+    assert "| 1 | 0.8750 |" in body and "| 4 | 0.5000 |" in body
+    assert "TensorBLEU reward: 0.3125" in body and "| perplexity | 7.5 |" in body
+
+    empty = build_model_card(moe_model).text
+    assert "No training run was recorded" in empty and "No evaluation results" in empty
+
+    # a Trainer output directory: the stage comes from trainer_state.json
+    state = {"global_step": 42, "epoch": 1.0, "num_input_tokens_seen": 9000,
+             "log_history": [{"loss": 3.0, "step": 10}, {"loss": 2.5, "step": 42}, {"train_runtime": 1.0}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    moe_model.config.save_pretrained(tmp_path)
+    from_dir = build_model_card(str(tmp_path)).text
+    assert "| 1 | training | - | 42 | 1.0 | 9,000 | 2.5 |" in from_dir
+
+    with pytest.raises(ValueError, match="stage record 0"):
+        build_model_card(moe_model, stages=[{"dataset": "x/y"}])
+
+
+def test_card_round_trip_and_validation_errors(moe_model, tokenizer, tmp_path):
+    card = build_model_card(moe_model, repo_id="rxt-org/RxT-Tiny", tokenizer=tokenizer, stages=STAGES)
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.to_dict() == card.data.to_dict()
+    assert loaded.data.license_name == RAML_LICENSE_NAME and loaded.data.extra_gated_fields["Country"] == "country"
+    validate_model_card(tmp_path / "README.md")
+
+    text = card.content
+    bad = text.replace("license_name: raml-v1.0", "license_name: apache-2.0").replace("gated: true", "gated: false")
+    with pytest.raises(RxTCardValidationError) as error:
+        validate_model_card(bad)
+    assert "license_name must be 'raml-v1.0'" in str(error.value) and "gated must be True" in str(error.value)
+    no_checkbox = text.replace(": checkbox", ": text")
+    with pytest.raises(RxTCardValidationError, match="non-commercial-use checkbox"):
+        validate_model_card(no_checkbox)
+    with pytest.raises(RxTCardValidationError, match="no licence notice"):
+        validate_model_card(text.replace("<!-- rxt-card: licence notice -->", ""))
+    with pytest.raises(RxTCardValidationError, match="could not be parsed"):
+        validate_model_card("---\nlicense: [unclosed\n---\nbody")
+
+
+# ============================================================================================== local dir
+def test_save_hub_ready_writes_a_complete_repository(moe_model, tokenizer, tmp_path):
+    out = save_hub_ready(moe_model, tmp_path / "repo", tokenizer, repo_id="rxt-org/RxT-Tiny", stages=STAGES,
+                         eval_results=EVAL)
+    names = {p.name for p in out.iterdir()}
+    assert CODE_FILES <= names
+    assert {"config.json", "model.safetensors", "README.md", "LICENSE", "rxt_training_stages.json",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] \
+        == "modeling_rxt.RxTForConversationalGeneration"
+    assert "RAML" in (out / "LICENSE").read_text()
+    assert json.loads((out / "rxt_training_stages.json").read_text()) == STAGES
+    validate_model_card(out / "README.md")
+    check_remote_code(out)
+    (out / "cache_rxt.py").unlink()  # a file the copied modeling code imports
+    with pytest.raises(FileNotFoundError, match="cache_rxt.py"):
+        check_remote_code(out)
+
+
+# ============================================================================================== pushes
+def test_push_uploads_a_gated_repo_that_loads_offline_with_remote_code(hub, moe_model, tokenizer, tmp_path):
+    info = push_rxt_to_hub(moe_model, "rxt-org/RxT-Tiny", tokenizer=tokenizer, endpoint=hub.endpoint,
+                           stages=STAGES, eval_results=EVAL)
+    assert info.commit_url.startswith(hub.endpoint)
+    order = [(method, path) for method, path, _ in hub.calls]
+    assert order == [("POST", "/api/repos/create"), ("PUT", "/api/models/rxt-org/RxT-Tiny/settings"),
+                     ("POST", "/api/validate-yaml"),
+                     ("POST", "/api/models/rxt-org/RxT-Tiny/preupload/main"),
+                     ("POST", "/api/models/rxt-org/RxT-Tiny/commit/main")]
+    assert all(auth == "Bearer hf_mock_write_token" for _, _, auth in hub.calls)
+    assert hub.created["visibility"] == "private"
+    assert hub.settings == [("/api/models/rxt-org/RxT-Tiny/settings", {"gated": "auto"})]
+    assert len(hub.commits) == 1 and hub.commits[0]["header"]["summary"] == "Upload RxT model (RAML v1.0)"
+    assert "license_name: raml-v1.0" in hub.validated[0]["content"]  # the README the Hub was asked to check
+    files = hub.files["rxt-org/RxT-Tiny"]
+    assert set(files) == CODE_FILES | {"config.json", "generation_config.json", "model.safetensors", "README.md",
+                                       "LICENSE", "rxt_training_stages.json", "tokenizer.json",
+                                       "tokenizer_config.json", "chat_template.jinja"}
+    card = validate_model_card(files["README.md"].decode())
+    assert card.data.license_name == RAML_LICENSE_NAME and card.data.datasets == ["roneneldan/TinyStories",
+                                                                                 "ReactiveAI/TinyStories-MRL"]
+    assert 'repo = "rxt-org/RxT-Tiny"' in card.text
+    assert "auto_map" in json.loads(files["config.json"])
+
+    # what the Hub now holds loads in a process that cannot import transformers_rxt, with identical logits
+    repo_dir = tmp_path / "downloaded_repo"
+    repo_dir.mkdir()
+    for name, content in files.items():
+        (repo_dir / name).write_bytes(content)
+    _reference_outputs(moe_model, tmp_path / "ref.pt")
+    stdout = _load_remotely(repo_dir, tmp_path / "ref.pt", tmp_path)
+    assert "MAXDIFF 0.0" in stdout
+    assert "STM_UPDATED True STMCache" in stdout
+
+
+def test_push_from_a_trainer_directory_skips_training_leftovers(hub, moe_model, tokenizer, tmp_path):
+    out = tmp_path / "run"
+    moe_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 7, "log_history": [{"loss": 1.5}]}))
+    (out / "training_args.bin").write_bytes(b"pickle")
+    (out / "optimizer.pt").write_bytes(b"state")
+    (out / "mlm_head.safetensors").write_bytes(b"stage-only head")
+    (out / "checkpoint-7").mkdir()
+    (out / "checkpoint-7" / "model.safetensors").write_bytes(b"x")
+    push_rxt_to_hub(str(out), "rxt-org/from-dir", endpoint=hub.endpoint, gated="manual", private=False,
+                    commit_message="stage done")
+    files = hub.files["rxt-org/from-dir"]
+    assert not {"trainer_state.json", "training_args.bin", "optimizer.pt", "mlm_head.safetensors"} & set(files)
+    assert not any(name.startswith("checkpoint-") for name in files)
+    assert CODE_FILES | {"model.safetensors", "tokenizer.json", "README.md", "LICENSE"} <= set(files)
+    assert hub.settings[-1][1] == {"gated": "manual"} and hub.created["visibility"] == "public"
+    body = files["README.md"].decode()
+    assert "| 1 | training | - | 7 | - | - | 1.5 |" in body  # the stage came from trainer_state.json
+
+
+def test_model_push_to_hub_produces_the_raml_card(hub, moe_model):
+    if "push_to_hub" not in RxTForConversationalGeneration.__dict__:
+        pytest.skip("RxTForConversationalGeneration.push_to_hub is not wired to push_rxt_to_hub yet")
+    constants_endpoint = constants.ENDPOINT
+    try:
+        constants.ENDPOINT = hub.endpoint
+        moe_model.push_to_hub("rxt-org/via-method", commit_message="hello", tags=["extra"])
+    finally:
+        constants.ENDPOINT = constants_endpoint
+    card = validate_model_card(hub.files["rxt-org/via-method"]["README.md"].decode())
+    assert "extra" in card.data.tags and hub.settings[-1][1] == {"gated": "auto"}
+
+
+def test_bad_push_input_fails_before_any_request(hub, moe_model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="needs a repo_id"):
+        push_rxt_to_hub(moe_model, "", endpoint=hub.endpoint)
+    with pytest.raises(ValueError, match="needs a repo_id"):
+        push_rxt_to_hub(moe_model, None, endpoint=hub.endpoint)
+    with pytest.raises(ValueError, match="invalid repo_id"):
+        push_rxt_to_hub(moe_model, "a/b/c", endpoint=hub.endpoint)
+    with pytest.raises(ValueError, match="gated="):
+        push_rxt_to_hub(moe_model, "rxt-org/x", gated="yes", endpoint=hub.endpoint)
+    card = build_model_card(moe_model).content.replace("license_name: raml-v1.0", "license_name: mit")
+    with pytest.raises(RxTCardValidationError, match="license_name"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", card=ModelCard(card), endpoint=hub.endpoint)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        push_rxt_to_hub(str(tmp_path), "rxt-org/x", endpoint=hub.endpoint)
+    with pytest.raises(TypeError, match="expects an RxT model"):
+        push_rxt_to_hub(torch.nn.Linear(2, 2), "rxt-org/x", endpoint=hub.endpoint)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", endpoint=hub.endpoint)
+    assert hub.calls == []
+
+
+def test_trainer_mixin_writes_the_raml_card(moe_model, tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from transformers_rxt.hub.trainer import RxTHubTrainerMixin
+
+    class StageTrainer(RxTHubTrainerMixin, Trainer):
+        rxt_stage = "supervised-memory-aware"
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    trainer = StageTrainer(model=moe_model, args=args, processing_class=tokenizer)
+    trainer.state.global_step, trainer.state.epoch = 12, 2.0
+    trainer.state.log_history = [{"loss": 1.75, "step": 12}]
+    trainer.create_model_card(dataset="ReactiveAI/TinyStories-MRL", tags="smat-run")
+    card = validate_model_card(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["ReactiveAI/TinyStories-MRL"] and "smat-run" in card.data.tags
+    assert "| 1 | supervised-memory-aware | ReactiveAI/TinyStories-MRL | 12 | 2.0 | - | 1.75 |" in card.text
+    assert (tmp_path / "out" / "LICENSE").is_file()
+    with pytest.raises(ValueError, match="RAML"):
+        trainer.create_model_card(license="apache-2.0")
+
+
+def test_rxt_push_command(hub, moe_model, tokenizer, tmp_path, capsys):
+    import argparse
+
+    from transformers_rxt.hub.push import add_push_parser
+
+    model_dir, tok_dir = tmp_path / "model", tmp_path / "tok"
+    moe_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(tok_dir)
+    (tmp_path / "stages.json").write_text(json.dumps(STAGES))
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    parser = argparse.ArgumentParser(prog="rxt")
+    add_push_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["push", str(model_dir), "--repo-id", "rxt-org/cli", "--tokenizer", str(tok_dir),
+                              "--stages", str(tmp_path / "stages.json"), "--eval-results", str(tmp_path / "eval.json"),
+                              "--dataset", "roneneldan/TinyStories", "--endpoint", hub.endpoint])
+    assert args.func(args) == 0
+    assert "pushed" in capsys.readouterr().out
+    files = hub.files["rxt-org/cli"]
+    assert "tokenizer.json" in files and hub.settings[-1][1] == {"gated": "auto"}
+    card = validate_model_card(files["README.md"].decode())
+    assert card.data.datasets == ["roneneldan/TinyStories"] and "TensorBLEU reward: 0.3125" in card.text
+    assert json.loads(files["rxt_training_stages.json"]) == STAGES
+
+
+def test_trainer_mixin_with_a_stage_container_and_logged_tokens(moe_model, tmp_path):
+    utils = pytest.importorskip("transformers_rxt.training.utils")
+    from transformers import Trainer, TrainingArguments
+
+    from transformers_rxt.hub import RxTHubTrainerMixin
+
+    class StageTrainer(RxTHubTrainerMixin, Trainer):
+        rxt_stage = "joint-sft"
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    trainer = StageTrainer(model=utils.RxTStageModule(moe_model), args=args)
+    trainer.state.global_step = 5
+    trainer.state.log_history = [{"loss": 2.0, "step": 5}, {"train_runtime": 1.0, "train_tokens": 4096}]
+    trainer.create_model_card()
+    card = validate_model_card(tmp_path / "out" / "README.md")
+    assert "| 1 | joint-sft | - | 5 | - | 4,096 | 2.0 |" in card.text
+    assert f"| **Total** | {count_parameters(moe_model)['total']['total']:,} (" in card.text
