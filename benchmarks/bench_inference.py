@@ -76,29 +76,25 @@ def timed_generate(model, prompt, stm, new_tokens, **kwargs):
                  "wall": end - start, "after_last_token": end - streamer.last}
 
 
-def run_rxt(model, turns, query_len, new_tokens, mode):
-    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
-    rows = []
-    for t in range(turns):
-        prompt = query(t, query_len, model.config.vocab_size)
-        _, row = timed_generate(model, prompt, stm, new_tokens, memory_update=mode)
-        if mode == "sync":  # the update ran inside generate, after the last token
-            row["update"] = row["after_last_token"]
-        rows.append(row)
-    stm.wait()
-    return rows
-
-
-def run_baseline(model, turns, query_len, new_tokens):
-    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+def run_interleaved(model, turns, query_len, new_tokens):
+    """Turn t of every contender runs back to back, so that load drift on a shared machine hits all alike."""
+    vocab = model.config.vocab_size
+    stms = {mode: model.init_memory(1, generator=torch.Generator().manual_seed(0)) for mode in ("async", "sync")}
+    baseline_stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
     history = torch.zeros(1, 0, dtype=torch.long)
-    rows = []
+    rows = {"async": [], "sync": [], "baseline": []}
     for t in range(turns):
-        prompt = torch.cat([history, query(t, query_len, model.config.vocab_size)], dim=1)
-        out, row = timed_generate(model, prompt, stm, new_tokens, memory_update="none")
+        prompt = query(t, query_len, vocab)
+        for mode in ("async", "sync"):
+            _, row = timed_generate(model, prompt, stms[mode], new_tokens, memory_update=mode)
+            row["update"] = row["after_last_token"]  # sync: the update ran inside generate, after the last token
+            rows[mode].append(row)
+        out, row = timed_generate(model, torch.cat([history, prompt], dim=1), baseline_stm, new_tokens,
+                                  memory_update="none")
         history = out
-        rows.append(row)
-    return rows
+        rows["baseline"].append(row)
+    stms["async"].wait()
+    return rows["async"], rows["sync"], rows["baseline"]
 
 
 def main() -> None:
@@ -108,7 +104,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads:  # 1 is steadier on a shared machine: OpenMP spin-waits stall when cores are oversubscribed
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     history_len = args.turns * (args.query_len + args.new_tokens) + 8
@@ -120,9 +116,7 @@ def main() -> None:
           f"{args.turns} turns x ({args.query_len} query + {args.new_tokens} generated tokens)\n")
 
     timed_generate(model, query(99, args.query_len, 20000), model.init_memory(1), 8, memory_update="sync")  # warm-up
-    rxt_async = run_rxt(model, args.turns, args.query_len, args.new_tokens, "async")
-    rxt_sync = run_rxt(model, args.turns, args.query_len, args.new_tokens, "sync")
-    baseline = run_baseline(model, args.turns, args.query_len, args.new_tokens)
+    rxt_async, rxt_sync, baseline = run_interleaved(model, args.turns, args.query_len, args.new_tokens)
 
     print("| turn | RxT TTFT ms | RxT tok/s | mem update ms | RxT turn s (async) | RxT turn s (sync) "
           "| baseline prompt | baseline TTFT ms | baseline tok/s | baseline turn s |")

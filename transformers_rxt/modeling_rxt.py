@@ -334,7 +334,12 @@ class RxTMoeFeedForward(nn.Module):
         # Tokens are grouped by expert, so each selected expert runs one dense matmul over its tokens. A token
         # picks an expert at most once, so the indexed add below never sees a repeated row (and, unlike
         # index_add_, is fast on CPU).
-        for expert in top_idx.unique().tolist():
+        if flat.shape[0] == 1:  # one token (batch-1 decoding): no grouping needed
+            for slot, expert in enumerate(top_idx[0].tolist()):
+                y = self._expert(flat, self.w1[expert], self.w2[expert],
+                                 self.b1[expert] if local else None, self.b2[expert] if local else None)
+                out = out + y * top_w[:, slot, None]
+        for expert in top_idx.unique().tolist() if flat.shape[0] > 1 else ():
             token_idx, slot = (top_idx == expert).nonzero(as_tuple=True)
             y = self._expert(flat[token_idx], self.w1[expert], self.w2[expert],
                              self.b1[expert] if local else None, self.b2[expert] if local else None)
