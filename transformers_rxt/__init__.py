@@ -1,6 +1,7 @@
 """transformers-rxt: the Reactive Transformer (RxT), native to transformers.
 
-Importing the package registers model types "rxt" and "rxt_memory_attention" with the Auto classes.
+Importing the package registers model types "rxt" and "rxt_memory_attention" with the Auto classes and the
+"sqa" attention implementation for ordinary decoder-only models.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -15,6 +16,14 @@ from .modeling_rxt import (
     rxlm_config_to_rxt,
 )
 
+from .sqa import (
+    convert_to_sqa,
+    register_sqa_attention,
+    sqa_attention_forward,
+    sqa_config,
+    sqa_head_counts,
+    theoretical_speedup,
+)
 from .tokenization_rxt import (
     RXT_ALPHA_TOKEN_IDS,
     RXT_BETA_TOKEN_IDS,
@@ -38,8 +47,15 @@ AutoConfig.register("rxt_memory_attention", RxTMemoryAttentionConfig, exist_ok=T
 AutoModel.register(RxTConfig, RxTForConversationalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(RxTConfig, RxTForConversationalGeneration, exist_ok=True)
 AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
+register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-style models
 
 __all__ = [
+    "convert_to_sqa",
+    "register_sqa_attention",
+    "sqa_attention_forward",
+    "sqa_config",
+    "sqa_head_counts",
+    "theoretical_speedup",
     "RXT_ALPHA_TOKEN_IDS",
     "RXT_BETA_TOKEN_IDS",
     "RXT_CHAT_TEMPLATE",
