@@ -1,0 +1,281 @@
+"""Stage trainers (issue 5): losses go down, saving/loading, S != T in stage 3, gradual unfreezing, resume."""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from rxt_factories import tiny_config
+from transformers_rxt import RxTForConversationalGeneration, rxt_token_ids, train_rxt_tokenizer
+from transformers_rxt.data import (
+    DataCollatorForRxTEpisodes,
+    build_memory_dialogues,
+    pretraining_texts,
+    sft_pairs,
+    tokenize_mrl_dataset,
+    tokenize_pretraining_dataset,
+    tokenize_sft_dataset,
+)
+from transformers_rxt.training import (
+    JointLMConfig,
+    JointLMTrainer,
+    MemoryAttentionConfig,
+    MemoryAttentionTrainer,
+    MemoryAwareConfig,
+    MemoryAwareModule,
+    MemoryAwareTrainer,
+    evaluate_memory_retention,
+    load_mlm_head,
+    segment_pooling,
+)
+from transformers_rxt.training.utils import component_of
+
+SLOTS = 8  # fewer slots than the ~17-token turns: stage 3 must not need S == T
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = pretraining_texts(300, seed=0) + [f"{p['query']} {p['answer']}" for p in sft_pairs(300)]
+    return train_rxt_tokenizer(texts, vocab_size=400)
+
+
+def make_model(tok, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    cfg = tiny_config(vocab=len(tok), seq_len=64, slots=SLOTS, **rxt_token_ids(tok), **kwargs)
+    return RxTForConversationalGeneration(cfg).train()
+
+
+@pytest.fixture(scope="module")
+def text_data(tok):
+    return tokenize_pretraining_dataset(
+        __import__("datasets").Dataset.from_dict({"text": pretraining_texts(8, seed=1)}), tok, 64, truncation=True
+    )
+
+
+@pytest.fixture(scope="module")
+def episodes(tok):
+    return tokenize_mrl_dataset(build_memory_dialogues(8, max_distance=3, seed=0), tok, 64)
+
+
+def common_args(tmp_path, **kwargs):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        lr_scheduler_type="constant",
+        seed=0,
+    )
+    base.update(kwargs)
+    return base
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def early_late(values, n=2):
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+# ------------------------------------------------------------------------------------------------- stage 1-2
+def test_joint_trainer_loss_goes_down_and_logs_components(tok, text_data, tmp_path):
+    args = JointLMConfig(**common_args(tmp_path, max_steps=30, learning_rate=1e-2))
+    trainer = JointLMTrainer(make_model(tok), args, train_dataset=text_data, processing_class=tok)
+    trainer.train()
+    first, last = early_late(losses(trainer))
+    assert last < 0.8 * first, losses(trainer)
+    log = trainer.state.log_history[0]
+    for key in ("mlm_loss", "lm_loss", "mlm_accuracy", "lm_accuracy", "tokens_per_second"):
+        assert key in log
+    assert math.isclose(log["loss"], log["mlm_loss"] + log["lm_loss"], rel_tol=1e-4)
+    summary = trainer.state.log_history[-1]
+    assert summary["train_tokens"] > 0 and summary["train_tokens_per_second"] > 0
+
+
+def test_joint_sft_saves_hf_directory_that_next_stage_loads(tok, tmp_path):
+    sft = tokenize_sft_dataset(__import__("datasets").Dataset.from_list(sft_pairs(8, seed=2)), tok, 64)
+    args = JointLMConfig(**common_args(tmp_path, max_steps=2, learning_rate=1e-3, memory_noise=0.2,
+                                       memory_dropout=0.2))
+    trainer = JointLMTrainer(make_model(tok), args, train_dataset=sft, processing_class=tok)
+    trainer.train()
+    out = tmp_path / "stage"
+    trainer.save_model(str(out))
+    loaded = RxTForConversationalGeneration.from_pretrained(out)
+    state = trainer.model.rxt.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    head = load_mlm_head(out, loaded.config.hidden_size, loaded.config.vocab_size)
+    assert torch.equal(head.decoder.weight, trainer.model.mlm_head.decoder.weight)
+    # The next stage takes the directory itself (model + MLM head + tokenizer).
+    nxt = JointLMTrainer(str(out), JointLMConfig(**common_args(tmp_path, max_steps=1)))
+    assert torch.equal(nxt.model.mlm_head.dense.weight, trainer.model.mlm_head.dense.weight)
+    assert (out / "tokenizer.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- stage 3
+def test_segment_pooling_identity_padding_and_slot_counts():
+    enc = torch.randn(2, 3, 6, 4)
+    full = torch.ones(2, 6, dtype=torch.long)
+    assert torch.allclose(segment_pooling(enc, full, 6), enc)  # S == T, no padding: the reference's label
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    fewer = segment_pooling(enc, mask, 2)  # S < T: means of contiguous halves of the real tokens
+    assert fewer.shape == (2, 3, 2, 4)
+    assert torch.allclose(fewer[0, :, 0], enc[0, :, :2].mean(1)) and torch.allclose(fewer[0, :, 1], enc[0, :, 2:4].mean(1))
+    more = segment_pooling(enc, mask, 8)  # S > T: slots share tokens, pads never used
+    assert more.shape == (2, 3, 8, 4)
+    assert torch.allclose(more[0, :, 0], enc[0, :, 0]) and torch.allclose(more[0, :, 7], enc[0, :, 3])
+    left = torch.cat([enc[:1, :, 4:], enc[:1, :, :4]], dim=2)  # the same row, left-padded
+    assert torch.allclose(segment_pooling(left, mask[:1].flip(1), 3), segment_pooling(enc[:1], mask[:1], 3))
+
+
+def test_memory_attention_trainer_with_fewer_slots_than_tokens(tok, episodes, tmp_path):
+    model = make_model(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = MemoryAttentionConfig(
+        **common_args(tmp_path, max_steps=12, learning_rate=3e-3),
+        label_weights_random_factor=0.1, input_noise=0.05, label_noise=0.05,
+    )
+    trainer = MemoryAttentionTrainer(model, args, train_dataset=episodes, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[-1] > SLOTS  # turns are longer than the memory: S != T
+    trainer.train()
+    first, last = early_late(losses(trainer))
+    assert last < first - 0.02, losses(trainer)
+    assert "cosine" in trainer.state.log_history[0] and "memory_rmse_turn_0" in trainer.state.log_history[0]
+    for name, value in model.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        assert changed == (component_of(name) == "memory_attention") or "inv_freq" in name, name
+
+
+def test_memory_attention_position_alignment_needs_short_turns(tok, episodes, tmp_path):
+    args = MemoryAttentionConfig(**common_args(tmp_path, max_steps=1), slot_alignment="position")
+    trainer = MemoryAttentionTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
+    with pytest.raises(ValueError, match="slot_alignment='segment'"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------------------------- stage 4
+def test_memory_aware_trainer_loss_goes_down_with_per_turn_logs(tok, episodes, tmp_path):
+    args = MemoryAwareConfig(**common_args(tmp_path, max_steps=25, learning_rate=1e-2))
+    trainer = MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
+    trainer.train()
+    first, last = early_late(losses(trainer))
+    assert last < 0.7 * first, losses(trainer)
+    log = trainer.state.log_history[0]
+    assert {"loss_turn_0", "loss_turn_3", "answer_accuracy", "trainable_parameters"} <= set(log)
+
+
+def test_backprop_turns_changes_gradients_not_losses(tok, episodes):
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)([episodes[i] for i in range(4)])
+    grads = {}
+    for turns in (1, 0):
+        model = make_model(tok, seed=3)
+        module = MemoryAwareModule(model, MemoryAwareConfig(output_dir="x", backprop_turns=turns, use_cpu=True))
+        out = module(**batch, generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads[turns] = (float(out["loss"].detach()), torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
+    assert grads[1][0] == pytest.approx(grads[0][0], abs=1e-6)  # same forward
+    assert not torch.allclose(grads[1][1], grads[0][1])  # full-episode BPTT reaches earlier updates
+
+
+def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
+    ds = tokenize_mrl_dataset(build_memory_dialogues(2, max_distance=3, seed=1), tok, 64)
+    features = [dict(ds[0]), dict(ds[1])]
+    features[1]["turn_input_ids"] = features[1]["turn_input_ids"][:2]  # a shorter episode
+    features[1]["turn_labels"] = features[1]["turn_labels"][:2]
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)(features)
+    module = MemoryAwareModule(make_model(tok), MemoryAwareConfig(output_dir="x", use_cpu=True))
+    out = module(**batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    stm = torch.randn(2, 2, SLOTS, 32)
+    valid = torch.tensor([True, False])
+    new = module._update(stm, batch["input_ids"][:, 3], batch["attention_mask"][:, 3], valid)
+    assert torch.equal(new[1], stm[1]) and not torch.equal(new[0], stm[0])
+
+
+class Snapshots(TrainerCallback):
+    """Copies of every parameter after each optimizer step, plus which ones had optimizer state."""
+
+    def __init__(self, trainer):
+        self.trainer, self.params, self.with_state, self.requires_grad = trainer, [], [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model, opt = self.trainer.model, self.trainer.optimizer
+        self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        self.with_state.append({n for n, p in model.named_parameters() if len(opt.state.get(p, {})) > 0})
+        self.requires_grad.append({n for n, p in model.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("ddp_mode", [False, True], ids=["requires_grad", "ddp_grad_masking"])
+def test_gradual_unfreeze_changes_what_the_optimizer_updates(ddp_mode, tok, episodes, tmp_path, monkeypatch):
+    # Under DDP every parameter keeps requires_grad=True and frozen gradients are dropped instead; the
+    # distributed code path is exercised here in one process.
+    monkeypatch.setattr(MemoryAwareTrainer, "_distributed", property(lambda self: ddp_mode))
+    args = MemoryAwareConfig(
+        **common_args(tmp_path, max_steps=5, learning_rate=1e-3, weight_decay=0.1),
+        unfreeze_memory_attention_step=2, unfreeze_encoder_step=4,
+    )
+    trainer = MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
+    names = {g["name"] for g in trainer.create_optimizer().param_groups}
+    # Every component is in the optimizer from the start, frozen or not.
+    assert {"embedding", "decoder", "memory_attention", "encoder"} <= {n.split(".")[0] for n in names}
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    snaps = Snapshots(trainer)
+    trainer.add_callback(snaps)
+    trainer.train()
+
+    def moved(step, component):
+        prev = start if step == 0 else snaps.params[step - 1]
+        return any(not torch.equal(p, prev[n]) for n, p in snaps.params[step].items() if component_of(n) == component)
+
+    def touched(step, component):
+        return any(component_of(n) == component for n in snaps.with_state[step])
+
+    def trainable(step, component):
+        return any(component_of(n) == component for n in snaps.requires_grad[step])
+
+    for step in range(5):  # snapshot i = after optimizer step i (0-based); the schedule reads steps done
+        assert moved(step, "decoder")
+        assert moved(step, "memory_attention") == (step >= 2) == touched(step, "memory_attention")
+        assert moved(step, "encoder") == (step >= 4) == touched(step, "encoder")
+        assert trainable(step, "encoder") == (step >= 4 or ddp_mode)
+    counts = [h["trainable_parameters"] for h in trainer.state.log_history if "trainable_parameters" in h]
+    assert counts[0] < counts[2] < counts[4]
+    assert trainer.trainable_components == {"embedding", "decoder", "memory_attention", "encoder"}
+
+
+# ------------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("stage", ["joint", "memory_aware"])
+def test_resume_from_checkpoint_gives_the_same_next_step_loss(stage, tok, text_data, episodes, tmp_path):
+    def run(out, resume=None):
+        kwargs = common_args(tmp_path, output_dir=str(out), max_steps=4, learning_rate=2e-3, save_strategy="steps",
+                             save_steps=2, lr_scheduler_type="linear", seed=7)
+        if stage == "joint":
+            trainer = JointLMTrainer(make_model(tok), JointLMConfig(**kwargs, memory_noise=0.3, memory_dropout=0.2),
+                                     train_dataset=text_data, processing_class=tok)
+        else:
+            trainer = MemoryAwareTrainer(make_model(tok), MemoryAwareConfig(**kwargs, unfreeze_encoder_step=3),
+                                         train_dataset=episodes, processing_class=tok)
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    full = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert set(resumed) == {1, 2, 3, 4}  # steps 1-2 come from the checkpoint's state, 3-4 were run again
+    assert resumed[3] == pytest.approx(full[3], abs=1e-6)
+    assert resumed[4] == pytest.approx(full[4], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def test_evaluate_memory_retention_reports_both_runs(tok):
+    dialogues = build_memory_dialogues(6, max_distance=3, seed=5, split="heldout")
+    result = evaluate_memory_retention(make_model(tok).eval(), tok, dialogues, batch_size=4, max_new_tokens=6)
+    assert set(result["memory"]["per_distance"]) <= {1, 2, 3}
+    assert result["memory"]["n"] == result["reset"]["n"] > 0
+    assert "distance" in result["table"] and "memory" in result["table"]
+    assert result["perplexity"]["memory"] > 1 and result["probe_perplexity"]["reset"] > 1
+    assert result["examples"] and {"memory_answer", "reset_answer", "expected"} <= set(result["examples"][0])

@@ -1,0 +1,76 @@
+"""Stages 1 and 4 under a real 2-process `accelerate launch` on CPU (gloo DDP), as the stage scripts run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
+from transformers_rxt.data import pretraining_texts, sft_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+TINY_MODEL = {
+    "decoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2, cross_att_groups=2,
+                           cross_att_query_groups=2, ff_dim=48, seq_len=64, stm_size=8),
+    "encoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2, ff_dim=48,
+                           seq_len=64, stm_size=8, skip_memory_cross_attention=True),
+    "memory_attention_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2,
+                                    interlayer_att_groups=2, interlayer_att_query_groups=2, seq_len=64, stm_size=8),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, tmp_path: Path, *args: str) -> None:
+    env = dict(os.environ)
+    env.update(
+        ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"),  # never a stray user config
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+           str(REPO / "trainers" / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed next to this python")
+def test_stages_1_and_4_complete_on_two_processes(tmp_path):
+    tok = train_rxt_tokenizer(pretraining_texts(200) + [f"{p['query']} {p['answer']}" for p in sft_pairs(200)],
+                              vocab_size=300)
+    tok.save_pretrained(tmp_path / "stage0")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(TINY_MODEL))
+    common = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--use_cpu", "true"]
+
+    launch("stage1_joint_pretrain.py", tmp_path, "--config", "trainers/configs/tiny/stage1.yaml",
+           "--tokenizer", str(tmp_path / "stage0"), "--model_config", str(tmp_path / "model.yaml"),
+           "--output_dir", str(tmp_path / "stage1"), "--num_samples", "32", "--per_device_train_batch_size", "4",
+           *common)
+    report = json.loads((tmp_path / "stage1" / "stage_report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2
+    assert report["train_tokens"] > 0  # summed over both processes
+
+    launch("stage4_memory_aware.py", tmp_path, "--config", "trainers/configs/tiny/stage4.yaml",
+           "--init_from", str(tmp_path / "stage1"), "--output_dir", str(tmp_path / "stage4"),
+           "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2", "--retention_dialogues", "0",
+           "--unfreeze_encoder_step", "1", *common)
+    report = json.loads((tmp_path / "stage4" / "stage_report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2
+    assert "loss_turn_1" in report["last_log"]
+    RxTForConversationalGeneration.from_pretrained(tmp_path / "stage4")  # a loadable HF model directory

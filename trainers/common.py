@@ -1,0 +1,88 @@
+"""Helpers shared by the stage scripts (argument parsing, data sources, stage reports).
+
+Every stage script runs as ``python trainers/stageN_*.py --config trainers/configs/<preset>/stageN.yaml`` or
+under ``accelerate launch``; any option can be overridden on the command line (``--max_steps 10``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class DataArguments:
+    """Where a stage's data comes from.
+
+    ``dataset="synthetic"`` uses the embedded memory corpus (no network); anything else is a local
+    json/jsonl/parquet file or folder, or a Hub dataset id (``dataset_subset``/``dataset_split`` select).
+    """
+
+    dataset: str = field(default=SYNTHETIC, metadata={"help": "'synthetic', a local path or a Hub dataset id."})
+    dataset_subset: str | None = field(default=None, metadata={"help": "Hub subset (config) name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (Hub data)."})
+    text_field: str = field(default="text", metadata={"help": "Text column of pre-training data."})
+    num_samples: int = field(default=20_000, metadata={"help": "Synthetic rows to build (or cap on loaded rows)."})
+    eval_samples: int = field(default=0, metadata={"help": "Held-out rows for evaluation (0 = none)."})
+    max_length: int = field(default=256, metadata={"help": "Longest row in tokens (longer rows are cut)."})
+    corpus_seed: int = field(default=0, metadata={"help": "Seed of the synthetic corpus."})
+    max_distance: int = field(default=8, metadata={"help": "Synthetic dialogues: longest fact-question distance."})
+    num_turns: int | None = field(default=None, metadata={"help": "Synthetic dialogues: turns per episode."})
+    fact_rate: float = field(default=0.45, metadata={"help": "Synthetic dialogues: share of fact turns."})
+    probe_rate: float = field(default=0.7, metadata={"help": "Synthetic dialogues: share of facts asked later."})
+
+
+def parse(*dataclass_types):
+    """Parse ``--config file.yaml`` plus command-line overrides into the given dataclasses (TRL's parser)."""
+    from trl import TrlParser
+
+    return TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
+
+
+def cap(ds, n: int | None):
+    """The first ``n`` rows of a dataset (all when ``n`` is None/0 or larger than the dataset)."""
+    if not n or not hasattr(ds, "__len__") or len(ds) <= n:
+        return ds
+    return ds.select(range(n))
+
+
+def load_tokenizer(path: str):
+    from transformers_rxt import load_rxt_tokenizer
+
+    return load_rxt_tokenizer(path)
+
+
+def stage_report(trainer: Any, output_dir: str, stage: str, started: float, extra: dict | None = None) -> dict:
+    """Write ``stage_report.json`` (wall time, steps, tokens/s, last logged losses) and return it."""
+    history = trainer.state.log_history
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    last = next((h for h in reversed(history) if "loss" in h), {})
+    report = {
+        "stage": stage,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_runtime_s": summary.get("train_runtime"),
+        "steps": trainer.state.global_step,
+        "train_tokens": summary.get("train_tokens"),
+        "train_tokens_per_second": summary.get("train_tokens_per_second"),
+        "world_size": trainer.args.world_size,
+        "last_log": last,
+        "first_log": next((h for h in history if "loss" in h), {}),
+        **(extra or {}),
+    }
+    if trainer.is_world_process_zero():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(output_dir, "stage_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"[{stage}] done in {report['wall_time_s']} s, {report['steps']} steps, "
+              f"{report['train_tokens_per_second']} tokens/s -> {output_dir}")
+    return report

@@ -1,0 +1,36 @@
+"""The supervised RxT curriculum as `transformers.Trainer` subclasses (training.md §2-§4).
+
+- stage 0: :func:`transformers_rxt.train_rxt_tokenizer` (see ``trainers/stage0_tokenizer.py``);
+- stages 1-2: :class:`JointLMTrainer` / :class:`JointLMConfig` (joint LM pre-training, joint interaction SFT);
+- stage 3: :class:`MemoryAttentionTrainer` / :class:`MemoryAttentionConfig` (self-supervised memory attention);
+- stage 4: :class:`MemoryAwareTrainer` / :class:`MemoryAwareConfig` (supervised memory-aware training);
+- :func:`evaluate_memory_retention`: fact recall per distance, memory carried vs reset.
+
+Every stage reads and writes HF model directories (``RxTForConversationalGeneration.from_pretrained``).
+"""
+
+from .evaluation import evaluate_memory_retention
+from .joint import JointLMConfig, JointLMModule, JointLMTrainer
+from .memory_attention import MemoryAttentionConfig, MemoryAttentionModule, MemoryAttentionTrainer, segment_pooling
+from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwareModule, MemoryAwareTrainer
+from .utils import COMPONENTS, RxTStageModule, RxTStageTrainer, load_mlm_head, load_rxt_model
+
+__all__ = [
+    "COMPONENTS",
+    "GradualUnfreezeCallback",
+    "JointLMConfig",
+    "JointLMModule",
+    "JointLMTrainer",
+    "MemoryAttentionConfig",
+    "MemoryAttentionModule",
+    "MemoryAttentionTrainer",
+    "MemoryAwareConfig",
+    "MemoryAwareModule",
+    "MemoryAwareTrainer",
+    "RxTStageModule",
+    "RxTStageTrainer",
+    "evaluate_memory_retention",
+    "load_mlm_head",
+    "load_rxt_model",
+    "segment_pooling",
+]

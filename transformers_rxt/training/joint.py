@@ -1,0 +1,234 @@
+"""Stages 1-2: joint LM pre-training and joint interaction SFT (training.md §2).
+
+One batch, two views: the encoder reads an MLM-masked copy and is trained with a masked-LM head; the decoder
+reads the clean ids and is trained autoregressively while its memory cross-attention reads the encoder's
+per-layer outputs of the same sequence ("fake STM"), **detached** so no gradient flows from the decoder into
+the encoder. This aligns the encoder's output space with what the decoder's memory cross-attention reads
+before any real memory exists. Because that memory encodes the current sequence, the decoder can partly
+"cheat"; slot dropout (``memory_dropout``) and Gaussian noise (``memory_noise``) make it rely on its own
+self-attention too.
+
+Stage 1 uses plain text (every real token trained); stage 2 uses ``[BOS][Q]query[A]answer[EOS]`` interactions
+(only the answer side trained). Same trainer, different data.
+
+Differences from the reference, on purpose: pad positions are never trained; noise and slot dropout apply
+only in training mode (the reference applies them in evaluation as well); MLM masking excludes special
+tokens and uses BERT's 80/10/10 replacement (``mask_replace_prob=1, random_replace_prob=0`` gives the
+reference's all-``[MASK]`` scheme); an MoE encoder's routers are balanced too (the reference ignores them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+from ..data.collators import DataCollatorForRxTDecoder, DataCollatorForRxTMLM
+from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
+from .utils import RxTStageModule, RxTStageTrainer, load_mlm_head, load_rxt_model, masked_token_accuracy
+
+__all__ = ["JointLMConfig", "JointLMModule", "JointLMTrainer"]
+
+
+@dataclass
+class JointLMConfig(TrainingArguments):
+    r"""Configuration of [`JointLMTrainer`] (stages 1-2). Extends `TrainingArguments`.
+
+    Parameters:
+        encoder_loss_weight (`float`, defaults to `1.0`): weight β of the encoder MLM loss.
+        decoder_loss_weight (`float`, defaults to `1.0`): weight α of the decoder autoregressive loss.
+        moe_aux_loss_weight (`float`, *optional*): weight of the MoE load-balancing loss (mean over the
+            decoder's and encoder's routers); None uses the model config's `router_aux_loss_coef`.
+        memory_noise (`float`, defaults to `0.0`): std of Gaussian noise added to the detached encoder states
+            the decoder reads (reference `noise_level`).
+        memory_dropout (`float`, defaults to `0.0`): probability of zeroing a whole memory position (per
+            layer, row and position; reference `masking_prob`).
+        mlm_probability (`float`, defaults to `0.15`): share of (non-special) tokens selected for MLM.
+        mask_replace_prob (`float`, defaults to `0.8`), random_replace_prob (`float`, defaults to `0.1`):
+            what a selected token becomes (`[MASK]` / a random token / unchanged otherwise).
+    """
+
+    encoder_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the encoder MLM loss."})
+    decoder_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the decoder AR loss."})
+    moe_aux_loss_weight: float | None = field(
+        default=None, metadata={"help": "MoE aux loss weight; None = the model config's router_aux_loss_coef."}
+    )
+    memory_noise: float = field(default=0.0, metadata={"help": "Std of noise on the decoder's fake memory."})
+    memory_dropout: float = field(default=0.0, metadata={"help": "Drop probability of fake-memory positions."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "MLM selection probability."})
+    mask_replace_prob: float = field(default=0.8, metadata={"help": "Selected tokens replaced by [MASK]."})
+    random_replace_prob: float = field(default=0.1, metadata={"help": "Selected tokens replaced at random."})
+    # TrainingArguments defaults that do not fit custom-collated RxT batches
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no/steps/epoch)."})
+
+
+class JointLMModule(RxTStageModule):
+    """Encoder (+ MLM head) and decoder on one batch; ``forward`` returns the weighted loss and its parts."""
+
+    extra_modules = ("mlm_head",)
+
+    def __init__(
+        self,
+        rxt: RxTForConversationalGeneration,
+        mlm_head: RxTMLMHead | None = None,
+        *,
+        encoder_loss_weight: float = 1.0,
+        decoder_loss_weight: float = 1.0,
+        moe_aux_loss_weight: float | None = None,
+        memory_noise: float = 0.0,
+        memory_dropout: float = 0.0,
+    ):
+        super().__init__(rxt)
+        cfg = rxt.config
+        self.mlm_head = mlm_head if mlm_head is not None else RxTMLMHead(cfg.hidden_size, cfg.vocab_size)
+        self.encoder_loss_weight = encoder_loss_weight
+        self.decoder_loss_weight = decoder_loss_weight
+        self.moe_aux_loss_weight = cfg.router_aux_loss_coef if moe_aux_loss_weight is None else moe_aux_loss_weight
+        self.memory_noise = memory_noise
+        self.memory_dropout = memory_dropout
+
+    def fake_memory(self, encoded: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The decoder's memory: the detached encoder states with slot dropout and noise (training only)."""
+        memory = encoded.detach()
+        if self.training and self.memory_dropout > 0:
+            shape = memory.shape[:-1] + (1,)
+            keep = torch.rand(shape, generator=generator, device=memory.device) >= self.memory_dropout
+            memory = memory * keep.to(memory.dtype)
+        if self.training and self.memory_noise > 0:
+            noise = torch.randn(memory.shape, generator=generator, device=memory.device, dtype=memory.dtype)
+            memory = memory + self.memory_noise * noise
+        return memory
+
+    def forward(
+        self,
+        encoder_input_ids: torch.LongTensor,
+        encoder_labels: torch.LongTensor,
+        decoder_input_ids: torch.LongTensor,
+        decoder_labels: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        encoded, encoder_aux = self.rxt.encode(encoder_input_ids, attention_mask)
+        mlm_logits = self.mlm_head(encoded[:, -1])
+        if bool((encoder_labels != -100).any()):
+            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), encoder_labels.flatten(), ignore_index=-100)
+        else:  # nothing masked in this batch: keep the head in the graph with a zero loss
+            mlm_loss = mlm_logits.sum() * 0.0
+        out = self.rxt(
+            input_ids=decoder_input_ids,
+            attention_mask=attention_mask,
+            encoder_memory=self.fake_memory(encoded, generator),
+            labels=decoder_labels,
+        )
+        aux_terms = [a for a in ([out.aux_loss] if out.aux_loss is not None else []) + list(encoder_aux)]
+        aux = torch.stack([a.float() for a in aux_terms]).mean() if aux_terms else None
+        loss = self.encoder_loss_weight * mlm_loss + self.decoder_loss_weight * out.lm_loss
+        if aux is not None and self.training:
+            loss = loss + self.moe_aux_loss_weight * aux
+        with torch.no_grad():
+            metrics = {
+                "mlm_loss": mlm_loss.detach(),
+                "lm_loss": out.lm_loss.detach(),
+                "mlm_accuracy": masked_token_accuracy(mlm_logits, encoder_labels, shift=False),
+                "lm_accuracy": masked_token_accuracy(out.logits, decoder_labels, shift=True),
+            }
+            if aux is not None:
+                metrics["aux_loss"] = aux.detach()
+        return {"loss": loss, **metrics}
+
+
+class JointLMTrainer(RxTStageTrainer):
+    """Stages 1-2 trainer (joint LM pre-training / joint interaction SFT).
+
+    Args:
+        model: an `RxTForConversationalGeneration`, or a path/Hub id to load (its `mlm_head.safetensors`, if
+            any, becomes the MLM head).
+        args: a [`JointLMConfig`].
+        mlm_head: the MLM head to train (default: loaded with `model` when it is a path, else a fresh one).
+        train_dataset / eval_dataset: tokenized rows with `input_ids` (and `labels` for interactions, from
+            `tokenize_sft_dataset`), or whatever `data_collator` accepts.
+        data_collator: default `DataCollatorForRxTDecoder` (padding); MLM masking then happens in the trainer
+            with the step-seeded generator (exact resume). A `DataCollatorForJointLM` that masks in the
+            collator is accepted too.
+        processing_class: the RxT tokenizer (saved with every checkpoint; gives the special ids for masking).
+
+    Logs `mlm_loss`, `lm_loss`, `mlm_accuracy`, `lm_accuracy` (and `aux_loss` for MoE) next to `loss`.
+    """
+
+    def __init__(
+        self,
+        model: RxTForConversationalGeneration | str | os.PathLike,
+        args: JointLMConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Any = None,
+        processing_class: Any = None,
+        mlm_head: RxTMLMHead | None = None,
+        **kwargs: Any,
+    ):
+        args = args if args is not None else JointLMConfig(output_dir="rxt-output-joint")
+        if not isinstance(args, JointLMConfig):
+            raise TypeError(f"args must be a JointLMConfig, got {type(args).__name__}")
+        if isinstance(model, (str, os.PathLike)):
+            path = model
+            model = load_rxt_model(path)
+            if mlm_head is None:
+                mlm_head = load_mlm_head(path, model.config.hidden_size, model.config.vocab_size)
+        module = JointLMModule(
+            model,
+            mlm_head,
+            encoder_loss_weight=args.encoder_loss_weight,
+            decoder_loss_weight=args.decoder_loss_weight,
+            moe_aux_loss_weight=args.moe_aux_loss_weight,
+            memory_noise=args.memory_noise,
+            memory_dropout=args.memory_dropout,
+        )
+        cfg = model.config
+        masking = {
+            "mlm_probability": args.mlm_probability,
+            "mask_replace_prob": args.mask_replace_prob,
+            "random_replace_prob": args.random_replace_prob,
+        }
+        if processing_class is not None:
+            self.masker = DataCollatorForRxTMLM.from_tokenizer(processing_class, **masking)
+        else:
+            self.masker = DataCollatorForRxTMLM(
+                mask_token_id=4, pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size, **masking
+            )
+        if data_collator is None:
+            data_collator = DataCollatorForRxTDecoder(pad_token_id=cfg.pad_token_id)
+        super().__init__(
+            model=module,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            **kwargs,
+        )
+
+    def prepare_stage_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        if "encoder_input_ids" in inputs:  # already masked by a DataCollatorForJointLM
+            return inputs
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = ids.masked_fill(mask == 0, -100)
+        # The collator's masking runs on CPU tensors; seed its CPU generator from the step generator.
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        self.masker.generator = torch.Generator().manual_seed(seed)
+        masked, mlm_labels = self.masker.mask_tokens(ids.cpu(), mask.cpu())
+        return {
+            "encoder_input_ids": masked.to(ids.device),
+            "encoder_labels": mlm_labels.to(ids.device),
+            "decoder_input_ids": ids,
+            "decoder_labels": labels,
+            "attention_mask": mask,
+        }
