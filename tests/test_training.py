@@ -124,7 +124,8 @@ def test_segment_pooling_identity_padding_and_slot_counts():
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     fewer = segment_pooling(enc, mask, 2)  # S < T: means of contiguous halves of the real tokens
     assert fewer.shape == (2, 3, 2, 4)
-    assert torch.allclose(fewer[0, :, 0], enc[0, :, :2].mean(1)) and torch.allclose(fewer[0, :, 1], enc[0, :, 2:4].mean(1))
+    assert torch.allclose(fewer[0, :, 0], enc[0, :, :2].mean(1))
+    assert torch.allclose(fewer[0, :, 1], enc[0, :, 2:4].mean(1))
     more = segment_pooling(enc, mask, 8)  # S > T: slots share tokens, pads never used
     assert more.shape == (2, 3, 8, 4)
     assert torch.allclose(more[0, :, 0], enc[0, :, 0]) and torch.allclose(more[0, :, 7], enc[0, :, 3])
@@ -161,12 +162,16 @@ def test_memory_attention_position_alignment_needs_short_turns(tok, episodes, tm
 # ------------------------------------------------------------------------------------------------- stage 4
 def test_memory_aware_trainer_loss_goes_down_with_per_turn_logs(tok, episodes, tmp_path):
     args = MemoryAwareConfig(**common_args(tmp_path, max_steps=25, learning_rate=1e-2))
-    trainer = MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
+    trainer = MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, eval_dataset=episodes,
+                                 processing_class=tok)
     trainer.train()
     first, last = early_late(losses(trainer))
     assert last < 0.7 * first, losses(trainer)
     log = trainer.state.log_history[0]
     assert {"loss_turn_0", "loss_turn_3", "answer_accuracy", "trainable_parameters"} <= set(log)
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_loss_turn_1", "eval_answer_accuracy"} <= set(metrics)
+    assert metrics["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])  # eval draws fixed noise
 
 
 def test_backprop_turns_changes_gradients_not_losses(tok, episodes):

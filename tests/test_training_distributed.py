@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 TINY_MODEL = {
-    "decoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2, cross_att_groups=2,
-                           cross_att_query_groups=2, ff_dim=48, seq_len=64, stm_size=8),
+    "decoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2,
+                           cross_att_groups=2, cross_att_query_groups=2, ff_dim=48, seq_len=64, stm_size=8),
     "encoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2, ff_dim=48,
                            seq_len=64, stm_size=8, skip_memory_cross_attention=True),
     "memory_attention_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2,
@@ -44,8 +44,8 @@ def launch(script: str, tmp_path: Path, *args: str) -> None:
         TOKENIZERS_PARALLELISM="false",
         CUDA_VISIBLE_DEVICES="",
     )
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-           str(REPO / "trainers" / script), *args]
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(REPO / "trainers" / script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -68,8 +68,8 @@ def test_stages_1_and_4_complete_on_two_processes(tmp_path):
 
     launch("stage4_memory_aware.py", tmp_path, "--config", "trainers/configs/tiny/stage4.yaml",
            "--init_from", str(tmp_path / "stage1"), "--output_dir", str(tmp_path / "stage4"),
-           "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2", "--retention_dialogues", "0",
-           "--unfreeze_encoder_step", "1", *common)
+           "--curriculum_turns", "2", "3", "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2",
+           "--retention_dialogues", "0", "--unfreeze_encoder_step", "1", *common)
     report = json.loads((tmp_path / "stage4" / "stage_report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 2
     assert "loss_turn_1" in report["last_log"]

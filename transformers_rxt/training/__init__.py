@@ -15,7 +15,12 @@ from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, make_dmpo_record
 from .evaluation import evaluate_memory_retention
 from .impo import IMPOConfig, IMPOModule, IMPOStage, IMPOTrainer, RxTValueCritic, exponential_schedule, run_impo_curriculum
 from .joint import JointLMConfig, JointLMModule, JointLMTrainer
-from .memory_attention import MemoryAttentionConfig, MemoryAttentionModule, MemoryAttentionTrainer, segment_pooling
+from .memory_attention import (
+    MemoryAttentionConfig,
+    MemoryAttentionModule,
+    MemoryAttentionTrainer,
+    segment_pooling,
+)
 from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwareModule, MemoryAwareTrainer
 from .utils import COMPONENTS, RxTStageModule, RxTStageTrainer, load_mlm_head, load_rxt_model
 

@@ -65,7 +65,6 @@ class JointLMConfig(TrainingArguments):
     # TrainingArguments defaults that do not fit custom-collated RxT batches
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no/steps/epoch)."})
 
 
 class JointLMModule(RxTStageModule):
@@ -127,7 +126,7 @@ class JointLMModule(RxTStageModule):
             encoder_memory=self.fake_memory(encoded, generator),
             labels=decoder_labels,
         )
-        aux_terms = [a for a in ([out.aux_loss] if out.aux_loss is not None else []) + list(encoder_aux)]
+        aux_terms = ([out.aux_loss] if out.aux_loss is not None else []) + list(encoder_aux)
         aux = torch.stack([a.float() for a in aux_terms]).mean() if aux_terms else None
         loss = self.encoder_loss_weight * mlm_loss + self.decoder_loss_weight * out.lm_loss
         if aux is not None and self.training:

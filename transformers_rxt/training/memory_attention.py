@@ -104,7 +104,6 @@ class MemoryAttentionConfig(TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no/steps/epoch)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

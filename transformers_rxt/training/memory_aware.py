@@ -41,7 +41,6 @@ from .utils import (
     RxTStageTrainer,
     component_of,
     load_rxt_model,
-    masked_token_accuracy,
     set_component_trainable,
 )
 
@@ -82,7 +81,6 @@ class MemoryAwareConfig(TrainingArguments):
     moe_aux_loss_weight: float | None = field(default=None, metadata={"help": "MoE aux loss weight."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no/steps/epoch)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,7 +112,8 @@ class MemoryAwareModule(RxTStageModule):
         super().__init__(rxt)
         self.args = args
         cfg = rxt.config
-        self.moe_aux_loss_weight = cfg.router_aux_loss_coef if args.moe_aux_loss_weight is None else args.moe_aux_loss_weight
+        weight = args.moe_aux_loss_weight
+        self.moe_aux_loss_weight = cfg.router_aux_loss_coef if weight is None else weight
 
     def _update(self, stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write one interaction per valid row into the memory; rows without one keep their memory."""
