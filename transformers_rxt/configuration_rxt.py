@@ -18,7 +18,7 @@ standard library and transformers.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from transformers import PretrainedConfig
@@ -428,10 +428,8 @@ class RxTConfig(PretrainedConfig):
                 )
         if dec.vocab_size != enc.vocab_size:
             raise ValueError(f"vocab_size must agree (shared embedding): decoder={dec.vocab_size}, encoder={enc.vocab_size}.")
-        for name in ("stm_size",):
-            if dec.stm_size != mem.stm_size:
-                # The decoder's own stm_size is unused once the memory is shared; align it for clarity.
-                self.decoder_config[name] = mem.stm_size
+        # The decoder's own stm_size is unused once the memory is shared; align it for clarity.
+        self.decoder_config["stm_size"] = mem.stm_size
         special = {k: getattr(self, k) for k in ("query_token_id", "answer_token_id", "think_token_id",
                                                  "tool_call_token_id", "tool_use_token_id", "internal_token_id")}
         for name, value in special.items():

@@ -38,7 +38,6 @@ from .configuration_rxt import (
     RxTConfig,
     RxTMemoryAttentionConfig,
     RxTMemoryAttentionOptions,
-    resolve_heads,
 )
 
 try:  # optional GPU kernel; the SDPA path is used whenever it is absent or cannot take the inputs
@@ -741,7 +740,7 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         if isinstance(stm, STMCache):
             stm = stm.memory
         self._check_inputs(stm, encoded, attention_mask)
-        batch, layers, length = encoded.shape[0], encoded.shape[1], encoded.shape[2]
+        layers, length = encoded.shape[1], encoded.shape[2]
         positions = torch.arange(length, device=encoded.device)
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -769,7 +768,7 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         if stm.shape[0] != encoded.shape[0]:
             raise ValueError(f"STM batch {stm.shape[0]} != encoded batch {encoded.shape[0]}: the memory is written "
                              "row by row, so every conversation needs its own STM row (use STMCache.select/cat).")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(encoded.shape[::2][:1]) + (encoded.shape[2],):
+        if attention_mask is not None and tuple(attention_mask.shape) != (encoded.shape[0], encoded.shape[2]):
             raise ValueError(f"attention_mask must be [batch, tokens] = {[encoded.shape[0], encoded.shape[2]]}, "
                              f"got {list(attention_mask.shape)}")
 

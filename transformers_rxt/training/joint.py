@@ -29,7 +29,14 @@ from transformers import TrainingArguments
 
 from ..data.collators import DataCollatorForRxTDecoder, DataCollatorForRxTMLM
 from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
-from .utils import RxTStageModule, RxTStageTrainer, load_mlm_head, load_rxt_model, masked_token_accuracy
+from .utils import (
+    RxTStageModule,
+    RxTStageTrainer,
+    load_mlm_head,
+    load_rxt_model,
+    masked_token_accuracy,
+    resolve_stage_args,
+)
 
 __all__ = ["JointLMConfig", "JointLMModule", "JointLMTrainer"]
 
@@ -172,9 +179,7 @@ class JointLMTrainer(RxTStageTrainer):
         mlm_head: RxTMLMHead | None = None,
         **kwargs: Any,
     ):
-        args = args if args is not None else JointLMConfig(output_dir="rxt-output-joint")
-        if not isinstance(args, JointLMConfig):
-            raise TypeError(f"args must be a JointLMConfig, got {type(args).__name__}")
+        args = resolve_stage_args(args, JointLMConfig, "rxt-output-joint")
         if isinstance(model, (str, os.PathLike)):
             path = model
             model = load_rxt_model(path)

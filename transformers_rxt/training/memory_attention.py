@@ -52,9 +52,16 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ..data.collators import DataCollatorForRxTEpisodes
 from ..modeling_rxt import RxTForConversationalGeneration
-from .utils import RxTStageModule, RxTStageTrainer, cosine, load_rxt_model, set_component_trainable
+from .utils import (
+    RxTStageModule,
+    RxTStageTrainer,
+    cosine,
+    episode_collator,
+    load_rxt_model,
+    resolve_stage_args,
+    set_component_trainable,
+)
 
 __all__ = ["MemoryAttentionConfig", "MemoryAttentionModule", "MemoryAttentionTrainer", "segment_pooling"]
 
@@ -256,16 +263,10 @@ class MemoryAttentionTrainer(RxTStageTrainer):
         processing_class: Any = None,
         **kwargs: Any,
     ):
-        args = args if args is not None else MemoryAttentionConfig(output_dir="rxt-output-memattn")
-        if not isinstance(args, MemoryAttentionConfig):
-            raise TypeError(f"args must be a MemoryAttentionConfig, got {type(args).__name__}")
+        args = resolve_stage_args(args, MemoryAttentionConfig, "rxt-output-memattn")
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
-        if data_collator is None:
-            if processing_class is not None:
-                data_collator = DataCollatorForRxTEpisodes.from_tokenizer(processing_class)
-            else:
-                data_collator = DataCollatorForRxTEpisodes(pad_token_id=model.config.pad_token_id)
+        data_collator = episode_collator(data_collator, processing_class, model)
         super().__init__(
             model=MemoryAttentionModule(model, args),
             args=args,

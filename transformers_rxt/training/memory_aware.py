@@ -33,14 +33,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ..data.collators import DataCollatorForRxTEpisodes
 from ..modeling_rxt import RxTForConversationalGeneration
 from .utils import (
     COMPONENTS,
     RxTStageModule,
     RxTStageTrainer,
     component_of,
+    episode_collator,
     load_rxt_model,
+    resolve_stage_args,
     set_component_trainable,
 )
 
@@ -219,16 +220,10 @@ class MemoryAwareTrainer(RxTStageTrainer):
         callbacks: list | None = None,
         **kwargs: Any,
     ):
-        args = args if args is not None else MemoryAwareConfig(output_dir="rxt-output-smat")
-        if not isinstance(args, MemoryAwareConfig):
-            raise TypeError(f"args must be a MemoryAwareConfig, got {type(args).__name__}")
+        args = resolve_stage_args(args, MemoryAwareConfig, "rxt-output-smat")
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
-        if data_collator is None:
-            if processing_class is not None:
-                data_collator = DataCollatorForRxTEpisodes.from_tokenizer(processing_class)
-            else:
-                data_collator = DataCollatorForRxTEpisodes(pad_token_id=model.config.pad_token_id)
+        data_collator = episode_collator(data_collator, processing_class, model)
         module = MemoryAwareModule(model, args)
         # Components that are never trained are frozen for good (also under DDP, before wrapping).
         never = set(COMPONENTS) - args.trainable_components(step=10**18, epoch=float("inf"))

@@ -77,6 +77,25 @@ def masked_token_accuracy(logits: torch.Tensor, labels: torch.Tensor, shift: boo
     return (logits.argmax(-1)[keep] == labels[keep]).float().mean()
 
 
+def resolve_stage_args(args: Any, config_class: type, default_output_dir: str) -> Any:
+    """The stage's config: `args`, or a default one; refuses another stage's config with a clear error."""
+    args = args if args is not None else config_class(output_dir=default_output_dir)
+    if not isinstance(args, config_class):
+        raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
+    return args
+
+
+def episode_collator(data_collator: Any, processing_class: Any, model: RxTForConversationalGeneration) -> Any:
+    """The given collator, else a multi-turn episode collator for the tokenizer (or the model's pad id)."""
+    from ..data.collators import DataCollatorForRxTEpisodes
+
+    if data_collator is not None:
+        return data_collator
+    if processing_class is not None:
+        return DataCollatorForRxTEpisodes.from_tokenizer(processing_class)
+    return DataCollatorForRxTEpisodes(pad_token_id=model.config.pad_token_id)
+
+
 def load_rxt_model(path: str | os.PathLike, **kwargs: Any) -> RxTForConversationalGeneration:
     """Load a stage output (or any RxT model directory / Hub id) for further training (train mode)."""
     return RxTForConversationalGeneration.from_pretrained(path, **kwargs).train()
