@@ -233,3 +233,21 @@ def test_dmpo_accepted_answer_not_in_memory_while_scoring(tmp_path):
     assert torch.equal(s_a["rejected_"][:, :2], s_b["rejected_"][:, :2])
     assert not torch.equal(s_a["rejected_"][0, 2], s_b["rejected_"][0, 2])  # written after scoring turn 1
     assert out["loss"].isfinite()
+
+
+def test_dmpo_rpo_term_adds_alpha_times_accepted_nll(tmp_path):
+    model = tiny_model()
+    ds = dmpo_dataset(2)
+    losses = {}
+    for alpha in (None, 0.5):
+        trainer = DMPOTrainer(model, DMPOConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1, rpo_alpha=alpha),
+                              train_dataset=ds)
+        batch = DataCollatorForDMPO(trainer.data_collator.episodes)([ds[0], ds[1]])
+        inputs = trainer.prepare_stage_inputs(dict(batch), torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            losses[alpha] = trainer.model(**dict(inputs))
+            scores = _episode_scores(trainer.model.rxt, batch, inputs["init_memory"], [""], True)[""]
+    valid = batch["turn_mask"].float()
+    nll = -(scores * valid).sum() / valid.sum()
+    assert losses[0.5]["nll_accepted"] == pytest.approx(float(nll), abs=1e-5)
+    assert float(losses[0.5]["loss"]) == pytest.approx(float(losses[None]["loss"]) + 0.5 * float(nll), abs=1e-5)

@@ -87,6 +87,9 @@ def main() -> None:
         result = evaluate_memory_retention(trainer.model.rxt, tokenizer, dialogues,
                                            batch_size=model_args.retention_batch_size)
         result["eval_time_s"] = round(time.time() - eval_started, 1)
+        result["model"] = os.path.abspath(args.output_dir)
+        result["dialogues"] = {"count": model_args.retention_dialogues, "max_distance": model_args.retention_max_distance,
+                               "seed": data.corpus_seed + 2, "split": "heldout"}
         with open(os.path.join(args.output_dir, "memory_retention.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("[stage4] memory retention on held-out dialogues (fact accuracy per distance):")

@@ -32,6 +32,8 @@ class ModelArguments:
     retention_max_distance: int = field(default=4, metadata={"help": "Longest fact-question distance."})
     reward_eval_batches: int = field(default=8, metadata={"help": "Held-out batches for the reward evaluation."})
     num_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = leave as is)."})
+    fact_reward_weight: float = field(default=0.0, metadata={
+        "help": "IMPO: weight of the fact-recall reward (synthetic corpus; 0 = TensorBLEU/cosine only)."})
 
 
 def evaluate(trainer, model_args, data, tokenizer, heldout_tok):
@@ -79,7 +81,13 @@ def main() -> None:
         else:
             train = tokenize_mrl_dataset(train_raw, tokenizer, data.max_length, truncation=True)
             heldout = tokenize_mrl_dataset(heldout_raw, tokenizer, data.max_length, truncation=True)
-            trainer = IMPOTrainer(model_args.init_from, args, train_dataset=train, processing_class=tokenizer)
+            reward_funcs = []
+            if model_args.fact_reward_weight:
+                from transformers_rxt.data import fact_recall_reward
+
+                reward_funcs, args.reward_weights = [fact_recall_reward], [model_args.fact_reward_weight]
+            trainer = IMPOTrainer(model_args.init_from, args, train_dataset=train, processing_class=tokenizer,
+                                  reward_funcs=reward_funcs)
     results = {}
     if model_args.retention_dialogues and trainer.is_world_process_zero():
         results["before"] = evaluate(trainer, model_args, data, tokenizer, heldout)

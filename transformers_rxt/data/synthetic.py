@@ -53,6 +53,7 @@ __all__ = [
     "dialogue_turns",
     "iter_probes",
     "fact_key_correct",
+    "fact_recall_reward",
     "score_fact_accuracy",
     "score_dialogue_answers",
     "format_accuracy_table",
@@ -506,6 +507,41 @@ def fact_key_correct(prediction: str, expected: str, kind: str | None = None) ->
         return True
     rivals = {v.lower() for v in FACT_KINDS.get(kind, ())} - {target}
     return not (words & rivals)
+
+
+def _question_kind(query: str) -> str | None:
+    """The fact kind a recall question asks about (``None`` for any other query)."""
+    for kind, pattern in _QUESTION_PATTERNS.items():
+        if pattern.search(query):
+            return kind
+    return None
+
+
+_QUESTION_PATTERNS = {
+    kind: re.compile(re.escape(t).replace(re.escape("{p}"), r"\w+").replace(re.escape("{o}"), r"\w+"), re.I)
+    for kind, t in _QUESTIONS.items()
+}
+
+
+def fact_recall_reward(
+    prompts: Sequence[str], completions: Sequence[str], references: Sequence[str], **kwargs: Any
+) -> list[float | None]:
+    """A TRL-style reward function for the synthetic corpus: 1.0 when the answer to a recall question names
+    the right value (:func:`fact_key_correct`, the value read from the reference answer), 0.0 when it does
+    not, ``None`` for turns that are not recall questions (TRL's convention for "does not apply").
+
+    Used as ``IMPOTrainer(..., reward_funcs=[fact_recall_reward])``: BLEU against the reference barely moves
+    when only the one key word is wrong, this reward moves by 1.
+    """
+    out: list[float | None] = []
+    for prompt, completion, reference in zip(prompts, completions, references):
+        kind = _question_kind(prompt)
+        values = set(_WORD.findall(reference.lower())) & {v.lower() for v in FACT_KINDS.get(kind, ())}
+        if kind is None or len(values) != 1:
+            out.append(None)
+            continue
+        out.append(float(fact_key_correct(completion, values.pop(), kind)))
+    return out
 
 
 def _normalise(text: str) -> str:

@@ -46,6 +46,9 @@ class DMPOConfig(TrainingArguments):
     label_smoothing: float = 0.0
     use_anchored: bool = False
     anchor_weight: float = 0.1
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "TRL's RPO term: add rpo_alpha x the NLL of the accepted answers (per token), which keeps DPO "
+                "from lowering the likelihood of the accepted answers along with the rejected ones."})
     train_only_decoder: bool = field(default=False, metadata={"help": "Do not train encoder/memory attention."})
     remove_unused_columns: bool = False
 
@@ -105,6 +108,10 @@ class DMPOModule(RxTStageModule):
                            a.label_smoothing)
         loss = (losses * valid).sum() / valid.sum().clamp(min=1)
         out = {}
+        if a.rpo_alpha:
+            nll = -(pi[""] * valid).sum() / valid.sum().clamp(min=1)
+            loss = loss + a.rpo_alpha * nll
+            out["nll_accepted"] = nll.detach()
         if a.use_anchored:
             anchor = ((pi["neutral_"] - ref_scores["neutral_"]).abs() * valid).sum() / valid.sum().clamp(min=1)
             loss = loss + a.anchor_weight * anchor

@@ -1,0 +1,163 @@
+"""The main job's pieces (issue 9): `rxt train` on the micro preset end to end (every stage, the retention
+check, the Hub-ready directory), resuming, `rxt chat --script`, `rxt eval-memory`, `rxt bench`, and the
+errors of the curriculum runner."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from transformers_rxt.cli import build_parser, main
+from transformers_rxt.curriculum import STAGES, latest_checkpoint, parse_stages, run_curriculum
+from transformers_rxt.data import fact_recall_reward
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """One micro curriculum (stages 0-5 + retention check + Hub-ready dir), shared by the tests below."""
+    out = tmp_path_factory.mktemp("micro")
+    threads = torch.get_num_threads()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # same dialogues as the micro stage-4 check: 16, distances <= 8
+            code = main(["train", "--preset", "micro", "--output", str(out), "--eval-dialogues", "16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, log.getvalue()
+    micro_log[str(out)] = log.getvalue()
+    return out
+
+
+micro_log: dict = {}
+
+
+def test_micro_curriculum_runs_every_stage(micro_run):
+    for stage in STAGES:
+        report = json.loads((micro_run / f"stage{stage.number}" / "stage_report.json").read_text())
+        assert report["stage"].startswith(f"stage{stage.number}")
+    assert json.loads((micro_run / "stage5" / "stage5_eval.json").read_text()).keys() == {"before", "after"}
+    retention = json.loads((micro_run / "memory_retention.json").read_text())
+    assert retention["model"] == str((micro_run / "stage5").resolve())
+    assert retention["memory"]["n"] == retention["reset"]["n"] > 0
+    assert set(retention["memory"]["per_distance"]) <= {str(d) for d in range(1, 9)}
+    log = micro_log[str(micro_run)]
+    for stage in STAGES:
+        assert f"[rxt train] stage {stage.number} (" in log
+    assert "the same dialogues before and after stage5" in log  # stage 4 vs stage 5 on identical dialogues
+    assert "Hub-ready model directory" in log
+
+
+def test_hub_ready_directory_loads_and_carries_the_card(micro_run):
+    hub = micro_run / "hub"
+    card = (hub / "README.md").read_text()
+    assert "raml-v1.0" in card and "gated" in card.lower()
+    stages = [r["stage"] for r in json.loads((hub / "rxt_training_stages.json").read_text())]
+    assert stages == ["joint-pretraining", "joint-sft", "memory-attention-pretraining", "supervised-memory-aware",
+                      "mrl"]
+    model = AutoModelForCausalLM.from_pretrained(str(hub), trust_remote_code=True)
+    final = AutoModelForCausalLM.from_pretrained(str(micro_run / "stage5"), trust_remote_code=True)
+    for (name, a), b in zip(model.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rerun_skips_completed_stages(micro_run, capsys):
+    assert main(["train", "--preset", "micro", "--output", str(micro_run), "--eval-dialogues", "16",
+                 "--no-hub"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("already complete") == len(STAGES)
+    assert "memory retention of" not in log  # the saved result of the same model and dialogues is reused
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(micro_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(micro_run, out, ignore=shutil.ignore_patterns("stage5", "hub"))
+    (out / "stage4" / "stage_report.json").unlink()  # stage 4 "stopped" after its checkpoint
+    checkpoint = latest_checkpoint(out / "stage4")
+    assert checkpoint is not None and checkpoint.name == "checkpoint-12"
+    reports = run_curriculum("micro", out, "4")
+    assert f"resuming from {checkpoint.name}" in capsys.readouterr().out
+    assert reports[0]["steps"] == 12 and not reports[0]["skipped"]
+
+
+def test_chat_script_streams_and_updates_memory(micro_run, tmp_path, capsys):
+    script = tmp_path / "chat.txt"
+    script.write_text("Mia has a pink kite.\n\nWhat colour is Mia's kite?\n")
+    memory_file = tmp_path / "stm.safetensors"
+    assert main(["chat", str(micro_run / "hub"), "--script", str(script), "--greedy", "--max-new-tokens", "6",
+                 "--save-memory", str(memory_file)]) == 0
+    log = capsys.readouterr().out
+    assert "> Mia has a pink kite." in log and "> What colour is Mia's kite?" in log
+    assert log.count("[memory updated") == 2
+    assert memory_file.is_file()
+
+
+def test_eval_memory_command_writes_json(micro_run, tmp_path, capsys):
+    target = tmp_path / "ret.json"
+    assert main(["eval-memory", str(micro_run / "stage5"), "--dialogues", "6", "--max-distance", "2",
+                 "--output", str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert result["dialogues"] == {"count": 6, "max_distance": 2, "seed": 2, "split": "heldout"}
+    assert "memory" in capsys.readouterr().out
+
+
+def test_bench_command_runs_a_benchmark(capsys):
+    assert main(["bench", "tensorbleu", "--batches", "4", "--lengths", "16", "--repeats", "1",
+                 "--no-sacrebleu"]) == 0
+    assert "TensorBLEU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, expected", [("0-5", [0, 1, 2, 3, 4, 5]), ("4,5", [4, 5]), ("1-2,4", [1, 2, 4]),
+                                            (None, [0, 1, 2, 3, 4, 5]), ([5, 3], [3, 5])])
+def test_parse_stages(spec, expected):
+    assert parse_stages(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["6", "3-1", "one", ""])
+def test_parse_stages_rejects_bad_specs(spec):
+    with pytest.raises(ValueError, match="stages"):
+        parse_stages(spec)
+
+
+def test_curriculum_errors_name_the_fix(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny"):
+        run_curriculum("huge", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"run the earlier stages first \(--stages 0-4\)"):
+        run_curriculum("micro", tmp_path, "4")
+    with pytest.raises(FileNotFoundError, match="stage-0 tokenizer"):
+        run_curriculum("micro", tmp_path, "1")
+    with pytest.raises(ValueError, match="no configuration for stage"):
+        run_curriculum("mini", tmp_path, "5")
+    assert main(["train", "--preset", "huge", "--output", str(tmp_path)]) == 2
+    assert "rxt train: error: unknown preset" in capsys.readouterr().err
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "chat", "eval-memory", "convert-rxlm", "push", "bench"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.format_help().strip(), name
+
+
+def test_fact_recall_reward():
+    rewards = fact_recall_reward(
+        prompts=["What colour is Anna's kite?", "What colour is Anna's kite?", "Hello!", "How many cups does Ben have?"],
+        completions=["Anna's kite is red.", "Anna's kite is red or blue.", "Hi.", "Ben has 3 cups."],
+        references=["Anna's kite is red.", "Anna's kite is red.", "Hello! How can I help you?", "Ben has 4 cups."])
+    assert rewards == [1.0, 0.0, None, 0.0]
+
+
+def test_impo_dmpo_example_runs(micro_run, tmp_path, capsys, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "impo_dmpo.py"
+    monkeypatch.setattr("sys.argv", [str(script), str(micro_run / "stage4"), "--steps", "1",
+                                     "--output", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    log = capsys.readouterr().out
+    assert "IMPO: held-out recall" in log and "DMPO: held-out recall" in log
