@@ -129,8 +129,11 @@ def test_curriculum_errors_name_the_fix(tmp_path, capsys):
         run_curriculum("micro", tmp_path, "4")
     with pytest.raises(FileNotFoundError, match="stage-0 tokenizer"):
         run_curriculum("micro", tmp_path, "1")
-    with pytest.raises(ValueError, match="no configuration for stage"):
-        run_curriculum("mini", tmp_path, "5")
+    partial = tmp_path / "partial-preset"
+    partial.mkdir()
+    (partial / "stage0.yaml").write_text("vocab_size: 300\n")
+    with pytest.raises(ValueError, match=r"no configuration for stage\(s\) \[5\]"):
+        run_curriculum(str(partial), tmp_path / "out", "0,5")
     assert main(["train", "--preset", "huge", "--output", str(tmp_path)]) == 2
     assert "rxt train: error: unknown preset" in capsys.readouterr().err
 

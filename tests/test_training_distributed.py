@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
-from transformers_rxt.data import pretraining_texts, sft_pairs
+from transformers_rxt.data import memory_dialogues, pretraining_texts, sft_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -74,3 +74,22 @@ def test_stages_1_and_4_complete_on_two_processes(tmp_path):
     assert report["world_size"] == 2 and report["steps"] == 2
     assert "loss_turn_1" in report["last_log"]
     RxTForConversationalGeneration.from_pretrained(tmp_path / "stage4")  # a loadable HF model directory
+
+    # stage 5 from the mini (realistic) presets, with the Hub dataset replaced by a local file in the same format
+    # (records without recall probes, as on the Hub): IMPO, then DMPO, each two updates on two processes.
+    episodes = tmp_path / "mrl.jsonl"
+    with episodes.open("w") as fh:
+        for record in memory_dialogues(16, max_distance=2, num_turns=3):
+            fh.write(json.dumps({k: record[k] for k in ("query", "answer", "interactions")}) + "\n")
+    stage5 = ["--init_from", str(tmp_path / "stage4"), "--dataset", str(episodes), "--max_length", "64",
+              "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
+              "--save_strategy", "no", *common]
+    launch("stage5_impo.py", tmp_path, "--config", "trainers/configs/mini/stage5.yaml", "--output_dir",
+           str(tmp_path / "stage5"), "--num_generations", "2", "--max_completion_length", "8",
+           *stage5)
+    report = json.loads((tmp_path / "stage5" / "stage_report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2 and report["stage"] == "stage5_impo"
+    launch("stage5_impo.py", tmp_path, "--config", "trainers/configs/mini/stage5_dmpo.yaml", "--algorithm", "dmpo",
+           "--output_dir", str(tmp_path / "stage5_dmpo"), *stage5)
+    report = json.loads((tmp_path / "stage5_dmpo" / "stage_report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2 and "dpo_loss" in report["last_log"]

@@ -56,6 +56,34 @@ def cap(ds, n: int | None):
     return ds.select(range(n))
 
 
+def mrl_records(data: DataArguments, heldout: bool = False, num_turns: int | None = None):
+    """Untokenized MRL episodes: synthetic dialogues (``heldout``: held-out facts, another seed) or the
+    ``dataset_split`` / ``eval_split`` of a local or Hub MRL dataset (None when no eval split is set)."""
+    from transformers_rxt.data import build_memory_dialogues, load_mrl_dataset
+
+    if data.dataset == SYNTHETIC:
+        n = data.eval_samples if heldout else data.num_samples
+        if heldout and not n:
+            return None
+        return build_memory_dialogues(n, data.max_distance, data.corpus_seed + int(heldout),
+                                      "heldout" if heldout else "train", fact_rate=data.fact_rate,
+                                      probe_rate=data.probe_rate, num_turns=num_turns or data.num_turns)
+    split = data.eval_split if heldout else data.dataset_split
+    if split is None:
+        return None
+    records = load_mrl_dataset(data.dataset, subset=data.dataset_subset, split=split)
+    return cap(records, data.eval_samples if heldout else data.num_samples)
+
+
+def episode_datasets(data: DataArguments, tokenizer, num_turns: int | None = None):
+    """Tokenized train/eval episode datasets (``turn_input_ids``/``turn_labels``) of :func:`mrl_records`."""
+    from transformers_rxt.data import tokenize_mrl_dataset
+
+    train, evals = mrl_records(data, False, num_turns), mrl_records(data, True, num_turns)
+    return tuple(tokenize_mrl_dataset(ds, tokenizer, data.max_length, truncation=True) if ds is not None else None
+                 for ds in (train, evals))
+
+
 def load_tokenizer(path: str):
     from transformers_rxt import load_rxt_tokenizer
 

@@ -13,34 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common import SYNTHETIC, DataArguments, cap, load_tokenizer, parse, stage_report
+from common import DataArguments, episode_datasets, load_tokenizer, parse, stage_report
 
 
 @dataclass
 class ModelArguments:
     init_from: str = field(default="outputs/tiny/stage2", metadata={"help": "Previous stage's output."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer dir (default: init_from)."})
-
-
-def episode_datasets(data: DataArguments, tokenizer):
-    """Tokenized train/eval episode datasets (``turn_input_ids``/``turn_labels``)."""
-    from transformers_rxt.data import build_memory_dialogues, load_mrl_dataset, tokenize_mrl_dataset
-
-    if data.dataset == SYNTHETIC:
-        rates = {"fact_rate": data.fact_rate, "probe_rate": data.probe_rate, "num_turns": data.num_turns}
-        train = build_memory_dialogues(data.num_samples, data.max_distance, data.corpus_seed, "train", **rates)
-        evals = (build_memory_dialogues(data.eval_samples, data.max_distance, data.corpus_seed + 1, "heldout",
-                                        **rates) if data.eval_samples else None)
-    else:
-        train = cap(load_mrl_dataset(data.dataset, subset=data.dataset_subset, split=data.dataset_split),
-                    data.num_samples)
-        evals = (cap(load_mrl_dataset(data.dataset, subset=data.dataset_subset, split=data.eval_split),
-                     data.eval_samples) if data.eval_split else None)
-
-    def tokenize(ds):
-        return tokenize_mrl_dataset(ds, tokenizer, data.max_length, truncation=True)
-
-    return tokenize(train), (tokenize(evals) if evals is not None else None)
 
 
 def main() -> None:

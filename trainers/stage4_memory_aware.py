@@ -16,8 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from common import SYNTHETIC, DataArguments, load_tokenizer, parse, stage_report
-from stage3_memory_attention import episode_datasets
+from common import SYNTHETIC, DataArguments, episode_datasets, load_tokenizer, parse, stage_report
 
 
 @dataclass

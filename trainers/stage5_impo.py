@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import DataArguments, load_tokenizer, parse, stage_report
+from common import DataArguments, load_tokenizer, mrl_records, parse, stage_report
 
 
 @dataclass
@@ -66,12 +66,10 @@ def main() -> None:
         torch.set_num_threads(model_args.num_threads)
     started = time.time()
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
-    from transformers_rxt.data import build_memory_dialogues, tokenize_mrl_dataset
+    from transformers_rxt.data import tokenize_mrl_dataset
 
     turns = data.num_turns or (getattr(args, "curriculum_steps", 1) + 1)
-    train_raw = build_memory_dialogues(data.num_samples, data.max_distance, seed=data.corpus_seed, num_turns=turns)
-    heldout_raw = build_memory_dialogues(max(data.eval_samples, 64), data.max_distance, seed=data.corpus_seed + 1,
-                                         split="heldout", num_turns=turns)
+    train_raw, heldout_raw = mrl_records(data, False, turns), mrl_records(data, True, turns)
     with args.main_process_first(desc="tokenizing"):
         if algorithm == "dmpo":
             train = tokenize_dmpo_dataset(make_dmpo_records(list(train_raw), seed=data.corpus_seed), tokenizer,
@@ -80,7 +78,8 @@ def main() -> None:
             trainer = DMPOTrainer(model_args.init_from, args, train_dataset=train, processing_class=tokenizer)
         else:
             train = tokenize_mrl_dataset(train_raw, tokenizer, data.max_length, truncation=True)
-            heldout = tokenize_mrl_dataset(heldout_raw, tokenizer, data.max_length, truncation=True)
+            heldout = (tokenize_mrl_dataset(heldout_raw, tokenizer, data.max_length, truncation=True)
+                       if heldout_raw is not None else None)
             reward_funcs = []
             if model_args.fact_reward_weight:
                 from transformers_rxt.data import fact_recall_reward
