@@ -251,3 +251,52 @@ def test_dmpo_rpo_term_adds_alpha_times_accepted_nll(tmp_path):
     nll = -(scores * valid).sum() / valid.sum()
     assert losses[0.5]["nll_accepted"] == pytest.approx(float(nll), abs=1e-5)
     assert float(losses[0.5]["loss"]) == pytest.approx(float(losses[None]["loss"]) + 0.5 * float(nll), abs=1e-5)
+
+
+def test_group_advantages_compare_the_samples_of_one_episode(tmp_path):
+    model = tiny_model()
+    args = impo_args(tmp_path, advantage_estimator="group", num_generations=4, random_resets_ratio=0.0)
+    trainer = IMPOTrainer(model, args, train_dataset=episodes(4))
+    batch = trainer.data_collator([episodes(4)[i] for i in range(2)])
+    out = trainer.collect_rollout(batch)
+    for step in out["steps"]:
+        assert step["advantages"].shape == (8,)  # 2 episodes x 4 samples
+        per_episode = step["advantages"].view(2, 4).sum(-1)
+        assert torch.allclose(per_episode, torch.zeros(2), atol=1e-5)  # centred within each episode's group
+    # the 4 samples of an episode start from the same memory: a fresh one, then (never reset) the memory the
+    # group's first sample left, although the samples' answers, and so their final memories, differ
+    first = out["steps"][0]["prev_memory"].view(2, 4, *out["steps"][0]["prev_memory"].shape[1:])
+    assert torch.equal(first[:, 0], first[:, 3]) and not torch.equal(first[0, 0], first[1, 0])
+    left = trainer._carried["actor"].clone()
+    assert not torch.equal(left[0], left[1])
+    again = trainer.collect_rollout(batch)
+    assert again["metrics"]["memory_resets"] == 0.0
+    assert torch.equal(again["steps"][0]["prev_memory"], left[::4].repeat_interleave(4, 0))
+
+
+def test_long_range_topic_change_rewards_not_repeating_the_saved_data(tmp_path):
+    trainer = IMPOTrainer(tiny_model(), impo_args(tmp_path, strategy="long_range", advantage_estimator="batch"),
+                          train_dataset=episodes(4))
+    comp = torch.tensor([[11, 12, 13, 3], [20, 21, 22, 3]])
+    saved = torch.tensor([[11, 12, 13, 3], [11, 12, 13, 3]])
+    mask = torch.ones_like(comp)
+    _, plain = trainer._reward(1, comp, mask, comp, mask, saved, mask, negative=False)
+    _, topic_change = trainer._reward(1, comp, mask, comp, mask, saved, mask, negative=True)
+    assert float(plain["bleu_saved"]) > 0
+    assert float(topic_change["bleu_saved"]) == pytest.approx(1 - float(plain["bleu_saved"]))
+
+
+def test_impo_curriculum_driver_runs_its_stages_in_order(tmp_path):
+    from transformers_rxt.training.impo import IMPOStage, exponential_schedule, run_impo_curriculum
+
+    assert [s.steps for s in exponential_schedule(10, longest=8)] == [1, 2, 4, 8]
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stages = [IMPOStage(steps=1, max_steps=1, unfreeze_schedule="0:fetch"),
+              IMPOStage(steps=2, max_steps=1, strategy="long_range", random_resets_ratio=0.0)]
+    results = run_impo_curriculum(model, stages, impo_args(tmp_path), train_dataset=episodes(8),
+                                  output_dir=str(tmp_path / "curriculum"))
+    assert [(r["stage"], r["steps"]) for r in results] == [(0, 1), (1, 2)]
+    assert "reward_step1" in results[0] and "reward_step2" in results[1] and "reward_step2" not in results[0]
+    assert (tmp_path / "curriculum" / "stage1_steps2" / "config.json").is_file()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -489,16 +489,24 @@ class IMPOTrainer(RxTStageTrainer):
         return self.accelerator.unwrap_model(self.model).critic
 
     def _initial_memories(self, batch: int, generator: torch.Generator, train: bool):
-        actor = self._actor()
-        fresh = actor.init_memory(batch, generator=generator).memory
-        reset = torch.ones(batch, dtype=torch.bool, device=fresh.device)
+        """Actor and reference memories at the start of a batch's episodes, and which rows were reset.
+
+        The ``num_generations`` samples of one episode share one starting memory (a fresh one, or the memory the
+        group's first sample left in the previous batch), so the group baseline compares answers read from the
+        same memory."""
+        actor, group = self._actor(), self.args.num_generations
+        episodes = batch // group
+        fresh = actor.init_memory(episodes, generator=generator).memory.repeat_interleave(group, 0)
+        reset = torch.ones(episodes, dtype=torch.bool, device=fresh.device)
         if train and self._carried is not None and self._carried["actor"].shape[0] == batch \
                 and self.args.random_resets_ratio < 1.0:
-            reset = torch.rand(batch, generator=generator, device=fresh.device) < self.args.random_resets_ratio
-        sel = reset[:, None, None, None]
+            reset = torch.rand(episodes, generator=generator, device=fresh.device) < self.args.random_resets_ratio
+        reset = reset.repeat_interleave(group)
         if bool(reset.all()):
             return fresh, fresh.clone(), reset
-        return (torch.where(sel, fresh, self._carried["actor"]), torch.where(sel, fresh, self._carried["ref"]), reset)
+        sel = reset[:, None, None, None]
+        carried = {k: v[::group].repeat_interleave(group, 0) for k, v in self._carried.items()}
+        return torch.where(sel, fresh, carried["actor"]), torch.where(sel, fresh, carried["ref"]), reset
 
     def _reward(self, step: int, comp, cmask, ref_ids, ref_mask, saved_ids, saved_mask, negative: bool):
         a = self.args
