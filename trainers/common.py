@@ -43,10 +43,17 @@ class DataArguments:
 
 
 def parse(*dataclass_types):
-    """Parse ``--config file.yaml`` plus command-line overrides into the given dataclasses (TRL's parser)."""
+    """Parse ``--config file.yaml`` plus command-line overrides into the given dataclasses (TRL's parser), then
+    seed python/numpy/torch from the training arguments' ``seed``: models and heads are built before the Trainer
+    (which seeds only in its own ``__init__``), and their initial weights must not depend on what ran before."""
+    from transformers import TrainingArguments, set_seed
     from trl import TrlParser
 
-    return TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
+    parsed = TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
+    seeds = [p.seed for p in parsed if isinstance(p, TrainingArguments)]
+    if seeds:
+        set_seed(seeds[0])
+    return parsed
 
 
 def cap(ds, n: int | None):
