@@ -1,8 +1,11 @@
-"""Convert the reference (rxlm) checkpoint fixture, converse with it, and watch the memory change.
+"""Convert a reference (rxlm) checkpoint, converse with it, and watch the memory change.
 
-A placeholder main job until the full curriculum run lands: the fixture model has random weights (it exists
-to check numerical parity), so its answers are gibberish; what this shows is the machinery — rxlm loading,
-remote-code loading, stateful generation with the memory update in the background, and STM save/restore.
+    python examples/rxlm_checkpoint_demo.py [RXLM_CHECKPOINT_DIR]   # default: the parity fixture in ../shared
+
+The fixture model has random weights (it exists to check numerical parity), so its answers are gibberish; what
+this shows is the machinery: rxlm loading, remote-code loading, stateful generation with the memory update in
+the background, and STM save/restore. For a model that has learnt something, run the main job
+(`bash scripts/run_main.sh`) and `rxt chat outputs/main/hub`.
 """
 
 from __future__ import annotations
