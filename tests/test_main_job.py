@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from transformers_rxt.cli import build_parser, main
-from transformers_rxt.curriculum import STAGES, latest_checkpoint, parse_stages, run_curriculum
+from transformers_rxt.curriculum import STAGES, CurriculumError, latest_checkpoint, parse_stages, run_curriculum
 from transformers_rxt.data import fact_recall_reward
 
 
@@ -180,3 +180,32 @@ def test_training_is_reproducible(tmp_path):
         torch.set_num_threads(threads)
     a, b = (load_file(tmp_path / run / "stage1" / "model.safetensors") for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_launcher_runs_training_stages_as_subprocesses(tmp_path, capsys):
+    """`--launcher` (e.g. "accelerate launch ...") runs stages 1-5 as commands; a plain python stands in here."""
+    import sys
+
+    reports = run_curriculum("micro", tmp_path, "0-1", launcher=sys.executable,
+                             extra_args=["--max_steps", "2", "--disable_tqdm", "true"])
+    assert [r["stage"] for r in reports] == ["stage0", "stage1"]
+    assert reports[1]["steps"] == 2  # the extra arguments reached the subprocess
+    with pytest.raises(CurriculumError, match="stage1_joint_pretrain.py --config .* failed with exit status"):
+        run_curriculum("micro", tmp_path / "bad", "0-1", launcher=sys.executable, extra_args=["--no_such_option"])
+
+
+def test_scripts_are_found_in_a_wheel_install_layout(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from transformers_rxt.curriculum import find_source_dir
+
+    shared = tmp_path / "share" / "transformers-rxt" / "benchmarks"
+    shared.mkdir(parents=True)
+    (shared / "bench_only_in_wheel.py").write_text("")
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert find_source_dir("benchmarks", "bench_only_in_wheel.py") == shared.resolve()
+    checkout = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert find_source_dir("benchmarks", "bench_tensorbleu.py") == checkout  # the checkout's copy wins
+    with pytest.raises(FileNotFoundError, match="RXT_TRAINERS_DIR.*--trainers-dir"):
+        find_source_dir("trainers", "no_such_stage.py")

@@ -239,12 +239,10 @@ def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, pre
 
 def _bench(args: argparse.Namespace) -> int:
     import runpy
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{args.benchmark}.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: the benchmarks ship with the source checkout "
-                                "(run `rxt bench` from a package installed with pip install -e .)")
+    from .curriculum import find_source_dir
+
+    script = find_source_dir("benchmarks", f"bench_{args.benchmark}.py") / f"bench_{args.benchmark}.py"
     saved = sys.argv[:]
     sys.argv = [str(script), *[a for a in args.bench_args if a != "--"]]
     try:

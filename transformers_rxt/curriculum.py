@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CurriculumError", "STAGES", "Stage", "find_trainers_dir", "parse_stages", "latest_checkpoint",
+__all__ = ["CurriculumError", "STAGES", "Stage", "find_source_dir", "find_trainers_dir", "parse_stages", "latest_checkpoint",
            "run_curriculum", "stage_dir", "final_stage_dir"]
 
 
@@ -63,18 +63,24 @@ DMPO_CONFIG = "stage5_dmpo.yaml"
 REPORT_FILE = "stage_report.json"
 
 
-def find_trainers_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The ``trainers/`` folder: ``explicit``, ``$RXT_TRAINERS_DIR``, the source checkout this package was
-    installed from, or ``./trainers``."""
-    candidates = [explicit, os.environ.get("RXT_TRAINERS_DIR"), Path(__file__).resolve().parents[1] / "trainers",
-                  Path.cwd() / "trainers"]
+def find_source_dir(name: str, marker: str, explicit: str | os.PathLike | None = None) -> Path:
+    """A folder of scripts that ships beside the library (``trainers``, ``benchmarks``): ``explicit``,
+    ``$RXT_<NAME>_DIR``, the source checkout this package runs from, the copy a wheel install puts under
+    ``<prefix>/share/transformers-rxt/``, or ``./<name>``; the first that holds ``marker``."""
+    candidates = [explicit, os.environ.get(f"RXT_{name.upper()}_DIR"), Path(__file__).resolve().parents[1] / name,
+                  Path(sys.prefix) / "share" / "transformers-rxt" / name, Path.cwd() / name]
     for candidate in candidates:
-        if candidate and (Path(candidate) / STAGES[1].script).is_file():
+        if candidate and (Path(candidate) / marker).is_file():
             return Path(candidate).resolve()
     raise FileNotFoundError(
-        "cannot find the stage scripts (trainers/stage1_joint_pretrain.py): `rxt train` runs the trainers/ folder "
-        "of a source checkout. Run it from a clone of transformers-rxt, install the package from one "
-        "(pip install -e .), or pass --trainers-dir / set RXT_TRAINERS_DIR.")
+        f"cannot find the {name}/ folder (with {marker}): it ships with the source checkout and, for wheel installs, "
+        f"under {Path(sys.prefix) / 'share' / 'transformers-rxt'}. Point RXT_{name.upper()}_DIR at a copy"
+        + (" or pass --trainers-dir." if name == "trainers" else "."))
+
+
+def find_trainers_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The ``trainers/`` folder of stage scripts and presets (see :func:`find_source_dir`)."""
+    return find_source_dir("trainers", STAGES[1].script, explicit)
 
 
 def parse_stages(spec: str | Sequence[int] | None) -> list[int]:
