@@ -28,10 +28,10 @@ trained=$(date +%s)
 echo
 echo "[main] a conversation with the trained model (greedy decoding; each turn reads only the new message,"
 echo "       the memory update runs after the answer):"
-"$RXT" chat "$OUT/hub" --script examples/chat_scripts/memory_recall.txt --greedy --max-new-tokens 24
+"$RXT" chat "$OUT/hub" --script examples/chat_scripts/memory_recall.txt --greedy --max-new-tokens 24 --seed 0
 echo
 echo "[main] the same questions to a fresh memory (no conversation before them):"
-"$RXT" chat "$OUT/hub" --script examples/chat_scripts/question_only.txt --greedy --max-new-tokens 24
+"$RXT" chat "$OUT/hub" --script examples/chat_scripts/question_only.txt --greedy --max-new-tokens 24 --seed 0
 finished=$(date +%s)
 
 echo

@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-k", type=int, default=50)
     chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None,
+                      help="seed the initial memory and the sampling (the same transcript every run)")
     chat.add_argument("--save-memory", help="save the conversation's STM to FILE at the end")
     chat.set_defaults(func=_chat)
 
