@@ -16,15 +16,15 @@ from transformers_rxt.training import (
     DMPOTrainer,
     IMPOConfig,
     IMPOTrainer,
-    evaluate_memory_retention,
+    evaluate_heldout_retention,
     make_dmpo_records,
     tokenize_dmpo_dataset,
 )
 
 
 def recall(model, tokenizer) -> float:
-    dialogues = build_memory_dialogues(64, max_distance=2, seed=7, split="heldout")
-    return evaluate_memory_retention(model.eval(), tokenizer, dialogues, compute_perplexity=False)["memory"]["accuracy"]
+    result = evaluate_heldout_retention(model.eval(), tokenizer, 64, max_distance=2, seed=7, compute_perplexity=False)
+    return result["memory"]["accuracy"]
 
 
 def main() -> None:

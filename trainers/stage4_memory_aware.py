@@ -74,29 +74,21 @@ def main() -> None:
                                  processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    report = stage_report(trainer, args.output_dir, "stage4", started)
+    stage_report(trainer, args.output_dir, "stage4", started)
 
     if model_args.retention_dialogues and trainer.is_world_process_zero():
-        from transformers_rxt.data import build_memory_dialogues
-        from transformers_rxt.training import evaluate_memory_retention
+        from transformers_rxt.training import evaluate_heldout_retention, format_retention
 
         eval_started = time.time()
-        dialogues = build_memory_dialogues(model_args.retention_dialogues, model_args.retention_max_distance,
-                                           seed=data.corpus_seed + 2, split="heldout")
-        result = evaluate_memory_retention(trainer.model.rxt, tokenizer, dialogues,
-                                           batch_size=model_args.retention_batch_size)
+        result = evaluate_heldout_retention(trainer.model.rxt, tokenizer, model_args.retention_dialogues,
+                                            model_args.retention_max_distance, seed=data.corpus_seed + 2,
+                                            batch_size=model_args.retention_batch_size)
         result["eval_time_s"] = round(time.time() - eval_started, 1)
         result["model"] = os.path.abspath(args.output_dir)
-        result["dialogues"] = {"count": model_args.retention_dialogues, "max_distance": model_args.retention_max_distance,
-                               "seed": data.corpus_seed + 2, "split": "heldout"}
         with open(os.path.join(args.output_dir, "memory_retention.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("[stage4] memory retention on held-out dialogues (fact accuracy per distance):")
-        print(result["table"])
-        if "perplexity" in result:
-            print(f"answer perplexity: memory {result['perplexity']['memory']:.3f}, "
-                  f"reset {result['perplexity']['reset']:.3f}")
-        report["retention_eval_time_s"] = result["eval_time_s"]
+        print(format_retention(result))
     trainer.accelerator.wait_for_everyone()
 
 

@@ -37,14 +37,12 @@ class ModelArguments:
 
 
 def evaluate(trainer, model_args, data, tokenizer, heldout_tok):
-    from transformers_rxt.data import build_memory_dialogues
-    from transformers_rxt.training import evaluate_memory_retention
+    from transformers_rxt.training import evaluate_heldout_retention
 
     rxt = trainer.accelerator.unwrap_model(trainer.model).rxt
     out = {}
-    dialogues = build_memory_dialogues(model_args.retention_dialogues, model_args.retention_max_distance,
-                                       seed=data.corpus_seed + 2, split="heldout")
-    res = evaluate_memory_retention(rxt, tokenizer, dialogues, batch_size=64, compute_perplexity=True)
+    res = evaluate_heldout_retention(rxt, tokenizer, model_args.retention_dialogues,
+                                     model_args.retention_max_distance, seed=data.corpus_seed + 2, batch_size=64)
     out["fact_accuracy"] = {"memory": res["memory"], "reset": res["reset"]}
     out["perplexity"] = res.get("perplexity")
     out["table"] = res["table"]

@@ -94,33 +94,35 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_dialogues(count: int, max_distance: int, seed: int):
-    from .data import build_memory_dialogues
-
-    return build_memory_dialogues(count, max_distance, seed=seed, split="heldout")
-
-
 def _evaluate_memory(model_dir: str, dialogues: int, max_distance: int, seed: int, batch_size: int,
                      teacher_forcing: bool = False) -> dict:
     from .tokenization_rxt import load_rxt_tokenizer
-    from .training import evaluate_memory_retention, load_rxt_model
+    from .training import evaluate_heldout_retention, load_rxt_model
 
-    model = load_rxt_model(model_dir).eval()
-    result = evaluate_memory_retention(model, load_rxt_tokenizer(model_dir),
-                                       _memory_dialogues(dialogues, max_distance, seed), batch_size=batch_size,
-                                       teacher_forcing=teacher_forcing)
+    result = evaluate_heldout_retention(load_rxt_model(model_dir).eval(), load_rxt_tokenizer(model_dir), dialogues,
+                                        max_distance, seed=seed, batch_size=batch_size,
+                                        teacher_forcing=teacher_forcing)
     result["model"] = str(model_dir)
-    result["dialogues"] = {"count": dialogues, "max_distance": max_distance, "seed": seed, "split": "heldout"}
+    return result
+
+
+def _read_retention(path) -> dict:
+    """A saved retention result with its distances as ints again (JSON keeps object keys as strings)."""
+    import json
+
+    result = json.loads(path.read_text())
+    for run in ("memory", "reset"):
+        for key in ("per_distance", "counts"):
+            result[run][key] = {int(d): v for d, v in result[run][key].items()}
     return result
 
 
 def _print_retention(result: dict) -> None:
+    from .training.evaluation import format_retention
+
     print("fact accuracy per distance (turns between the fact and the question), held-out dialogues;")
     print("'memory' carries the STM through the dialogue, 'reset' starts every turn from a fresh STM:")
-    print(result["table"])
-    if "perplexity" in result:
-        ppl = result["perplexity"]
-        print(f"answer perplexity: memory {ppl['memory']:.3f}, reset {ppl['reset']:.3f}")
+    print(format_retention(result))
 
 
 def _eval_memory(args: argparse.Namespace) -> int:
@@ -178,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
     result = None
     if args.eval_dialogues:
         result_file = output / "memory_retention.json"
-        previous = json.loads(result_file.read_text()) if result_file.is_file() else None
+        previous = _read_retention(result_file) if result_file.is_file() else None
         wanted = {"count": args.eval_dialogues, "max_distance": args.eval_max_distance, "seed": 2, "split": "heldout"}
         fresh = any(not r["skipped"] for r in reports)
         if previous and not fresh and previous.get("model") == str(final) and previous.get("dialogues") == wanted:
@@ -202,24 +204,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_stage_comparison(output, final, result: dict) -> None:
     """Stage 4 vs the final model on the same dialogues, when stage 4 measured them (the stage-5 effect)."""
-    import json
-
     from .data.synthetic import format_accuracy_table
 
     stage4 = output / "stage4" / "memory_retention.json"
     if final.name == "stage4" or not stage4.is_file():
         return
-    before = json.loads(stage4.read_text())
+    before = _read_retention(stage4)
     if before.get("dialogues") != result["dialogues"]:
         return
-
-    def by_int(score: dict) -> dict:
-        return {**score, "per_distance": {int(d): v for d, v in score["per_distance"].items()},
-                "counts": {int(d): v for d, v in score["counts"].items()}}
-
     print(f"\n[rxt train] the same dialogues before and after {final.name} (memory carried), and the reset baseline:")
-    print(format_accuracy_table({"stage4": by_int(before["memory"]), final.name: by_int(result["memory"]),
-                                 "reset": by_int(result["reset"])}))
+    print(format_accuracy_table({"stage4": before["memory"], final.name: result["memory"], "reset": result["reset"]}))
 
 
 def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, preset: str) -> None:

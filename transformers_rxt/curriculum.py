@@ -195,7 +195,10 @@ def run_curriculum(
     config_dir = config_dir.resolve()
 
     def config_of(stage: Stage) -> str:
-        return DMPO_CONFIG if stage.number == 5 and algorithm == "dmpo" else stage.config
+        return DMPO_CONFIG if is_dmpo(stage) else stage.config
+
+    def is_dmpo(stage: Stage) -> bool:
+        return stage.number == 5 and algorithm == "dmpo"
 
     available = [s.number for s in STAGES if (config_dir / config_of(s)).is_file()]
     wanted = available if stages is None else parse_stages(stages)
@@ -209,26 +212,25 @@ def run_curriculum(
     for number in wanted:
         stage = STAGES[number]
         out = stage_dir(output_dir, number)
-        title = f"stage {number} ({stage.title}{', DMPO' if number == 5 and algorithm == 'dmpo' else ''})"
+        title = f"stage {number} ({stage.title}{', DMPO' if is_dmpo(stage) else ''})"
         if is_complete(out):
             log(f"[rxt train] {title}: already complete in {out}, skipped")
             reports.append({**json.loads((out / REPORT_FILE).read_text()), "skipped": True})
             continue
-        previous = _previous_output(output_dir, number)
-        argv = _stage_arguments(stage, config_dir / config_of(stage), out, previous)
-        if number == 5 and algorithm == "dmpo":
+        argv = _stage_arguments(stage, config_dir / config_of(stage), out, _previous_output(output_dir, number))
+        if is_dmpo(stage):
             argv += ["--algorithm", "dmpo"]
         checkpoint = latest_checkpoint(out) if number > 0 else None
         if checkpoint is not None:
             argv += ["--resume_from_checkpoint", str(checkpoint)]
-        if number > 0:
-            argv += list(extra_args)
         log(f"[rxt train] {title} -> {out}" + (f" (resuming from {checkpoint.name})" if checkpoint else ""))
         started = time.time()
-        if launcher and number > 0:
-            _run_subprocess(launcher, trainers / stage.script, argv, cwd=trainers.parent)
-        else:
+        if number == 0:  # the tokenizer: nothing to distribute, no training options
             _run_in_process(trainers / stage.script, argv)
+        elif launcher:
+            _run_subprocess(launcher, trainers / stage.script, [*argv, *extra_args], cwd=trainers.parent)
+        else:
+            _run_in_process(trainers / stage.script, [*argv, *extra_args])
         if not is_complete(out):
             raise CurriculumError(f"{stage.script} finished without writing {out / REPORT_FILE}")
         report = json.loads((out / REPORT_FILE).read_text())

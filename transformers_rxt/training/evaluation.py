@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..data.synthetic import dialogue_turns, format_accuracy_table, score_dialogue_answers
+from ..data.synthetic import build_memory_dialogues, dialogue_turns, format_accuracy_table, score_dialogue_answers
 from ..tokenization_rxt import tokenize_interactions, tokenize_prompts
 
-__all__ = ["evaluate_memory_retention"]
+__all__ = ["evaluate_memory_retention", "evaluate_heldout_retention", "format_retention"]
 
 
 def _records(dialogues: Any) -> list[dict[str, Any]]:
@@ -205,3 +205,24 @@ def evaluate_memory_retention(
             )
     result["examples"] = examples
     return result
+
+
+def evaluate_heldout_retention(model, tokenizer, count: int = 512, max_distance: int = 8, seed: int = 2,
+                               **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_memory_retention` on ``count`` held-out synthetic dialogues
+    (``build_memory_dialogues(count, max_distance, seed=seed, split="heldout")``; seed 2 is the one the stage
+    scripts and ``rxt`` use). The result records the dialogues under ``dialogues``, so that two results can be
+    checked to come from the same questions before they are compared."""
+    dialogues = build_memory_dialogues(count, max_distance, seed=seed, split="heldout")
+    result = evaluate_memory_retention(model, tokenizer, dialogues, **kwargs)
+    result["dialogues"] = {"count": count, "max_distance": max_distance, "seed": seed, "split": "heldout"}
+    return result
+
+
+def format_retention(result: Mapping[str, Any]) -> str:
+    """The accuracy table of a retention result, plus the answer perplexities when they were computed."""
+    lines = [result["table"]]
+    if result.get("perplexity"):
+        ppl = result["perplexity"]
+        lines.append(f"answer perplexity: memory {ppl['memory']:.3f}, reset {ppl['reset']:.3f}")
+    return "\n".join(lines)
