@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval_memory)
 
     bench = commands.add_parser(
-        "bench", help="run a benchmark script (inference, tensorbleu, sqa); its --help lists the options",
+        "bench", help="run a benchmark script (inference, tensorbleu, sqa, memory); its --help lists the options",
         description="Runs benchmarks/bench_<name>.py, which prints side-by-side ratios from one run.")
-    bench.add_argument("benchmark", choices=["inference", "tensorbleu", "sqa"])
+    bench.add_argument("benchmark", choices=["inference", "tensorbleu", "sqa", "memory"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark script")
     bench.set_defaults(func=_bench)
 

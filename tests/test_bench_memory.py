@@ -1,0 +1,95 @@
+"""benchmarks/bench_memory.py end to end on a tiny random RxT with a tiny training budget (~25 s of CPU)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxt_factories import tiny_config
+from transformers_rxt import RxTForConversationalGeneration, rxt_token_ids, train_rxt_tokenizer
+from transformers_rxt.data.synthetic import memory_dialogues, pretraining_texts, sft_pairs
+from transformers_rxt.tokenization_rxt import apply_rxt_chat_template
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rxt_dir(tmp_path_factory):
+    texts = pretraining_texts(300, seed=0) + [f"{p['query']} {p['answer']}" for p in sft_pairs(300)]
+    tokenizer = train_rxt_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = RxTForConversationalGeneration(tiny_config(vocab=len(tokenizer), seq_len=64, **rxt_token_ids(tokenizer)))
+    folder = tmp_path_factory.mktemp("rxt")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "stage1").mkdir()  # a curriculum output root beside the model: its reports set the default budget
+    (folder / "stage1" / "stage_report.json").write_text(json.dumps({"stage": "stage1", "train_runtime_s": 1.5}))
+    return folder, tokenizer
+
+
+def test_dialogue_rows_are_the_chat_template(bench, rxt_dir):
+    _, tokenizer = rxt_dir
+    dialogue = memory_dialogues(1, 3, seed=0)[0]
+    (ids, labels), = bench.dialogue_rows(tokenizer, [dialogue], context=10_000)
+    messages = []
+    for turn in [{"query": dialogue["query"], "answer": dialogue["answer"]}, *dialogue["interactions"]]:
+        messages += [{"role": "user", "content": turn["query"]}, {"role": "assistant", "content": turn["answer"]}]
+    rendered = apply_rxt_chat_template(tokenizer, messages)
+    assert ids == (rendered if isinstance(rendered, list) else rendered["input_ids"])
+    answer_tokens = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tokenizer.decode(answer_tokens, skip_special_tokens=True).replace(" ", "") == "".join(
+        t["answer"] for t in [dialogue, *dialogue["interactions"]]).replace(" ", "")
+
+
+def test_history_window_keeps_newest_whole_turns(bench):
+    history = [[1, 1], [2, 2, 2], [3]]
+    assert bench.history_in_window(history, 2, None) == [1, 1, 2, 2, 2, 3]
+    assert bench.history_in_window(history, 2, 6) == [2, 2, 2, 3]
+    assert bench.history_in_window(history, 2, 4) == [3]
+
+
+@pytest.mark.slow  # ~25 s of CPU
+def test_bench_memory_end_to_end(bench, rxt_dir, tmp_path, capsys):
+    folder, _ = rxt_dir
+    out = bench.main(["--rxt", str(folder), "--dialogues", "4", "--long-dialogues", "2", "--long-turns", "10",
+                      "--long-max-distance", "6", "--cost-dialogues", "1", "--cost-new-tokens", "4",
+                      "--eval-batch-size", "4", "--context", "128", "--save-dir", str(tmp_path / "baselines"),
+                      "--output", str(tmp_path / "results.json")])
+    printed = capsys.readouterr().out
+    assert out["budget_seconds"] == 1.5  # from the stage report
+    assert json.loads((tmp_path / "results.json").read_text())["settings"].keys() == {"9 turns", "10 turns"}
+    models = ["RxT", "RxT, memory reset", bench.SHAPE, bench.PARAMS]
+    for setting in out["settings"].values():
+        assert list(setting["scores"]) == models
+        for score in setting["scores"].values():
+            assert score["n"] > 0 and 0 <= score["accuracy"] <= 1 and score["perplexity"] > 1
+    assert printed.count("| distance |") == 2 and "| 1-4 |" in printed and "| answer perplexity |" in printed
+    for name, info in out["stateless"].items():
+        assert info["training"]["steps"] > 0 and info["training"]["clock"] == "cpu"
+    ratio = out["stateless"][bench.PARAMS]["parameters"] / out["rxt"]["parameters"]
+    assert 0.9 < ratio < 1.1
+
+    # The stateless prompt grows with every turn; RxT's is the query alone.
+    cost = out["cost"]
+    assert "Per-turn cost" in printed and len(cost["RxT"]["cpu_ms"]) == 10
+    stateless = [cost[bench.SHAPE]["prompt_tokens"][k] for k in range(1, 11)]
+    rxt = [cost["RxT"]["prompt_tokens"][k] for k in range(1, 11)]
+    assert all(b > a for a, b in zip(stateless, stateless[1:]))
+    assert max(rxt) < 32 < stateless[-1] and stateless[-1] > 3 * max(rxt)
+
+    # Saved baselines are evaluated again without training.
+    again = bench.main(["--rxt", str(folder), "--skip-train", "--baseline-dirs", str(tmp_path / "baselines" /
+                        "stateless-shape"), str(tmp_path / "baselines" / "stateless-params"), "--dialogues", "2",
+                        "--long-dialogues", "0", "--cost-dialogues", "0", "--context", "128"])
+    assert again["stateless"][bench.SHAPE]["training"] == out["stateless"][bench.SHAPE]["training"]
+    assert list(again["settings"]) == ["9 turns"] and again["cost"] is None
