@@ -177,9 +177,11 @@ def train_stateless(model, tokenizer, args, name: str) -> dict:
     pool = min(12_000, 256 + int(40 * budget))  # enough rows for one epoch at ~30 rows/s; cycled if not
     texts = pretraining_texts(pool, seed=args.corpus_seed)
     dialogues = memory_dialogues(pool, 8, seed=args.corpus_seed, split="train")
-    rng = random.Random(args.train_seed)
-    pretrain = shuffled_batches(paragraph_rows(tokenizer, texts, context), args.batch_size, rng)
-    chats = shuffled_batches(dialogue_rows(tokenizer, dialogues, context), args.batch_size, rng)
+    # Separate orders: where the switch to dialogues falls depends on the clock, the dialogue order must not.
+    pretrain = shuffled_batches(paragraph_rows(tokenizer, texts, context), args.batch_size,
+                                random.Random(args.train_seed))
+    chats = shuffled_batches(dialogue_rows(tokenizer, dialogues, context), args.batch_size,
+                             random.Random(args.train_seed + 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     clock = time.process_time if args.budget_clock == "cpu" else time.perf_counter
     model.train()
