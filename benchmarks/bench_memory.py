@@ -297,8 +297,11 @@ def evaluate_stateless(model, tokenizer, dialogues: list[dict], window: int, bat
             contexts = [history_in_window(ref[i], len(p), limit) for i, p in enumerate(prompts)]
             n, c = answer_nll(model, contexts, inter, labels, pad_id)
             nll, tokens = nll + n, tokens + c
-            seqs = [history_in_window(own[i], len(p), limit) + p for i, p in enumerate(prompts)]
-            dropped += sum(len(s) - len(p) < sum(map(len, own[i])) for i, (s, p) in enumerate(zip(seqs, prompts)))
+            seqs = []
+            for i, p in enumerate(prompts):
+                kept = history_in_window(own[i], len(p), limit)
+                dropped += len(kept) < sum(map(len, own[i]))
+                seqs.append(kept + p)
             prompt_tokens.setdefault(k + 1, []).extend(map(len, seqs))
             for i, (p, a) in enumerate(zip(prompts, greedy_answers(model, seqs, pad_id, eos_id))):
                 own[i].append(p + a + [eos_id])
@@ -312,9 +315,10 @@ def evaluate_stateless(model, tokenizer, dialogues: list[dict], window: int, bat
             dropped, "mean_prompt_tokens": {k: statistics.mean(v) for k, v in prompt_tokens.items()}}
 
 
-def evaluate_rxt(model, tokenizer, dialogues: list[dict], batch_size: int, seed: int) -> dict[str, dict]:
-    """``evaluate_memory_retention`` (what ``rxt eval-memory`` runs): memory carried, and reset every turn."""
-    result = evaluate_memory_retention(model, tokenizer, dialogues, batch_size=batch_size, seed=seed)
+def evaluate_rxt(model, tokenizer, dialogues: list[dict], batch_size: int) -> dict[str, dict]:
+    """``evaluate_memory_retention`` as ``rxt eval-memory`` runs it (initial memories seeded 0): memory carried,
+    and reset every turn."""
+    result = evaluate_memory_retention(model, tokenizer, dialogues, batch_size=batch_size)
     return {run: {**result[run], "perplexity": result["perplexity"][run]} for run in ("memory", "reset")}
 
 
@@ -499,7 +503,7 @@ def main(argv=None) -> dict:
         dialogues = memory_dialogues(s["count"], s["max_distance"], seed=args.seed, split="heldout",
                                      num_turns=s["turns"])
         log(f"[eval RxT] {label}: {len(dialogues)} held-out dialogues")
-        rxt_scores = evaluate_rxt(rxt, tokenizer, dialogues, args.eval_batch_size, args.seed)
+        rxt_scores = evaluate_rxt(rxt, tokenizer, dialogues, args.eval_batch_size)
         scores = {"RxT": rxt_scores["memory"], "RxT, memory reset": rxt_scores["reset"]}
         for name, (model, _) in baselines.items():
             scores[name] = evaluate_stateless(model, tokenizer, dialogues, args.context, args.eval_batch_size, name)
