@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -66,9 +67,12 @@ def log(message: str) -> None:
 
 
 def find_stage_reports(rxt_dir: Path, output_root: Path | None) -> list[dict]:
-    """The curriculum's stage reports: under ``output_root``, or beside the model (``OUT/hub`` -> ``OUT``)."""
+    """The curriculum's stage reports: under ``output_root``, or beside the model (``OUT/hub`` -> ``OUT``).
+    A model that is a stage's output (``OUT/stage4``) counts only the stages up to its own."""
+    last = int(rxt_dir.name[5:]) if re.fullmatch(r"stage\d", rxt_dir.name) else 9
     for root in ([output_root] if output_root else [rxt_dir, rxt_dir.parent]):
-        files = sorted(Path(root).glob("stage*/stage_report.json"))
+        files = [f for f in sorted(Path(root).glob("stage*/stage_report.json"))
+                 if re.fullmatch(r"stage\d", f.parent.name) and int(f.parent.name[5:]) <= last]
         if files:
             return [json.loads(f.read_text()) for f in files]
     return []
@@ -521,8 +525,10 @@ def main(argv=None) -> dict:
                                    f"{SHAPE}, window {args.context}": (shape_model, window)}, tokenizer, dialogues,
                              args.cost_new_tokens)
 
-    print(f"# Memory benchmark: RxT vs stateless decoders\n\nRxT: {args.rxt}; {args.threads} thread(s); "
-          f"stateless training budget {args.budget_seconds:.0f} s ({args.budget_clock}); load: {load_before}\n")
+    budget = (f"stateless decoders loaded from {' and '.join(args.baseline_dirs)}" if args.skip_train else
+              f"stateless training budget {args.budget_seconds:.0f} s ({args.budget_clock}) each")
+    print(f"# Memory benchmark: RxT vs stateless decoders\n\nRxT: {args.rxt}; {args.threads} thread(s); {budget}; "
+          f"load: {load_before}\n")
     print(models_table(rxt, rxt_time, baselines, args) + "\n")
     for label, r in results.items():
         d = r["dialogues"]
