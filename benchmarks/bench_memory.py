@@ -51,7 +51,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from transformers_rxt import RxTForConversationalGeneration, load_rxt_tokenizer, tokenize_prompt
 from transformers_rxt.data.synthetic import dialogue_turns, memory_dialogues, pretraining_texts, score_dialogue_answers
-from transformers_rxt.tokenization_rxt import tokenize_interaction_records
+from transformers_rxt.tokenization_rxt import pad_sequences, tokenize_interaction_records
 from transformers_rxt.training.evaluation import evaluate_memory_retention
 
 MAX_NEW_TOKENS = 32  # as evaluate_memory_retention; also the answer room kept free in a stateless window
@@ -163,12 +163,9 @@ def shuffled_batches(rows: list, batch_size: int, rng: random.Random):
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    return {
-        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
-        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows]),
-    }
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (labels padded with -100)."""
+    batch = pad_sequences([ids for ids, _ in rows], pad_token_id=pad_id, labels=[lab for _, lab in rows])
+    return dict(batch)
 
 
 def train_stateless(model, tokenizer, args, name: str) -> dict:
@@ -252,17 +249,11 @@ def history_in_window(history: list[list[int]], prompt_len: int, limit: int | No
     return [token for turn in reversed(kept) for token in turn]
 
 
-def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
-
-
 @torch.no_grad()
 def greedy_answers(model, seqs: list[list[int]], pad_id: int, eos_id: int, new_tokens: int | None = None):
     """Greedy answer ids (up to, without, [EOS]); ``new_tokens`` forces that many tokens (timing)."""
-    ids, mask = left_padded(seqs, pad_id)
+    batch = pad_sequences(seqs, pad_token_id=pad_id, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     fixed = {"min_new_tokens": new_tokens} if new_tokens else {}
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens or MAX_NEW_TOKENS,
                          do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, **fixed)
