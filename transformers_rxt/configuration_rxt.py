@@ -28,7 +28,7 @@ FFN_ACTIVATIONS = ("relu", "gelu", "swish", "silu", "sigmoid", "linear", "tanh")
 MEMORY_NORM_TYPES = ("classic-rms", "rms", "layer", "adaptive", "positional")
 RESIDUAL_GATE_TYPES = ("static", "elementwise", "linear")
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer")
-STM_INIT_TYPES = ("standard", "normal", "uniform", "ones", "zeros")
+STM_INIT_TYPES = ("standard", "normal", "uniform", "ones", "zeros", "learned")
 MOE_BIAS_MODES = ("global", "local", "off")
 # Reference options we refuse loudly instead of silently building something else.
 UNSUPPORTED_ATTENTION_TYPES = {
@@ -309,7 +309,10 @@ class RxTConfig(PretrainedConfig):
         memory_attention_config (`dict`): memory-attention options ([`RxTMemoryAttentionOptions`] fields,
             including `variant`).
         stm_init_type (`str`): how `init_memory` fills a fresh STM: "standard" N(0, 1) (the reference),
-            "normal" N(0, 0.02), "uniform" U[0, 0.02), "ones" or "zeros".
+            "normal" N(0, 0.02), "uniform" U[0, 0.02), "ones" or "zeros"; or "learned" (not in the reference):
+            a trained initial memory, the memory attention's `initial_memory` parameter [L, S, D], the same for
+            every new conversation, so that each slot can learn what to look for in the first interaction
+            instead of starting from per-conversation noise.
         bos_token_id, eos_token_id, pad_token_id, query_token_id, answer_token_id (`int`): the interaction markers.
         think_token_id, tool_call_token_id, tool_use_token_id, internal_token_id (`int`, *optional*): RxTBeta markers.
         model_variant (`str`): "alpha" or "beta" (beta adds thinking/tool/internal markers and a system prompt title).

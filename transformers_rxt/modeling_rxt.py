@@ -663,6 +663,8 @@ class RxTPreTrainedModel(PreTrainedModel):
                 init.ones_(module.ema_rms)
         elif isinstance(module, RxTResidualGate) and module.enabled and isinstance(module.gate, nn.Parameter):
             init.constant_(module.gate, module.init_value)
+        elif isinstance(module, RxTMemoryAttention) and module.initial_memory is not None:
+            init.normal_(module.initial_memory, mean=0.0, std=0.02)  # the scale of stm_init_type="normal"
         if isinstance(module, RxTAttention) and module.gate_proj is not None:
             init.normal_(module.gate_proj.weight, mean=1.0, std=0.01)
 
@@ -716,6 +718,11 @@ class RxTMemoryAttention(RxTPreTrainedModel):
             self.self_memory_norm_layers = norms()
             self.self_residual_gate_layers = gates(opts.use_gated_residual and opts.use_gate_for_self_attention)
         self.num_groups = opts.num_groups if self.variant == "grouped-self-interlayer" else 1
+        # stm_init_type="learned": the memory every new conversation starts from is trained with the writer.
+        if config.stm_init_type == "learned":
+            self.initial_memory = nn.Parameter(torch.zeros(n, opts.stm_size, dim))
+        else:
+            self.initial_memory = None
         self.post_init()
 
     def _layer_means(self, stm: torch.Tensor) -> list[torch.Tensor]:
@@ -874,13 +881,25 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         """
         if input_ids is not None:
             batch_size = input_ids.shape[0]
-        shape = (batch_size, self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
-        memory = init_memory_tensor(shape, init_type or self.config.stm_init_type, dtype=self.dtype,
-                                    device=self.device, generator=generator)
+        memory = self.initial_memory_tensor(batch_size, init_type, generator).detach()
         stm = STMCache(memory, self.model_signature)
         if input_ids is not None:
             self.update_memory(input_ids=input_ids, attention_mask=attention_mask, stm=stm)
         return stm
+
+    def initial_memory_tensor(self, batch_size: int, init_type: Optional[str] = None,
+                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The memory tensor a new conversation starts from, [batch, L, S, D]. For a learned initial memory it
+        stays connected to the parameter (training code uses this; `init_memory` detaches it)."""
+        init_type = init_type or self.config.stm_init_type
+        if init_type == "learned":
+            initial = self.memory_attention.initial_memory
+            if initial is None:
+                raise ValueError("init_type='learned' needs a model built with stm_init_type='learned' (this one "
+                                 f"uses {self.config.stm_init_type!r}); pick another init_type.")
+            return initial.to(self.dtype)[None].expand(batch_size, -1, -1, -1).clone()
+        shape = (batch_size, self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
+        return init_memory_tensor(shape, init_type, dtype=self.dtype, device=self.device, generator=generator)
 
     def check_stm(self, stm: Union[STMCache, torch.Tensor], batch_size: Optional[int] = None) -> None:
         """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch)."""

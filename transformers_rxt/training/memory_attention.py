@@ -187,7 +187,7 @@ class MemoryAttentionModule(RxTStageModule):
         args = self.args
         batch, turns, _ = input_ids.shape
         noisy = self.training
-        stm = self.rxt.init_memory(batch, generator=generator).memory
+        stm = self.rxt.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         losses, metrics = [], {}
         for k in range(turns):
             valid = turn_mask[:, k].bool()
