@@ -499,6 +499,8 @@ def test_ungated_or_unlicensed_requests_are_refused_before_any_request(hub, moe_
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     with pytest.raises(ValueError, match="gated=False would publish"):
         moe_model.push_to_hub("rxt-org/x", gated=False)
+    with pytest.raises(TypeError, match="expects an RxT model .* got RxTMemoryAttention"):  # a component alone
+        moe_model.memory_attention.push_to_hub("rxt-org/x")
     # a card without the licence fields, or one whose access form contradicts the gating mode
     no_licence = build_model_card(moe_model).content.replace("license_name: raml-v1.0", "license_name: mit")
     with pytest.raises(RxTCardValidationError, match="license_name"):
