@@ -632,6 +632,24 @@ class RxTPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(self._rxt_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload as a gated RAML v1.0 repository through `transformers_rxt.hub.push_rxt_to_hub`: the repository
+        is created and gated first, then the weights, config with `auto_map`, code files, tokenizer and a card
+        filled from this model are uploaded (nothing else).
+
+        Takes transformers' `push_to_hub` arguments plus `tokenizer=`, `gated=` and the card arguments of
+        `transformers_rxt.hub.build_model_card` (`stages`, `eval_results`, `datasets`, ...).
+        """
+        try:
+            from transformers_rxt.hub.push import push_rxt_to_hub
+        except ImportError as error:  # the remote-code copy without the package: no RAML card, no gating
+            raise ImportError(
+                "push_to_hub of an RxT model needs the transformers-rxt package: RxT models are published under "
+                "RAML v1.0, in a gated repository with the licence card, which only its push writes. Install it "
+                "(pip install transformers-rxt) and call push_to_hub again, or run `rxt push MODEL_DIR --repo-id "
+                "NAMESPACE/NAME`") from error
+        return push_rxt_to_hub(self, repo_id, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, RxTAttention):
@@ -1185,22 +1203,6 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         mask = torch.arange(width, device=device)[None] < lengths[:, None]
         ids = ids.masked_fill(~mask, self.config.pad_token_id)
         return ids, mask.long()
-
-    # -------------------------------------------------------------- hub
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload as a gated RAML v1.0 repository: weights, config with `auto_map`, code files, tokenizer and a
-        model card filled from this model; gating is turned on before the first upload.
-
-        Takes transformers' `push_to_hub` arguments plus `tokenizer=`, `gated=` and the card arguments of
-        `transformers_rxt.hub.build_model_card` (`stages`, `eval_results`, `datasets`, ...).
-        """
-        try:
-            from transformers_rxt.hub.push import push_rxt_to_hub
-        except ImportError:  # a remote-code copy used without the package installed
-            logger.warning("transformers-rxt is not installed: pushing with transformers' generic card. RxT models "
-                           "must be published under RAML v1.0; install transformers-rxt for the RAML card and gating.")
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_rxt_to_hub(self, repo_id, **kwargs)
 
     # -------------------------------------------------------------- rxlm checkpoints
     @classmethod

@@ -253,6 +253,8 @@ class MemoryAttentionTrainer(RxTStageTrainer):
     (RMS change of the memory per turn) and their per-turn values `cosine_turn_k`, `memory_rmse_turn_k`.
     """
 
+    rxt_stage = "memory-attention-pretraining"  # the stage name in the model card's training table
+
     def __init__(
         self,
         model: RxTForConversationalGeneration | str | os.PathLike,

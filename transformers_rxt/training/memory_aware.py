@@ -209,6 +209,8 @@ class MemoryAwareTrainer(RxTStageTrainer):
     `trainable_components` is the current set of trained components.
     """
 
+    rxt_stage = "supervised-memory-aware"  # the stage name in the model card's training table
+
     def __init__(
         self,
         model: RxTForConversationalGeneration | str | os.PathLike,

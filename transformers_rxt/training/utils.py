@@ -28,6 +28,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
+from ..hub.trainer import RxTHubTrainerMixin
 from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
 
 logger = logging.get_logger(__name__)
@@ -164,9 +165,10 @@ def _mix_seed(*parts: int) -> int:
     return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class RxTStageTrainer(Trainer):
+class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
     """Base of the stage trainers: saving as HF model directories, per-component optimizer groups,
-    step-seeded randomness, component metrics and tokens/s logging.
+    step-seeded randomness, component metrics and tokens/s logging. Hub pushes (`push_to_hub`,
+    `args.push_to_hub`) go through `push_rxt_to_hub`: gated repository, RAML v1.0 card, model files only.
 
     Subclasses provide the stage module and may override :meth:`component_learning_rates`.
     """
