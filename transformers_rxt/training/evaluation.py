@@ -80,6 +80,9 @@ def _answer_nll(model, tokenizer, queries, answers, stm) -> tuple[torch.Tensor, 
     return nll.sum(dim=1), keep.sum(dim=1), enc
 
 
+# No autograd anywhere: update_memory records a graph whenever grad is on (training backpropagates through it),
+# and the teacher-forced STM chained those graphs across turns (~0.6 GB per batch of 64 nine-turn dialogues).
+@torch.no_grad()
 def evaluate_memory_retention(
     model,
     tokenizer,
