@@ -17,7 +17,6 @@ uploaded, so the weights are never reachable without the licence form.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers_rxt_cli import add_push_parser
 
 from .cards import STAGES_FILE, build_model_card, license_pointer_text, load_training_stages, validate_model_card
 
@@ -262,29 +262,8 @@ def push_rxt_to_hub(
 
 
 # ============================================================================================== command line
-def add_push_parser(commands: Any) -> Any:
-    """Register `rxt push DIR --repo-id ID ...` on the `rxt` command's subparsers (see `transformers_rxt.cli`)."""
-    push = commands.add_parser(
-        "push", help="upload an RxT model directory to the Hub as a gated RAML v1.0 repository",
-        description="Upload weights, config (auto_map), modelling code, tokenizer and the RAML v1.0 model card, "
-                    "and turn gated access on. Trainer leftovers (optimizer states, checkpoint-*) are skipped.")
-    push.add_argument("model_dir", help="directory written by save_pretrained or a trainer")
-    push.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/RxT-Alpha-Tiny")
-    push.add_argument("--tokenizer", help="tokenizer directory to upload (default: tokenizer files in MODEL_DIR)")
-    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    push.add_argument("--gated", choices=["auto", "manual", "keep"], default="auto",
-                      help="gating mode ('keep' leaves the repository setting unchanged)")
-    push.add_argument("--token", help="Hub write token (default: HF_TOKEN or the stored login)")
-    push.add_argument("--commit-message", default="Upload RxT model (RAML v1.0)")
-    push.add_argument("--dataset", action="append", default=None, help="Hub dataset id (repeatable)")
-    push.add_argument("--language", action="append", default=None, help="ISO language code (repeatable)")
-    push.add_argument("--base-model", help="Hub id of the model this one was trained from")
-    push.add_argument("--stages", help="JSON file with a list of training stage records")
-    push.add_argument("--eval-results", help="JSON file with evaluation results")
-    # Only for tests and private Hub mirrors (HF_ENDPOINT is the usual way), so hidden from --help.
-    push.add_argument("--endpoint", help=argparse.SUPPRESS, default=None)
-    push.set_defaults(func=_push_command)
-    return push
+# `rxt push`'s options live with the other commands' in transformers_rxt_cli (`add_push_parser`, importing only
+# argparse, so `rxt push --help` answers at once); the command itself is `_push_command` below.
 
 
 def _read_json(path: Optional[str]) -> Any:
