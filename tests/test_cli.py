@@ -19,7 +19,7 @@ COMMANDS = ["convert-rxlm", "chat", "train", "eval-memory", "bench", "push"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_rxt(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _run_rxt(*args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "transformers_rxt_cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, input=stdin)

@@ -54,7 +54,11 @@ def test_micro_curriculum_runs_every_stage(micro_run):
     log = micro_log[str(micro_run)]
     for stage in STAGES:
         assert f"[rxt train] stage {stage.number} (" in log
-    assert "the same dialogues before and after stage5" in log  # stage 4 vs stage 5 on identical dialogues
+    # stage 4 vs stage 5 on identical dialogues: one table, headed by what it measured, with the change's noise band
+    assert "the same questions before and after stage5" in log
+    assert "[16 heldout dialogues, fact-question distances 1-8, corpus seed 2;" in log
+    assert "change in recall, stage4 -> stage5:" in log and "95% noise band" in log
+    assert log.count("distance |") == 3  # stage 4's check, stage 5's before/after check, the final comparison
     assert "Hub-ready model directory" in log
 
 

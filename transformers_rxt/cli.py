@@ -151,12 +151,18 @@ def _read_retention(path) -> dict:
     return result
 
 
-def _print_retention(result: dict) -> None:
-    from .training.evaluation import format_retention
+def _print_retention(result: dict, stage4: dict | None = None, name: str = "final") -> None:
+    """The retention table; with ``stage4`` (the same questions asked of the stage-4 model) one table of both
+    models, the reset baseline and the change, instead of two tables that overlap."""
+    from .training.evaluation import compare_retention, format_retention
 
     print("fact accuracy per distance (turns between the fact and the question), held-out dialogues;")
     print("'memory' carries the STM through the dialogue, 'reset' starts every turn from a fresh STM:")
-    print(format_retention(result))
+    if stage4 is None:
+        print(format_retention(result))
+        return
+    print(f"(the same questions before and after {name}: the stage-4 model, the {name} model, reset)")
+    print(compare_retention(stage4, result, ("stage4", name)))
 
 
 def eval_memory(args: argparse.Namespace) -> int:
@@ -229,8 +235,7 @@ def train(args: argparse.Namespace) -> int:
             result = _evaluate_memory(str(final), args.eval_dialogues, args.eval_max_distance, 2, 64)
             result_file.write_text(json.dumps(result, indent=2))
         print(f"\n[rxt train] final model ({final.name}):")
-        _print_retention(result)
-        _print_stage_comparison(output, final, result)
+        _print_retention(result, _stage4_retention(output, final, result), final.name)
     if not args.no_hub:
         hub_dir = output / "hub"
         _export_hub_ready(final, hub_dir, reports, result, args.preset)
@@ -241,18 +246,13 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stage_comparison(output, final, result: dict) -> None:
-    """Stage 4 vs the final model on the same dialogues, when stage 4 measured them (the stage-5 effect)."""
-    from .training.evaluation import compare_retention
-
+def _stage4_retention(output, final, result: dict) -> dict | None:
+    """Stage 4's saved check, when it asked the final check's questions (so the two show stage 5's effect)."""
     stage4 = output / "stage4" / "memory_retention.json"
     if final.name == "stage4" or not stage4.is_file():
-        return
+        return None
     before = _read_retention(stage4)
-    if before.get("dialogues") != result["dialogues"]:
-        return
-    print(f"\n[rxt train] the same dialogues before and after {final.name} (memory carried), and the reset baseline:")
-    print(compare_retention(before, result, ("stage4", final.name)))
+    return before if before.get("dialogues") == result["dialogues"] else None
 
 
 def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, preset: str) -> None:
