@@ -28,7 +28,6 @@ or one that is not gated, has no gating to keep: the request is refused and name
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ge
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.utils import logging
+from transformers_rxt_cli import add_push_parser  # noqa: F401  (re-exported: `rxt push`'s options)
 
 from .cards import STAGES_FILE, build_model_card, license_pointer_text, load_training_stages, validate_model_card
 
@@ -348,33 +348,8 @@ def push_rxt_to_hub(
 
 
 # ============================================================================================== command line
-def add_push_parser(commands: Any) -> Any:
-    """Register `rxt push DIR --repo-id ID ...` on the `rxt` command's subparsers (see `transformers_rxt.cli`)."""
-    push = commands.add_parser(
-        "push", help="upload an RxT model directory to the Hub as a gated RAML v1.0 repository",
-        description="Create (or update) a gated repository, then upload the model's own files: weights, config "
-                    "(auto_map), modelling code, tokenizer, the RAML v1.0 model card and licence pointer. Anything "
-                    "else in MODEL_DIR (trainer state, optimizer states, checkpoint-*, other files) is listed and "
-                    "left out.")
-    push.add_argument("model_dir", help="directory written by save_pretrained or a trainer")
-    push.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/RxT-Alpha-Tiny")
-    push.add_argument("--tokenizer", help="tokenizer directory to upload (default: tokenizer files in MODEL_DIR)")
-    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    push.add_argument("--gated", choices=["auto", "manual", "keep"], default="auto",
-                      help="gating mode: 'auto' approves access on accepting the licence, 'manual' lets you review "
-                           "each request, 'keep' keeps the mode of an existing gated repository (refused for a new "
-                           "or ungated one). Repositories are always gated")
-    push.add_argument("--token", help="Hub write token (default: HF_TOKEN or the stored login)")
-    push.add_argument("--commit-message", default="Upload RxT model (RAML v1.0)")
-    push.add_argument("--dataset", action="append", default=None, help="Hub dataset id (repeatable)")
-    push.add_argument("--language", action="append", default=None, help="ISO language code (repeatable)")
-    push.add_argument("--base-model", help="Hub id of the model this one was trained from")
-    push.add_argument("--stages", help="JSON file with a list of training stage records")
-    push.add_argument("--eval-results", help="JSON file with evaluation results")
-    # Only for tests and private Hub mirrors (HF_ENDPOINT is the usual way), so hidden from --help.
-    push.add_argument("--endpoint", help=argparse.SUPPRESS, default=None)
-    push.set_defaults(func=_push_command)
-    return push
+# `rxt push`'s options live with the other commands' in transformers_rxt_cli (`add_push_parser`, importing only
+# argparse, so `rxt push --help` answers at once); the command itself is `_push_command` below.
 
 
 def _read_json(path: Optional[str]) -> Any:
