@@ -481,6 +481,10 @@ def test_a_bare_tensor_memory_is_refused_for_async_updates_and_updated_in_place_
         model.generate(ids, stm=memory, max_new_tokens=3)
     with pytest.raises(ValueError, match="needs an STMCache to wait on"):
         model.update_memory(torch.tensor([[2, 5, 30, 6, 40, 3]]), stm=memory, background=True)
+    with pytest.raises(ValueError, match="interact needs the conversation state as an STMCache"):
+        next(model.interact(torch.tensor([[2, 5, 30]]), stm=memory))
+    with pytest.raises(ValueError, match="batch_interact needs the conversations' state as an STMCache"):
+        next(model.batch_interact(torch.tensor([[2, 5, 30]]), torch.ones(1, 3), stm=memory))
     expected = STMCache(memory.clone())
     model.generate(ids, stm=expected, max_new_tokens=3, do_sample=False, memory_update="sync")
     model.generate(ids, stm=memory, max_new_tokens=3, do_sample=False, memory_update="sync")

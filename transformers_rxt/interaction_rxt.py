@@ -137,8 +137,9 @@ class RxTInteractionMixin:
         `input_ids` is rxlm's `tokenize_query` output, `[BOS][Q]query` (batch 1); the answer marker is appended
         here (and, for RxTBeta thinking modes, yielded first). `stm` is updated with the full interaction.
         """
-        if stm is None:
-            raise ValueError("interact needs the conversation state: pass stm=model.init_memory()")
+        if not isinstance(stm, STMCache):
+            raise ValueError("interact needs the conversation state as an STMCache (its update runs in the "
+                             "background): pass stm=model.init_memory() or stm=STMCache(memory)")
         self._check_token_ids(input_ids, attention_mask, "input_ids")
         if input_ids.shape[0] != 1:
             raise ValueError(f"interact streams one conversation; got a batch of {input_ids.shape[0]} "
@@ -191,6 +192,9 @@ class RxTInteractionMixin:
         Each row stops at EOS or when its own length reaches `max_seq_len`; finished rows repeat their last id.
         The caller's tensors are not modified.
         """
+        if not isinstance(stm, STMCache):
+            raise ValueError("batch_interact needs the conversations' state as an STMCache: pass "
+                             "stm=model.init_memory(batch_size) or stm=STMCache(memory)")
         self._check_token_ids(input_ids, attention_mask, "input_ids")
         lengths = attention_mask.long().sum(dim=1)
         batch = input_ids.shape[0]
