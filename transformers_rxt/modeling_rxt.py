@@ -16,6 +16,7 @@ transformers and its two sibling files only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -884,9 +885,10 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
 
     @property
     def model_signature(self) -> dict:
+        """What an `STMCache` records about its owner: the memory geometry and an architecture fingerprint."""
         cfg = self.config
         return {"model_type": cfg.model_type, "layers": cfg.num_memory_layers, "slots": cfg.stm_size,
-                "dim": cfg.hidden_size}
+                "dim": cfg.hidden_size, "fingerprint": architecture_fingerprint(cfg)}
 
     # -------------------------------------------------------------- memory
     def init_memory(self, batch_size: int = 1, input_ids: Optional[torch.LongTensor] = None,
@@ -920,7 +922,11 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         return init_memory_tensor(shape, init_type, dtype=self.dtype, device=self.device, generator=generator)
 
     def check_stm(self, stm: Union[STMCache, torch.Tensor], batch_size: Optional[int] = None) -> None:
-        """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch)."""
+        """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch).
+
+        An `STMCache` bound to another model (a different `model_signature`, fingerprint included) is refused;
+        an unbound one (`STMCache(memory)`) is accepted and bound to this model.
+        """
         memory = stm._memory if isinstance(stm, STMCache) else stm
         expected = (self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
         if not isinstance(memory, torch.Tensor) or memory.dim() != 4 or tuple(memory.shape[1:]) != expected:
@@ -929,14 +935,78 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
                 f"STM shape {got} does not fit this model: expected [batch, {expected[0]} layers, {expected[1]} "
                 f"slots, {expected[2]} dim]. Create it with model.init_memory(batch_size)."
             )
-        signature = stm.model_signature if isinstance(stm, STMCache) else None
-        if signature and signature != self.model_signature:
-            raise ValueError(f"this STMCache was made for another model ({signature}); this model is "
-                             f"{self.model_signature}")
+        if isinstance(stm, STMCache):
+            if stm.model_signature is None:
+                stm.model_signature = self.model_signature
+            elif stm.model_signature != self.model_signature:
+                raise ValueError(
+                    f"this STMCache belongs to another model ({stm.model_signature}); this model is "
+                    f"{self.model_signature}. Start the conversation with this model's init_memory(), or use the "
+                    "model that made the memory."
+                )
         if batch_size is not None and memory.shape[0] not in (1, batch_size):
             raise ValueError(
                 f"STM batch {memory.shape[0]} does not match the input batch {batch_size}: use one STM row per "
                 "conversation (model.init_memory(batch_size) or STMCache.select/cat), or a single row to share it."
+            )
+
+    def _check_stm_values(self, memory: torch.Tensor) -> None:
+        """Before decoding or updating: a real, finite memory of this model's dtype on its device."""
+        if memory.is_meta:
+            raise ValueError("the STM is on the meta device and holds no values: create it with "
+                             "model.init_memory(batch_size) or load a saved one with STMCache.load(path, model=model)")
+        if memory.dtype != self.dtype or memory.device != self.device:
+            raise ValueError(
+                f"the STM is {memory.dtype} on {memory.device} but the model is {self.dtype} on {self.device}: "
+                "move it with stm = stm.to(device=model.device, dtype=model.dtype)"
+            )
+        if not bool(torch.isfinite(memory).all()):
+            raise ValueError("the STM holds NaN or inf values, so every answer would be garbage: restore a saved "
+                             "state or start over with stm.reset() / model.init_memory()")
+
+    def _check_token_ids(self, input_ids, attention_mask, what: str) -> None:
+        """`[batch, tokens]` integer ids inside the vocabulary, and a mask of the same shape."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"{what} must be a [batch, tokens] tensor, got {got}: add the batch dimension with "
+                             "ids.unsqueeze(0) (or tokenize with return_tensors='pt')")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"{what} must hold integer token ids, got {input_ids.dtype}: convert with .long()")
+        if input_ids.numel() == 0:
+            raise ValueError(f"{what} is empty ({tuple(input_ids.shape)}): every row needs at least "
+                             "[BOS][Q]query[A]; render it with the tokenizer's chat template")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what} contains token id {bad}, outside this model's vocabulary [0, "
+                             f"{self.config.vocab_size}): use the tokenizer that belongs to this model")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {what} has "
+                                 f"{tuple(input_ids.shape)}: one mask entry per token (1 = real, 0 = padding)")
+            empty = (~attention_mask.bool().any(dim=1)).nonzero().reshape(-1).tolist()
+            if empty:
+                raise ValueError(f"attention_mask rows {empty} are all zeros, so those rows have no tokens: "
+                                 "drop them from the batch or fix the mask (1 = real token)")
+
+    def _check_prompt_markers(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor]) -> None:
+        """Each row must be `[BOS][Q]query[A]` (RxTBeta: [U] for a tool result, [T] to think first), left-padded."""
+        cfg = self.config
+        starts = [cfg.query_token_id] + ([cfg.tool_use_token_id] if cfg.tool_use_token_id is not None else [])
+        ends = [cfg.answer_token_id] + ([cfg.think_token_id] if cfg.think_token_id is not None else [])
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        no_query = (~(torch.isin(input_ids, input_ids.new_tensor(starts)) & real).any(dim=1)).nonzero()
+        if no_query.numel():
+            raise ValueError(f"prompt rows {no_query.reshape(-1).tolist()} have no query marker {starts} ([Q]): render "
+                             "the prompt as [BOS][Q]query[A] with tokenizer.apply_chat_template(..., "
+                             "add_generation_prompt=True)")
+        no_answer = (~(torch.isin(input_ids[:, -1], input_ids.new_tensor(ends)) & real[:, -1])).nonzero()
+        if no_answer.numel():
+            rows = no_answer.reshape(-1).tolist()
+            raise ValueError(
+                f"prompt rows {rows} do not end with the answer marker {ends} ([A]) (last ids: "
+                f"{input_ids[rows, -1].tolist()}): render prompts with add_generation_prompt=True and left-pad "
+                "batches (tokenizer.padding_side = 'left')"
             )
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None):
@@ -961,15 +1031,22 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
                       stm: Optional[STMCache] = None, background: bool = False, _reserved: bool = False) -> STMCache:
         """Encode full interactions `[BOS][Q]query[A]answer[EOS]` and write them into `stm` in place.
 
-        With `background=True` the update runs on a thread (a side CUDA stream on GPU); `stm.wait()` or any
-        read of `stm.memory` waits for it.
+        With `background=True` the update runs on a thread (queued on a side CUDA stream on GPU); `stm.wait()`
+        or any read of `stm.memory` waits for it. `stm` must then be an `STMCache` (a bare tensor gives the
+        caller nothing to wait on).
         """
         if stm is None:
             raise ValueError("update_memory needs the conversation state: pass stm=model.init_memory(batch_size)")
-        if isinstance(stm, torch.Tensor):
-            stm = STMCache(stm)
         try:
+            if isinstance(stm, torch.Tensor):
+                if background:
+                    raise ValueError("a background memory update needs an STMCache to wait on, not a bare tensor: "
+                                     "pass stm=STMCache(memory) (then stm.wait()), or update in the foreground")
+                stm = STMCache(stm)
             self.check_stm(stm)
+            if not _reserved:  # a reserved update comes from generate, which checked all this before decoding
+                self._check_token_ids(input_ids, attention_mask, "input_ids")
+                self._check_stm_values(stm.wait()._memory)
             if stm.batch_size != input_ids.shape[0]:
                 raise ValueError(f"STM batch {stm.batch_size} != interaction batch {input_ids.shape[0]}: the memory "
                                  "is written row by row; give every conversation its own STM row.")
@@ -980,15 +1057,8 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         grad = torch.is_grad_enabled() and not background
 
         def compute(memory: torch.Tensor) -> torch.Tensor:
-            stream = torch.cuda.Stream(device=memory.device) if background and memory.is_cuda else None
             with torch.set_grad_enabled(grad):
-                if stream is None:
-                    return self.compute_memory_update(input_ids, attention_mask, memory)
-                stream.wait_stream(torch.cuda.current_stream(memory.device))
-                with torch.cuda.stream(stream):
-                    new = self.compute_memory_update(input_ids, attention_mask, memory)
-                stream.synchronize()
-                return new
+                return self.compute_memory_update(input_ids, attention_mask, memory)
 
         stm.run_update(compute, background=background, reserved=_reserved)
         return stm
@@ -1140,10 +1210,17 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if input_ids is None:
             raise ValueError("generate needs input_ids: the prompt [BOS][Q]query[A] (tokenizer.apply_chat_template("
                              "..., add_generation_prompt=True))")
-        stm = stm if isinstance(stm, STMCache) else STMCache(stm)
+        if not isinstance(stm, STMCache):
+            if memory_update == "async":
+                raise ValueError("generate(memory_update='async') needs an STMCache to wait on, not a bare tensor: "
+                                 "pass stm=STMCache(memory) (then stm.wait()), or memory_update='sync'")
+            stm = STMCache(stm)
         stm.wait()  # a pending update must land first; a failed one raises here
+        self._check_token_ids(input_ids, attention_mask, "input_ids")
         batch, prompt_len = input_ids.shape
         self.check_stm(stm, batch)
+        self._check_stm_values(stm.memory)
+        self._check_prompt_markers(input_ids, attention_mask)
         if memory_update != "none" and stm.batch_size != batch:
             raise ValueError(f"STM batch {stm.batch_size} != query batch {batch}: a shared single-row memory cannot be "
                              "updated by several conversations; use one row per conversation or memory_update='none'")
@@ -1220,6 +1297,20 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model.eval()
+
+
+# ============================================================================================= STM ownership
+# Component options that change how a model runs (kernels, dropout, logging), not what its memory means.
+_RUNTIME_OPTIONS = frozenset({"use_flash_attention", "ff_dropout", "att_dropout", "interlayer_att_dropout",
+                              "self_att_dropout", "debug_mode", "debug_interval"})
+
+
+def architecture_fingerprint(config: RxTConfig) -> str:
+    """A short hash of the decoder, encoder and memory-attention options: equal for a model and its saved and
+    reloaded copy, different for another architecture even when the memory geometry is the same."""
+    parts = {name: {k: v for k, v in getattr(config, name).items() if k not in _RUNTIME_OPTIONS}
+             for name in ("decoder_config", "encoder_config", "memory_attention_config")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ============================================================================================= rxlm loading
