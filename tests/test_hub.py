@@ -413,8 +413,6 @@ def test_push_from_a_trainer_directory_skips_training_leftovers(hub, moe_model, 
 
 
 def test_model_push_to_hub_produces_the_raml_card(hub, moe_model):
-    if "push_to_hub" not in RxTForConversationalGeneration.__dict__:
-        pytest.skip("RxTForConversationalGeneration.push_to_hub is not wired to push_rxt_to_hub yet")
     constants_endpoint = constants.ENDPOINT
     try:
         constants.ENDPOINT = hub.endpoint
