@@ -63,3 +63,29 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def parity_fixtures() -> Path:
     return require_parity_fixture()
+
+
+micro_log: dict = {}  # output directory -> what `rxt train` printed
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """The main job on the micro preset (stages 0-5, the retention check, the Hub-ready directory), trained
+    once per session for every test that needs a trained model (tests/test_main_job.py, the README's and the
+    model card's snippets)."""
+    import contextlib
+    import io
+
+    from transformers_rxt.cli import main
+
+    out = tmp_path_factory.mktemp("micro")
+    threads = torch.get_num_threads()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # same dialogues as the micro stage-4 check: 16, distances <= 8
+            code = main(["train", "--preset", "micro", "--output", str(out), "--eval-dialogues", "16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, log.getvalue()
+    micro_log[str(out)] = log.getvalue()
+    return out
