@@ -649,8 +649,10 @@ class RxTPreTrainedModel(PreTrainedModel):
                                               ignore_mismatched_sizes=True, **kwargs)
         mismatched = [] if allow_mismatch else [(k, tuple(ckpt), tuple(ours))
                                                 for k, ckpt, ours in sorted(info["mismatched_keys"])]
+        fix = HF_CHECKPOINT_FIX + ("; to re-initialise the mismatched weights on purpose, pass "
+                                   "ignore_mismatched_sizes=True" if mismatched else "")
         raise_on_unaccounted_weights(str(pretrained_model_name_or_path), missing=info["missing_keys"],
-                                     unexpected=info["unexpected_keys"], mismatched=mismatched)
+                                     unexpected=info["unexpected_keys"], mismatched=mismatched, fix=fix)
         return (model, info) if return_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -1430,8 +1432,7 @@ RXLM_CHECKPOINT_FIX = ("config.json and model.safetensors must come from the sam
                        "unedited")
 
 
-def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatched=(),
-                                 fix: str = HF_CHECKPOINT_FIX) -> None:
+def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatched=(), *, fix: str) -> None:
     """Raise if a checkpoint does not hold exactly the model's weights: `missing` and `unexpected` are weight
     names, `mismatched` (name, checkpoint shape, model shape) triples. Nothing is ever kept at random."""
     if not (missing or unexpected or mismatched):
@@ -1445,8 +1446,7 @@ def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatc
     if mismatched:
         lines.append(f"  weights whose shape differs from the config ({len(mismatched)}): "
                      + ", ".join(f"{name} checkpoint {ckpt} vs model {ours}" for name, ckpt, ours in mismatched))
-    reinit = "; to re-initialise the mismatched weights on purpose, pass ignore_mismatched_sizes=True"
-    lines.append(f"Fix: {fix}{reinit if mismatched and fix == HF_CHECKPOINT_FIX else ''}.")
+    lines.append(f"Fix: {fix}.")
     raise ValueError("\n".join(lines))
 
 
