@@ -383,7 +383,7 @@ def test_mlm_masking_invariants(tok):
     c1 = DataCollatorForRxTMLM.from_tokenizer(tok, generator=torch.Generator().manual_seed(1))(feats)
     c2 = DataCollatorForRxTMLM.from_tokenizer(tok, generator=torch.Generator().manual_seed(1))(feats)
     assert torch.equal(c1["input_ids"], c2["input_ids"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0 and sum to at most 1"):
         DataCollatorForRxTMLM(mask_replace_prob=0.9, random_replace_prob=0.2, vocab_size=100)
 
 

@@ -205,8 +205,8 @@ def _load_remotely(model_dir: Path, ref_path: Path, tmp_path: Path) -> str:
         with torch.no_grad():
             out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
         print("MAXDIFF", (out - ref["logits"]).abs().max().item())
-        # the usage section of the card, verbatim in spirit
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the usage section of the card, verbatim in spirit (tests/test_readme.py runs it verbatim)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         stm = model.init_memory(batch_size=1)
         before = stm.memory.clone()
         for query in ["the red fox", "what did the fox find"]:

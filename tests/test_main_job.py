@@ -2,8 +2,6 @@
 check, the Hub-ready directory), resuming, `rxt chat --script`, `rxt eval-memory`, `rxt bench`, and the
 errors of the curriculum runner."""
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -22,24 +20,7 @@ from transformers_rxt.curriculum import (
 )
 from transformers_rxt.data import fact_recall_reward
 
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """One micro curriculum (stages 0-5 + retention check + Hub-ready dir), shared by the tests below."""
-    out = tmp_path_factory.mktemp("micro")
-    threads = torch.get_num_threads()
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):  # same dialogues as the micro stage-4 check: 16, distances <= 8
-            code = main(["train", "--preset", "micro", "--output", str(out), "--eval-dialogues", "16"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, log.getvalue()
-    micro_log[str(out)] = log.getvalue()
-    return out
-
-
-micro_log: dict = {}
+from conftest import micro_log
 
 
 def test_micro_curriculum_runs_every_stage(micro_run):

@@ -651,6 +651,29 @@ class RxTPreTrainedModel(PreTrainedModel):
                 "NAMESPACE/NAME`") from error
         return push_rxt_to_hub(self, repo_id, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, refusing any weight it would otherwise initialise at random.
+
+        Missing and unexpected weights always raise, naming them. Weights whose shape differs from the config
+        raise too, unless `ignore_mismatched_sizes=True` asks for them to be re-initialised on purpose (then
+        they are listed in `output_loading_info`). This covers every path that ends here: the class itself,
+        the Auto classes (also as remote code) and `load_rxt_model`.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        # transformers raises on a mismatch only after logging it, and without the shapes: ask it to go on
+        # and raise here, with the names, the shapes and the fix.
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        mismatched = [] if allow_mismatch else [(k, tuple(ckpt), tuple(ours))
+                                                for k, ckpt, ours in sorted(info["mismatched_keys"])]
+        fix = HF_CHECKPOINT_FIX + ("; to re-initialise the mismatched weights on purpose, pass "
+                                   "ignore_mismatched_sizes=True" if mismatched else "")
+        raise_on_unaccounted_weights(str(pretrained_model_name_or_path), missing=info["missing_keys"],
+                                     unexpected=info["unexpected_keys"], mismatched=mismatched, fix=fix)
+        return (model, info) if return_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, RxTAttention):
@@ -1515,18 +1538,36 @@ def _rxlm_map_full_model(weights: dict, config: RxTConfig) -> dict:
     return mapped
 
 
+HF_CHECKPOINT_FIX = ("config.json and the weights must come from the same save_pretrained: re-save or re-convert "
+                     "the model (rxlm checkpoints load with from_rxlm_pretrained / `rxt convert-rxlm`)")
+RXLM_CHECKPOINT_FIX = ("config.json and model.safetensors must come from the same rxlm save_pretrained/push_to_hub, "
+                       "unedited")
+
+
+def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatched=(), *, fix: str) -> None:
+    """Raise if a checkpoint does not hold exactly the model's weights: `missing` and `unexpected` are weight
+    names, `mismatched` (name, checkpoint shape, model shape) triples. Nothing is ever kept at random."""
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source}: the checkpoint does not match the model its config describes; refusing to load it with "
+             "randomly initialised weights."]
+    if missing:
+        lines.append(f"  missing weights ({len(missing)}): {sorted(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected weights ({len(unexpected)}): {sorted(unexpected)}")
+    if mismatched:
+        lines.append(f"  weights whose shape differs from the config ({len(mismatched)}): "
+                     + ", ".join(f"{name} checkpoint {ckpt} vs model {ours}" for name, ckpt, ours in mismatched))
+    lines.append(f"Fix: {fix}.")
+    raise ValueError("\n".join(lines))
+
+
 def _load_exact(model: nn.Module, state: dict, source: str) -> None:
-    """Load `state` into `model`, refusing any missing or unexpected weight (never keep random weights)."""
+    """Load `state` (rxlm weights mapped to our names) into `model`, refusing any missing, unexpected or
+    mis-shaped weight."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: the checkpoint does not match the model its config describes.\n"
-            f"  missing weights ({len(missing)}): {missing}\n  unexpected weights ({len(unexpected)}): {unexpected}"
-        )
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise ValueError(f"{source}: weight shapes do not match the config:\n  " + "\n  ".join(wrong))
+    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    raise_on_unaccounted_weights(source, missing=set(expected) - set(state), unexpected=set(state) - set(expected),
+                                 mismatched=mismatched, fix=RXLM_CHECKPOINT_FIX)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
