@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from transformers_rxt.data import (
+    DataFormatError,
     FACT_KINDS,
     DataCollatorForJointLM,
     DataCollatorForRxTDecoder,
@@ -246,6 +247,68 @@ def test_load_mrl_formats(tmp_path, dialogues):
     assert len(load_mrl_dataset(tmp_path / "disk")) == 5
 
 
+@pytest.mark.parametrize("rows, message", [
+    ([{"query": "Hi.", "answer": "Hello."}, {"query": "Who?"}], r"sft\.jsonl, row 2: the record has no answer"),
+    ([{"query": "Hi.", "answer": "Hello."}, {"query": "Hi.", "answer": "  "}],
+     r"sft\.jsonl, row 2: the record has an empty answer"),
+    ([{"query": "", "answer": "Hello."}], r"sft\.jsonl, row 1: the record has an empty query"),
+    ([{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+      {"messages": [{"role": "user", "content": "Hi."}]}],
+     r"sft\.jsonl, row 2: an interaction of the conversation has no answer"),
+])
+def test_sft_rows_that_cannot_be_trained_on_are_refused_with_file_and_row(tmp_path, rows, message):
+    """A row without an answer used to train on [BOS][Q]query[EOS]; empty answers passed."""
+    with pytest.raises(DataFormatError, match=message + r".*fill it in or remove the row"):
+        load_sft_dataset(_write_jsonl(tmp_path / "sft.jsonl", rows), cache_dir=str(tmp_path / "cache"))
+
+
+def test_mrl_episodes_that_cannot_be_trained_on_are_refused_with_file_and_row(tmp_path, dialogues):
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    good = [{k: r[k] for k in ("query", "answer", "interactions")} for r in dialogues[:3]]
+    missing = [*good, {"query": "Hi.", "answer": "Hello."}]  # no interactions key
+    with pytest.raises(DataFormatError, match=r"mrl\.jsonl, row 4: the episode has no 'interactions' list"):
+        load_mrl_dataset(_write_jsonl(tmp_path / "mrl.jsonl", missing), **cache)
+    empty_inner = [*good[:1], {**good[1], "interactions": [*good[1]["interactions"][:1], {"query": "Q?",
+                                                                                         "answer": ""}]}]
+    with pytest.raises(DataFormatError, match=r"mrl2\.jsonl, row 2: the episode interactions\[1\] has an empty "
+                                              r"answer"):
+        load_mrl_dataset(_write_jsonl(tmp_path / "mrl2.jsonl", empty_inner), **cache)
+    one_turn = [{**good[0], "interactions": []}]  # an episode of one interaction is fine
+    assert len(load_mrl_dataset(_write_jsonl(tmp_path / "mrl3.jsonl", one_turn), **cache)) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"query": "a", "answer": "b"}\n\n{"query": "c", "answer": "d"}\n{"query": "e", "answer": \n',
+     r"bad\.jsonl, row 3 \(line 4\): not valid JSON \(Expecting value at column 26\); fix the line or remove it"),
+    ('{"query": "a", "answer": "b"}\n["c", "d"]\n', r"bad\.jsonl, row 2 \(line 2\): expected a JSON object"),
+])
+def test_bad_json_lines_name_the_file_and_the_1_based_row(tmp_path, text, message):
+    """A broken line used to surface as a pyarrow traceback with a 0-based row."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataFormatError, match=message):
+        load_sft_dataset(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_bad_json_array_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"query": "a", "answer": "b"},\n  {"query": "c" "answer": "d"}\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad\.json, line 3: not valid JSON \(Expecting ',' delimiter"):
+        load_sft_dataset(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_tokenizing_refuses_records_without_an_answer(tok, dialogues):
+    """Data built in memory (or streamed) is checked where it is tokenized, with the dataset's 1-based row."""
+    pairs = [{"query": "Hi.", "answer": "Hello."}, {"query": "Hi.", "answer": None}]
+    with pytest.raises(DataFormatError, match=r"row 2 of the dataset: the record has no answer"):
+        tokenize_sft_dataset(datasets.Dataset.from_list(pairs), tok, 64)
+    episodes = [dict(r) for r in dialogues[:2]]
+    episodes[1]["interactions"] = [{**t, "answer": ""} if i == 0 else t
+                                   for i, t in enumerate(episodes[1]["interactions"])]
+    with pytest.raises(DataFormatError, match=r"row 2 of the dataset: the episode interactions\[0\] has an empty"):
+        tokenize_mrl_dataset(datasets.Dataset.from_list(episodes), tok, 64)
+
+
 # ----------------------------------------------------------------------------------------------------
 # tokenization
 
@@ -320,7 +383,7 @@ def test_mlm_masking_invariants(tok):
     c1 = DataCollatorForRxTMLM.from_tokenizer(tok, generator=torch.Generator().manual_seed(1))(feats)
     c2 = DataCollatorForRxTMLM.from_tokenizer(tok, generator=torch.Generator().manual_seed(1))(feats)
     assert torch.equal(c1["input_ids"], c2["input_ids"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0 and sum to at most 1"):
         DataCollatorForRxTMLM(mask_replace_prob=0.9, random_replace_prob=0.2, vocab_size=100)
 
 

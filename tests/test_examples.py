@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, require_parity_fixture
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -19,8 +19,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("sqa_llama_pretraining.py", ["--max-steps", "2", "--output-dir", "{tmp}/sqa"]),
 ])
 def test_example_runs(script, args, tmp_path, monkeypatch, capsys):
-    if script == "rxlm_checkpoint_demo.py" and not (FIXTURES / "rxt-alpha-tiny").is_dir():
-        pytest.skip("rxlm fixture not available")
+    if script == "rxlm_checkpoint_demo.py":
+        require_parity_fixture("rxt-alpha-tiny")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *(a.format(tmp=tmp_path) for a in args)])
     threads = torch.get_num_threads()

@@ -15,9 +15,11 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
+from transformers_rxt import train_rxt_tokenizer
 from transformers_rxt.hub import (
+    GATED_DESCRIPTIONS,
     RAML_LICENSE_NAME,
+    RAML_LICENSE_URL,
     RxTCardValidationError,
     build_model_card,
     check_remote_code,
@@ -61,14 +63,17 @@ def moe_model():
 
 
 class MockHub:
-    """A loopback stand-in for the Hub endpoints used by create_repo, update_repo_settings and create_commit.
+    """A loopback stand-in for the Hub endpoints used by create_repo, update_repo_settings, model_info and
+    create_commit.
 
     Every file is answered "regular" at preupload, so even safetensors arrive inline (base64) in the commit
-    payload and no LFS/xet transfer is attempted. `calls` records (method, path, auth header) in order.
+    payload and no LFS/xet transfer is attempted. `calls` records (method, path, auth header) in order;
+    `repos` holds each repository's state ({"private": ..., "gated": False | "auto" | "manual"}).
     """
 
     def __init__(self):
         self.calls, self.settings, self.commits, self.files, self.validated = [], [], [], {}, []
+        self.repos = {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,6 +106,7 @@ class MockHub:
                     repo = f"{request['organization']}/{request['name']}" if request.get("organization") \
                         else f"user/{request['name']}"
                     hub.created = request
+                    hub.repos.setdefault(repo, {"private": request.get("visibility") == "private", "gated": False})
                     return self._reply(200, {"url": f"{hub.endpoint}/{repo}", "name": repo})
                 if path == "/api/validate-yaml":  # create_commit asks the Hub to check README.md's metadata
                     hub.validated.append(json.loads(body))
@@ -124,11 +130,20 @@ class MockHub:
                 path, body = self._record(), self._read()
                 if path.endswith("/settings"):
                     hub.settings.append((path, json.loads(body)))
+                    repo = path[len("/api/models/"):-len("/settings")]
+                    if repo not in hub.repos:
+                        return self._reply(404, {"error": "no such repo"}, [("X-Error-Code", "RepoNotFound")])
+                    hub.repos[repo].update(json.loads(body))
                     return self._reply(200, {})
                 return self._reply(404, {"error": f"mock hub: no route for PUT {path}"})
 
             def do_GET(self):
-                self._record()
+                path = self._record()
+                repo = path[len("/api/models/"):]
+                if path.startswith("/api/models/") and repo in hub.repos:  # model_info
+                    return self._reply(200, {"id": repo, **hub.repos[repo]})
+                if path.startswith("/api/models/"):
+                    return self._reply(404, {"error": "Repository not found"}, [("X-Error-Code", "RepoNotFound")])
                 return self._reply(404, {"error": "not found"}, [("X-Error-Code", "EntryNotFound")])
 
             do_HEAD = do_GET
@@ -142,6 +157,20 @@ class MockHub:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def requests(self):
+        return [(method, path) for method, path, _ in self.calls]
+
+    def assert_gated_before_upload(self, repo: str, mode: str) -> None:
+        """The repository's gating was set to `mode` before its first upload, and its card states that mode."""
+        order = self.requests()
+        gate = order.index(("PUT", f"/api/models/{repo}/settings"))
+        first_upload = min(i for i, (_, path) in enumerate(order) if path.startswith(f"/api/models/{repo}/preupload"))
+        assert gate < first_upload, order
+        assert self.repos[repo]["gated"] == mode
+        card = validate_model_card(self.files[repo]["README.md"].decode(), gated=mode)  # card agrees with the repo
+        assert card.data.gated is True and card.data.license_name == RAML_LICENSE_NAME
+        assert card.data.license_link == RAML_LICENSE_URL and RAML_LICENSE_URL in self.files[repo]["LICENSE"].decode()
 
 
 @pytest.fixture
@@ -176,8 +205,8 @@ def _load_remotely(model_dir: Path, ref_path: Path, tmp_path: Path) -> str:
         with torch.no_grad():
             out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
         print("MAXDIFF", (out - ref["logits"]).abs().max().item())
-        # the usage section of the card, verbatim in spirit
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the usage section of the card, verbatim in spirit (tests/test_readme.py runs it verbatim)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         stm = model.init_memory(batch_size=1)
         before = stm.memory.clone()
         for query in ["the red fox", "what did the fox find"]:
@@ -336,6 +365,19 @@ def test_card_round_trip_and_validation_errors(moe_model, tokenizer, tmp_path):
         validate_model_card("---\nlicense: [unclosed\n---\nbody")
 
 
+def test_card_access_form_states_the_gating_mode(moe_model):
+    auto = build_model_card(moe_model)  # the default mode
+    manual = build_model_card(moe_model, gated="manual")
+    assert auto.data.extra_gated_description == GATED_DESCRIPTIONS["auto"]
+    assert manual.data.extra_gated_description == GATED_DESCRIPTIONS["manual"]
+    assert auto.data.gated is manual.data.gated is True
+    validate_model_card(manual, gated="manual")
+    with pytest.raises(RxTCardValidationError, match="extra_gated_description must be .* gated='auto'"):
+        validate_model_card(manual, gated="auto")
+    with pytest.raises(ValueError, match="gated=False: an RxT model card describes a gated repository"):
+        build_model_card(moe_model, gated=False)
+
+
 # ============================================================================================== local dir
 def test_save_hub_ready_writes_a_complete_repository(moe_model, tokenizer, tmp_path):
     out = save_hub_ready(moe_model, tmp_path / "repo", tokenizer, repo_id="rxt-org/RxT-Tiny", stages=STAGES,
@@ -356,24 +398,27 @@ def test_save_hub_ready_writes_a_complete_repository(moe_model, tokenizer, tmp_p
 
 
 # ============================================================================================== pushes
+ALLOWED_NAMES = CODE_FILES | {"config.json", "generation_config.json", "model.safetensors", "README.md", "LICENSE",
+                              "rxt_training_stages.json", "tokenizer.json", "tokenizer_config.json",
+                              "chat_template.jinja"}
+
+
 def test_push_uploads_a_gated_repo_that_loads_offline_with_remote_code(hub, moe_model, tokenizer, tmp_path):
     info = push_rxt_to_hub(moe_model, "rxt-org/RxT-Tiny", tokenizer=tokenizer, endpoint=hub.endpoint,
                            stages=STAGES, eval_results=EVAL)
     assert info.commit_url.startswith(hub.endpoint)
-    order = [(method, path) for method, path, _ in hub.calls]
-    assert order == [("POST", "/api/repos/create"), ("PUT", "/api/models/rxt-org/RxT-Tiny/settings"),
-                     ("POST", "/api/validate-yaml"),
-                     ("POST", "/api/models/rxt-org/RxT-Tiny/preupload/main"),
-                     ("POST", "/api/models/rxt-org/RxT-Tiny/commit/main")]
+    assert hub.requests() == [("POST", "/api/repos/create"), ("PUT", "/api/models/rxt-org/RxT-Tiny/settings"),
+                              ("POST", "/api/validate-yaml"),
+                              ("POST", "/api/models/rxt-org/RxT-Tiny/preupload/main"),
+                              ("POST", "/api/models/rxt-org/RxT-Tiny/commit/main")]
     assert all(auth == "Bearer hf_mock_write_token" for _, _, auth in hub.calls)
     assert hub.created["visibility"] == "private"
     assert hub.settings == [("/api/models/rxt-org/RxT-Tiny/settings", {"gated": "auto"})]
+    hub.assert_gated_before_upload("rxt-org/RxT-Tiny", "auto")
     assert len(hub.commits) == 1 and hub.commits[0]["header"]["summary"] == "Upload RxT model (RAML v1.0)"
     assert "license_name: raml-v1.0" in hub.validated[0]["content"]  # the README the Hub was asked to check
     files = hub.files["rxt-org/RxT-Tiny"]
-    assert set(files) == CODE_FILES | {"config.json", "generation_config.json", "model.safetensors", "README.md",
-                                       "LICENSE", "rxt_training_stages.json", "tokenizer.json",
-                                       "tokenizer_config.json", "chat_template.jinja"}
+    assert set(files) == ALLOWED_NAMES
     card = validate_model_card(files["README.md"].decode())
     assert card.data.license_name == RAML_LICENSE_NAME and card.data.datasets == ["roneneldan/TinyStories",
                                                                                  "ReactiveAI/TinyStories-MRL"]
@@ -391,38 +436,118 @@ def test_push_uploads_a_gated_repo_that_loads_offline_with_remote_code(hub, moe_
     assert "STM_UPDATED True STMCache" in stdout
 
 
-def test_push_from_a_trainer_directory_skips_training_leftovers(hub, moe_model, tokenizer, tmp_path):
+def test_push_from_a_directory_uploads_only_the_allow_list(hub, moe_model, tokenizer, tmp_path, caplog):
     out = tmp_path / "run"
-    moe_model.save_pretrained(out)
+    moe_model.save_pretrained(out, max_shard_size="100KB")  # sharded: the index names the weight files
     tokenizer.save_pretrained(out)
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 7, "log_history": [{"loss": 1.5}]}))
     (out / "training_args.bin").write_bytes(b"pickle")
     (out / "optimizer.pt").write_bytes(b"state")
     (out / "mlm_head.safetensors").write_bytes(b"stage-only head")
+    (out / "my_private_notes.py").write_text('HF_TOKEN = "hf_secret_do_not_upload"\n')
     (out / "checkpoint-7").mkdir()
     (out / "checkpoint-7" / "model.safetensors").write_bytes(b"x")
-    push_rxt_to_hub(str(out), "rxt-org/from-dir", endpoint=hub.endpoint, gated="manual", private=False,
-                    commit_message="stage done")
+    (out / "README.md").write_text("a hand-written card without the licence")
+    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1
+    with caplog.at_level("WARNING"):
+        push_rxt_to_hub(str(out), "rxt-org/from-dir", endpoint=hub.endpoint, gated="manual", private=False,
+                        commit_message="stage done")
     files = hub.files["rxt-org/from-dir"]
-    assert not {"trainer_state.json", "training_args.bin", "optimizer.pt", "mlm_head.safetensors"} & set(files)
-    assert not any(name.startswith("checkpoint-") for name in files)
-    assert CODE_FILES | {"model.safetensors", "tokenizer.json", "README.md", "LICENSE"} <= set(files)
-    assert hub.settings[-1][1] == {"gated": "manual"} and hub.created["visibility"] == "public"
+    assert set(files) == (ALLOWED_NAMES - {"model.safetensors"}) | shards | {"model.safetensors.index.json"}
+    assert not any(b"hf_secret_do_not_upload" in content for content in files.values())
+    left_out = "checkpoint-7/, mlm_head.safetensors, my_private_notes.py, optimizer.pt, trainer_state.json, " \
+               "training_args.bin"
+    assert f"Not uploaded to rxt-org/from-dir (not part of the model): {left_out}" in caplog.text
+    assert hub.created["visibility"] == "public"
+    hub.assert_gated_before_upload("rxt-org/from-dir", "manual")  # public, so gated; the card says "manual"
     body = files["README.md"].decode()
     assert "| 1 | training | - | 7 | - | - | 1.5 |" in body  # the stage came from trainer_state.json
 
 
-def test_model_push_to_hub_produces_the_raml_card(hub, moe_model):
-    if "push_to_hub" not in RxTForConversationalGeneration.__dict__:
-        pytest.skip("RxTForConversationalGeneration.push_to_hub is not wired to push_rxt_to_hub yet")
-    constants_endpoint = constants.ENDPOINT
-    try:
-        constants.ENDPOINT = hub.endpoint
-        moe_model.push_to_hub("rxt-org/via-method", commit_message="hello", tags=["extra"])
-    finally:
-        constants.ENDPOINT = constants_endpoint
-    card = validate_model_card(hub.files["rxt-org/via-method"]["README.md"].decode())
-    assert "extra" in card.data.tags and hub.settings[-1][1] == {"gated": "auto"}
+def test_model_push_to_hub_produces_the_raml_card(hub, moe_model, monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)  # transformers' own push_to_hub arguments only
+    moe_model.push_to_hub("rxt-org/via-method", commit_message="hello", tags=["extra"], private=False)
+    assert hub.created["visibility"] == "public"
+    hub.assert_gated_before_upload("rxt-org/via-method", "auto")
+    files = hub.files["rxt-org/via-method"]
+    assert set(files) == ALLOWED_NAMES - {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                          "rxt_training_stages.json"}
+    assert "extra" in validate_model_card(files["README.md"].decode()).data.tags
+    assert hub.commits[0]["header"]["summary"] == "hello"
+
+
+def test_keep_gating_keeps_an_existing_mode_and_refuses_a_new_or_ungated_repo(hub, moe_model):
+    hub.repos["rxt-org/kept"] = {"private": False, "gated": "manual"}
+    push_rxt_to_hub(moe_model, "rxt-org/kept", gated=None, endpoint=hub.endpoint)
+    assert hub.requests()[0] == ("GET", "/api/models/rxt-org/kept")  # the mode to keep is read first
+    hub.assert_gated_before_upload("rxt-org/kept", "manual")
+
+    hub.calls.clear()
+    with pytest.raises(ValueError, match="rxt-org/new does not exist yet and a new repository has no gating to keep"):
+        push_rxt_to_hub(moe_model, "rxt-org/new", gated=None, endpoint=hub.endpoint)
+    hub.repos["rxt-org/open"] = {"private": False, "gated": False}
+    with pytest.raises(ValueError, match="rxt-org/open is not gated on the Hub, so gated=None"):
+        push_rxt_to_hub(moe_model, "rxt-org/open", gated=None, endpoint=hub.endpoint)
+    assert hub.requests() == [("GET", "/api/models/rxt-org/new"), ("GET", "/api/models/rxt-org/open")]
+    assert hub.repos["rxt-org/open"]["gated"] is False and "rxt-org/new" not in hub.repos
+
+
+def test_ungated_or_unlicensed_requests_are_refused_before_any_request(hub, moe_model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="gated=False would publish an RxT model without the RAML v1.0 access form"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", gated=False, private=True, endpoint=hub.endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    with pytest.raises(ValueError, match="gated=False would publish"):
+        moe_model.push_to_hub("rxt-org/x", gated=False)
+    with pytest.raises(TypeError, match="expects an RxT model .* got RxTMemoryAttention"):  # a component alone
+        moe_model.memory_attention.push_to_hub("rxt-org/x")
+    # a card without the licence fields, or one whose access form contradicts the gating mode
+    no_licence = build_model_card(moe_model).content.replace("license_name: raml-v1.0", "license_name: mit")
+    with pytest.raises(RxTCardValidationError, match="license_name"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", card=ModelCard(no_licence), endpoint=hub.endpoint)
+    manual_card = build_model_card(moe_model, gated="manual")
+    with pytest.raises(RxTCardValidationError, match="extra_gated_description must be .* gated='auto'"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", card=manual_card, gated="auto", endpoint=hub.endpoint)
+    assert hub.calls == []
+
+
+def test_rxt_push_keep_on_a_new_public_repo_is_refused(hub, moe_model, tmp_path, capsys):
+    from transformers_rxt.cli import main
+
+    moe_model.save_pretrained(tmp_path / "model")
+    rc = main(["push", str(tmp_path / "model"), "--repo-id", "rxt-org/x", "--gated", "keep", "--public",
+               "--endpoint", hub.endpoint])
+    assert rc == 2
+    assert "rxt push: error: gated=None (--gated keep) keeps the gating of an existing repository, but rxt-org/x " \
+           "does not exist yet" in capsys.readouterr().err
+    assert hub.requests() == [("GET", "/api/models/rxt-org/x")]  # nothing created, nothing uploaded
+    with pytest.raises(SystemExit):  # argparse: an ungated push cannot even be asked for
+        main(["push", str(tmp_path / "model"), "--repo-id", "rxt-org/x", "--gated", "false"])
+
+
+def test_remote_code_copy_refuses_to_push(hub, moe_model, tmp_path):
+    """Without the package, the copied modeling code refuses instead of pushing transformers' generic card."""
+    model_dir = tmp_path / "saved"
+    moe_model.save_pretrained(model_dir)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["transformers_rxt"] = None  # any import of the package fails
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        try:
+            model.push_to_hub("rxt-org/remote", private=False)
+        except ImportError as error:
+            print("REFUSED", error)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_mock_write_token",
+               HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED push_to_hub of an RxT model needs the transformers-rxt package" in result.stdout
+    assert "pip install transformers-rxt" in result.stdout
+    assert hub.calls == []
 
 
 def test_bad_push_input_fails_before_any_request(hub, moe_model, tmp_path, monkeypatch):
@@ -432,15 +557,16 @@ def test_bad_push_input_fails_before_any_request(hub, moe_model, tmp_path, monke
         push_rxt_to_hub(moe_model, None, endpoint=hub.endpoint)
     with pytest.raises(ValueError, match="invalid repo_id"):
         push_rxt_to_hub(moe_model, "a/b/c", endpoint=hub.endpoint)
-    with pytest.raises(ValueError, match="gated="):
+    with pytest.raises(ValueError, match="repo_id 'x' has no namespace: pass 'your-name/x'"):
+        push_rxt_to_hub(moe_model, "x", endpoint=hub.endpoint)
+    with pytest.raises(ValueError, match="gated='yes'"):
         push_rxt_to_hub(moe_model, "rxt-org/x", gated="yes", endpoint=hub.endpoint)
-    card = build_model_card(moe_model).content.replace("license_name: raml-v1.0", "license_name: mit")
-    with pytest.raises(RxTCardValidationError, match="license_name"):
-        push_rxt_to_hub(moe_model, "rxt-org/x", card=ModelCard(card), endpoint=hub.endpoint)
     with pytest.raises(FileNotFoundError, match="config.json"):
         push_rxt_to_hub(str(tmp_path), "rxt-org/x", endpoint=hub.endpoint)
     with pytest.raises(TypeError, match="expects an RxT model"):
         push_rxt_to_hub(torch.nn.Linear(2, 2), "rxt-org/x", endpoint=hub.endpoint)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        push_rxt_to_hub(moe_model, "rxt-org/x", colour="red", endpoint=hub.endpoint)
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(ValueError, match="no Hugging Face token"):
         push_rxt_to_hub(moe_model, "rxt-org/x", endpoint=hub.endpoint)
@@ -486,17 +612,18 @@ def test_rxt_push_command(hub, moe_model, tokenizer, tmp_path, capsys):
     assert args.func(args) == 0
     assert "pushed" in capsys.readouterr().out
     files = hub.files["rxt-org/cli"]
-    assert "tokenizer.json" in files and hub.settings[-1][1] == {"gated": "auto"}
+    assert "tokenizer.json" in files and hub.created["visibility"] == "private"
+    hub.assert_gated_before_upload("rxt-org/cli", "auto")
     card = validate_model_card(files["README.md"].decode())
     assert card.data.datasets == ["roneneldan/TinyStories"] and "TensorBLEU reward: 0.3125" in card.text
     assert json.loads(files["rxt_training_stages.json"]) == STAGES
 
 
 def test_trainer_mixin_with_a_stage_container_and_logged_tokens(moe_model, tmp_path):
-    utils = pytest.importorskip("transformers_rxt.training.utils")
     from transformers import Trainer, TrainingArguments
 
     from transformers_rxt.hub import RxTHubTrainerMixin
+    from transformers_rxt.training import utils
 
     class StageTrainer(RxTHubTrainerMixin, Trainer):
         rxt_stage = "joint-sft"
@@ -509,3 +636,51 @@ def test_trainer_mixin_with_a_stage_container_and_logged_tokens(moe_model, tmp_p
     card = validate_model_card(tmp_path / "out" / "README.md")
     assert "| 1 | joint-sft | - | 5 | - | 4,096 | 2.0 |" in card.text
     assert f"| **Total** | {count_parameters(moe_model)['total']['total']:,} (" in card.text
+
+
+def _joint_trainer(tokenizer, tmp_path, **args):
+    from transformers_rxt.data import pretraining_texts, tokenize_pretraining_dataset
+    from transformers_rxt.training import JointLMConfig, JointLMTrainer
+
+    texts = __import__("datasets").Dataset.from_dict({"text": pretraining_texts(8, seed=1)})
+    data = tokenize_pretraining_dataset(texts, tokenizer, 48, truncation=True)
+    config = JointLMConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
+                           report_to="none", disable_tqdm=True, seed=0, **args)
+    return JointLMTrainer(tiny_model(vocab=VOCAB), config, train_dataset=data, processing_class=tokenizer)
+
+
+def test_stage_trainer_push_to_hub_goes_through_the_gated_push(hub, tokenizer, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    trainer = _joint_trainer(tokenizer, tmp_path, push_to_hub=True, hub_model_id="rxt-org/joint", max_steps=1,
+                             save_strategy="steps", save_steps=1, hub_strategy="every_save")
+    # the repository is created and gated when the trainer opens it, before training
+    assert hub.requests() == [("POST", "/api/repos/create"), ("PUT", "/api/models/rxt-org/joint/settings")]
+    trainer.train()  # the save at step 1 pushes the checkpoint's model files
+    (tmp_path / "out" / "my_private_notes.py").write_text('HF_TOKEN = "hf_secret_do_not_upload"\n')
+    with caplog.at_level("WARNING"):
+        trainer.push_to_hub(dataset="roneneldan/TinyStories", tags="joint-run")
+
+    assert [c["header"]["summary"] for c in hub.commits] == ["Training in progress, step 1", "End of training"]
+    for commit in hub.commits:
+        assert set(commit["files"]) == ALLOWED_NAMES, commit["header"]["summary"]
+    assert "my_private_notes.py" in caplog.text and "training_args.bin" in caplog.text
+    hub.assert_gated_before_upload("rxt-org/joint", "auto")
+    card = validate_model_card(hub.files["rxt-org/joint"]["README.md"].decode(), gated="auto")
+    assert card.data.datasets == ["roneneldan/TinyStories"] and "joint-run" in card.data.tags
+    assert "| 1 | joint-lm | roneneldan/TinyStories | 1 |" in card.text
+    assert json.loads(hub.files["rxt-org/joint"]["rxt_training_stages.json"])[0]["stage"] == "joint-lm"
+
+
+def test_stage_trainer_refuses_ungated_or_optimizer_state_pushes(hub, tokenizer, tmp_path, monkeypatch):
+    from transformers_rxt.training import JointLMTrainer
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    with pytest.raises(ValueError, match="hub_strategy='checkpoint' uploads the optimizer, scheduler and RNG"):
+        _joint_trainer(tokenizer, tmp_path, push_to_hub=True, hub_model_id="rxt-org/j", hub_strategy="checkpoint")
+    monkeypatch.setattr(JointLMTrainer, "rxt_gated", False)
+    with pytest.raises(ValueError, match="gated=False would publish an RxT model without the RAML v1.0 access form"):
+        _joint_trainer(tokenizer, tmp_path, push_to_hub=True, hub_model_id="rxt-org/j")
+    trainer = _joint_trainer(tokenizer, tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="gated=False would publish"):
+        trainer.push_to_hub()
+    assert hub.calls == []

@@ -150,14 +150,18 @@ def test_rollout_carries_memory_and_resets(tmp_path):
     # step 2's pre-step memory = step 1's pre-step memory + the first interaction (so it differs), and the
     # interaction written before step 2 is step 1's generated one: [BOS][Q]query_1[A]answer[EOS]
     assert not torch.allclose(s1["prev_memory"], s2["prev_memory"])
+    assert s1["prev_valid"].all() and s2["prev_valid"].all()  # 3-turn episodes: every row writes every turn
     expect = model.compute_memory_update(s1["prev_ids"], s1["prev_mask"], s1["prev_memory"])
-    gen_ids, gen_mask = model.interactions_from_generation(s1["sequences"], s1["sequences"].shape[1]
-                                                           - s1["completion_ids"].shape[1],
-                                                           s1["sequence_mask"][:, :s1["sequences"].shape[1]
-                                                                               - s1["completion_ids"].shape[1]])
-    assert torch.equal(s2["prev_ids"], gen_ids)
+    assert torch.equal(s2["prev_memory"], expect)
+
+    def generated_interaction(step):
+        prompt_len = step["sequences"].shape[1] - step["completion_ids"].shape[1]
+        return model.interactions_from_generation(step["sequences"], prompt_len, step["sequence_mask"][:, :prompt_len])
+
+    assert all(torch.equal(a, b) for a, b in zip((s2["prev_ids"], s2["prev_mask"]), generated_interaction(s1)))
+    # step 2 answered from `again`; the memory carried to the next batch adds step 2's own interaction
     again = model.compute_memory_update(s2["prev_ids"], s2["prev_mask"], expect)
-    assert again.shape == s2["prev_memory"].shape
+    assert torch.equal(trainer._carried["actor"], model.compute_memory_update(*generated_interaction(s2), again))
     # always-reset: a new batch starts from a fresh memory, not the carried one
     trainer.args.random_resets_ratio = 1.0
     out2 = trainer.collect_rollout(batch)

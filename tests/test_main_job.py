@@ -2,8 +2,6 @@
 check, the Hub-ready directory), resuming, `rxt chat --script`, `rxt eval-memory`, `rxt bench`, and the
 errors of the curriculum runner."""
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -12,27 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from transformers_rxt.cli import build_parser, main
-from transformers_rxt.curriculum import STAGES, CurriculumError, latest_checkpoint, parse_stages, run_curriculum
+from transformers_rxt.curriculum import (
+    STAGES,
+    CurriculumError,
+    is_complete_checkpoint,
+    latest_checkpoint,
+    parse_stages,
+    run_curriculum,
+)
 from transformers_rxt.data import fact_recall_reward
 
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """One micro curriculum (stages 0-5 + retention check + Hub-ready dir), shared by the tests below."""
-    out = tmp_path_factory.mktemp("micro")
-    threads = torch.get_num_threads()
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):  # same dialogues as the micro stage-4 check: 16, distances <= 8
-            code = main(["train", "--preset", "micro", "--output", str(out), "--eval-dialogues", "16"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, log.getvalue()
-    micro_log[str(out)] = log.getvalue()
-    return out
-
-
-micro_log: dict = {}
+from conftest import micro_log
 
 
 def test_micro_curriculum_runs_every_stage(micro_run):
@@ -47,7 +35,11 @@ def test_micro_curriculum_runs_every_stage(micro_run):
     log = micro_log[str(micro_run)]
     for stage in STAGES:
         assert f"[rxt train] stage {stage.number} (" in log
-    assert "the same dialogues before and after stage5" in log  # stage 4 vs stage 5 on identical dialogues
+    # stage 4 vs stage 5 on identical dialogues: one table, headed by what it measured, with the change's noise band
+    assert "the same questions before and after stage5" in log
+    assert "[16 heldout dialogues, fact-question distances 1-8, corpus seed 2;" in log
+    assert "change in recall, stage4 -> stage5:" in log and "95% noise band" in log
+    assert log.count("distance |") == 3  # stage 4's check, stage 5's before/after check, the final comparison
     assert "Hub-ready model directory" in log
 
 
@@ -72,15 +64,42 @@ def test_rerun_skips_completed_stages(micro_run, capsys):
     assert "memory retention of" not in log  # the saved result of the same model and dialogues is reused
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint(micro_run, tmp_path, capsys):
+def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(micro_run, tmp_path, capsys):
+    """A run killed while writing checkpoint-12 leaves a folder without weights: the rerun used to pick it and
+    fail on every try. It resumes from checkpoint-6 now, and the report counts the tokens of all 12 steps (it
+    used to count only those after the checkpoint)."""
     out = tmp_path / "run"
-    shutil.copytree(micro_run, out, ignore=shutil.ignore_patterns("stage5", "hub"))
-    (out / "stage4" / "stage_report.json").unlink()  # stage 4 "stopped" after its checkpoint
-    checkpoint = latest_checkpoint(out / "stage4")
-    assert checkpoint is not None and checkpoint.name == "checkpoint-12"
+    shutil.copytree(micro_run, out, ignore=shutil.ignore_patterns("stage4", "stage5", "hub"))
+    run_curriculum("micro", out, "4", extra_args=["--max_steps", "6"])  # the run "stopped" after checkpoint-6
+    (out / "stage4" / "stage_report.json").unlink()
+    broken = out / "stage4" / "checkpoint-12"
+    broken.mkdir()
+    shutil.copy(out / "stage4" / "checkpoint-6" / "config.json", broken)  # killed before the weights were written
+    assert latest_checkpoint(out / "stage4").name == "checkpoint-6"
+    capsys.readouterr()
     reports = run_curriculum("micro", out, "4")
-    assert f"resuming from {checkpoint.name}" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "checkpoint-12 is incomplete" in log and "resuming from checkpoint-6" in log
+    full = json.loads((micro_run / "stage4" / "stage_report.json").read_text())
     assert reports[0]["steps"] == 12 and not reports[0]["skipped"]
+    assert reports[0]["train_tokens"] == full["train_tokens"] > 0
+
+
+def test_only_checkpoints_the_trainer_finished_count_as_complete(tmp_path):
+    def checkpoint(step: int, files: dict) -> None:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+    checkpoint(5, {"model.safetensors": "w", "trainer_state.json": '{"global_step": 5}'})
+    checkpoint(10, {"model.safetensors": "w", "trainer_state.json": '{"global_st'})  # cut off while writing
+    checkpoint(15, {"trainer_state.json": '{"global_step": 15}'})  # no weights
+    checkpoint(20, {"model.safetensors": "w"})  # no state: the save stopped before its last file
+    assert [is_complete_checkpoint(tmp_path / f"checkpoint-{n}") for n in (5, 10, 15, 20)] == [True, False, False,
+                                                                                                False]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
 
 
 def test_chat_script_streams_and_updates_memory(micro_run, tmp_path, capsys):

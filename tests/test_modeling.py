@@ -1,6 +1,7 @@
 """Behaviour of the RxT model: every configuration option builds and runs, round trips, dtypes, errors."""
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers_rxt import RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, STMCache
 from transformers_rxt.conversion import save_rxlm_checkpoint
 from transformers_rxt.modeling_rxt import RxTAttention, apply_rope, rope_inv_freq
+from transformers_rxt.training.utils import load_rxt_model
 
 from rxt_factories import interaction_batch, tiny_config, tiny_model
 
@@ -180,6 +182,10 @@ def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_pat
 def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path):
     model = _perturb(tiny_model(decoder=ATTENTION["gated"]))
     model.save_pretrained(tmp_path / "model")
+    model.save_pretrained(tmp_path / "broken")  # the same, with one weight missing: refused remotely too
+    weights = load_file(tmp_path / "broken" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "decoder.head.bias"}, tmp_path / "broken" / "model.safetensors",
+              metadata={"format": "pt"})
     ids, mask = interaction_batch(vocab=model.config.vocab_size)
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -195,12 +201,17 @@ def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path)
         with torch.no_grad():
             out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
         print("MAXDIFF", (out - ref["logits"]).abs().max().item())
+        try:
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / 'broken')!r}, trust_remote_code=True)
+        except ValueError as error:
+            print("REFUSED", str(error).splitlines()[1])
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MAXDIFF 0.0" in result.stdout
+    assert "REFUSED   missing weights (1): ['decoder.head.bias']" in result.stdout
 
 
 def test_bfloat16_end_to_end():
@@ -240,19 +251,19 @@ def test_padding_does_not_change_real_token_logits():
 
 
 # ------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(decoder=dict(embed_dim=30)), "must divide embed_dim"),
-    (dict(decoder=dict(att_groups=3, att_query_groups=2)), "multiple of the smaller"),
-    (dict(decoder=dict(self_att_type="gqa", att_groups=3)), "multiple of att_groups"),
-    (dict(encoder=dict(num_layers=3)), "num_layers must agree"),
-    (dict(decoder=dict(use_moe=True, num_experts=2, moe_top_k=3)), "moe_top_k"),
-    (dict(memory=dict(variant="grouped-self-interlayer", num_groups=3)), "divisible by num_groups"),
-    (dict(memory=dict(norm_type="batch")), "norm_type"),
-    (dict(decoder=dict(self_att_type="hybrid")), "linear/hybrid"),
-    (dict(decoder=dict(flash=True)), "unknown option"),
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(decoder=dict(embed_dim=30)), ValueError, "must divide embed_dim"),
+    (dict(decoder=dict(att_groups=3, att_query_groups=2)), ValueError, "multiple of the smaller"),
+    (dict(decoder=dict(self_att_type="gqa", att_groups=3)), ValueError, "multiple of att_groups"),
+    (dict(encoder=dict(num_layers=3)), ValueError, "num_layers must agree"),
+    (dict(decoder=dict(use_moe=True, num_experts=2, moe_top_k=3)), ValueError, "moe_top_k"),
+    (dict(memory=dict(variant="grouped-self-interlayer", num_groups=3)), ValueError, "divisible by num_groups"),
+    (dict(memory=dict(norm_type="batch")), ValueError, "norm_type"),
+    (dict(decoder=dict(self_att_type="hybrid")), NotImplementedError, "linear/hybrid"),
+    (dict(decoder=dict(flash=True)), ValueError, "unknown option"),
 ])
-def test_config_errors_name_the_problem(kwargs, message):
-    with pytest.raises((ValueError, NotImplementedError), match=message):
+def test_config_errors_name_the_problem(kwargs, error, message):
+    with pytest.raises(error, match=message):
         tiny_config(**kwargs)
 
 
@@ -290,9 +301,81 @@ def test_missing_and_unexpected_weights_are_listed(tmp_path):
     weights.pop("decoder.model.layers.1.ff.fc2.bias")
     weights["decoder.model.layers.0.bogus.weight"] = torch.zeros(1)
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match=r"(?s)missing weights \(1\): \['decoder.layers.1.ff.fc2.bias'\]"
+                                         r".*unexpected weights \(1\): \['decoder.layers.0.bogus.weight'\]"
+                                         r".*Fix: config.json and model.safetensors must come from the same rxlm"):
         RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
-    assert "decoder.layers.1.ff.fc2.bias" in str(error.value) and "decoder.layers.0.bogus.weight" in str(error.value)
+
+
+HF_LOADERS = {
+    "class": lambda path, **kw: RxTForConversationalGeneration.from_pretrained(path, **kw),
+    "auto": lambda path, **kw: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw),
+    "load_rxt_model": lambda path, **kw: load_rxt_model(path, **kw),
+}
+
+
+@pytest.mark.parametrize("loader", HF_LOADERS)
+def test_hf_checkpoint_missing_or_unexpected_weights_are_refused(loader, tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop("decoder.head.weight")
+    weights["decoder.layers.0.bogus.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?s)refusing to load it with randomly initialised weights"
+                                         r".*missing weights \(1\): \['decoder.head.weight'\]"
+                                         r".*unexpected weights \(1\): \['decoder.layers.0.bogus.weight'\]"
+                                         r".*Fix: config.json and the weights must come from the same save_pretrained"):
+        HF_LOADERS[loader](str(tmp_path))
+
+
+def test_hf_checkpoint_mis_shaped_weights_are_refused_unless_reinitialised_on_purpose(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["decoder_config"]["ff_dim"] = 40  # the weights were trained with 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"(?s)weights whose shape differs from the config \(6\): "
+                                         r"decoder.layers.0.ff.fc1.linear.bias checkpoint \(96,\) vs model \(80,\)"
+                                         r".*pass ignore_mismatched_sizes=True"):
+        RxTForConversationalGeneration.from_pretrained(tmp_path)
+    model, info = RxTForConversationalGeneration.from_pretrained(tmp_path, ignore_mismatched_sizes=True,
+                                                                 output_loading_info=True)
+    assert {name for name, *_ in info["mismatched_keys"]} == {
+        f"decoder.layers.{i}.ff.{w}" for i in (0, 1) for w in ("fc1.linear.weight", "fc1.linear.bias", "fc2.weight")}
+    assert not info["missing_keys"] and model.decoder.layers[0].ff.fc2.weight.shape == (32, 40)
+
+
+@pytest.mark.parametrize("component, key", [("decoder_config", "rope_base"), ("encoder_config", "ff_activation"),
+                                            ("memory_attention_config", "variant"), (None, "stm_init_type"),
+                                            (None, "decoder_config")])
+def test_saved_config_missing_an_option_names_it(component, key, tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del (config[component] if component else config)[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    name = f"{component}.{key}" if component else key
+    for load in HF_LOADERS.values():
+        with pytest.raises(ValueError, match=rf"the saved RxTConfig \(config.json\) lacks \['{name}'\]: a default "
+                                             "would silently build a different model"):
+            load(str(tmp_path))
+
+
+def test_memory_attention_component_load_is_checked_too(tmp_path):
+    component = tiny_model().memory_attention
+    component.save_pretrained(tmp_path)
+    loaded = RxTMemoryAttention.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), component.state_dict().values()))
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"missing weights \(1\): \['{dropped}'\]"):
+        RxTMemoryAttention.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["memory_attention_config"]["norm_type"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"RxTMemoryAttentionConfig \(config.json\) lacks "
+                                         r"\['memory_attention_config.norm_type'\]"):
+        RxTMemoryAttention.from_pretrained(tmp_path)
 
 
 def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):

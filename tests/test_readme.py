@@ -1,23 +1,31 @@
-"""The README's Python snippets run as written: placeholders ("path/or/hub-id", ...) are swapped for local files
-(the rxlm fixture, a tiny Llama), and step counts / model sizes are shrunk; nothing else is edited. Snippets that
-need the network or elided arguments (`...`) are skipped by name."""
+"""The README's and the model card's Python snippets run as written.
 
+The Quickstart snippets and the card's Usage snippet run unchanged on the model the main job trains (the
+`micro` preset, trained once per session by the `micro_run` fixture); only the repository-id placeholder is
+swapped for its local directory. Elsewhere placeholders ("path", "path/to/llama", ...) become local files
+and step counts / model sizes are shrunk; nothing else is edited.
+"""
+
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import FIXTURES
+from conftest import require_parity_fixture
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-RXLM = FIXTURES / "rxt-alpha-tiny"
-MEMATTN = FIXTURES / "memattn-interlayer-tiny"
 
 
-def snippet(marker: str) -> str:
-    """The README python block that contains `marker` (exactly one)."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if marker in b]
-    assert len(blocks) == 1, f"{len(blocks)} README python blocks contain {marker!r}"
+def snippet(marker: str, text: str | None = None) -> str:
+    """The python block of `text` (default: the README) that contains `marker` (exactly one)."""
+    text = README.read_text() if text is None else text
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} python blocks contain {marker!r}"
     return blocks[0]
 
 
@@ -29,37 +37,57 @@ def run(code: str, namespace: dict, replacements: dict) -> dict:
     return namespace
 
 
-@pytest.fixture
-def hf_model_dir(tmp_path, monkeypatch):
-    if not RXLM.is_dir():
-        pytest.skip(f"rxlm fixture not found at {RXLM}")
-    from transformers_rxt.conversion import convert_rxlm_checkpoint
+def test_quickstart_snippets_run_as_written_on_the_main_jobs_model(micro_run, tmp_path, monkeypatch, capsys):
+    from transformers_rxt import STMCache
 
-    convert_rxlm_checkpoint(str(RXLM), str(tmp_path / "model"))
-    monkeypatch.chdir(tmp_path)  # snippets write files (conversation.safetensors, out/, llama-sqa)
-    return str(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)  # the snippets write conversation.safetensors
+    hub = str(micro_run / "hub")
+    ns = run(snippet('from_pretrained("path/or/hub-id"'), {}, {"path/or/hub-id": hub})
+    answers = capsys.readouterr().out.splitlines()
+    assert len(answers) == 2 and all(answers), answers
+    saved = STMCache.load("conversation.safetensors", model=ns["model"])
+    assert torch.equal(saved.memory, ns["stm"].memory)
 
-
-def test_quickstart_snippets(hf_model_dir, capsys):
-    ns = run(snippet('from_pretrained("path/or/hub-id"'), {}, {"path/or/hub-id": hf_model_dir,
-                                                                "max_new_tokens=64": "max_new_tokens=8"})
-    assert Path("conversation.safetensors").is_file()
-    ns = run(snippet("tokenize_prompts(tokenizer, queries)"), ns, {"max_new_tokens=64": "max_new_tokens=8"})
+    ns = run(snippet("tokenize_prompts(tokenizer, queries)"), ns, {})
     assert ns["stm"].memory.shape[0] == 3 and ns["out"].shape[0] == 4
-    run(snippet("model.interact("), ns, {"max_seq_len=256": "max_seq_len=24"})
-    assert capsys.readouterr().out
+
+    ns = run(snippet("model.interact("), ns, {})
+    streamed = capsys.readouterr().out
+    assert streamed.endswith("\n[Memory update]\n[Memory updated]") and len(streamed) > len(
+        "\n[Memory update]\n[Memory updated]"), streamed
+    assert not torch.equal(ns["stm"].memory, saved.memory)  # interact continued the saved conversation
+
+
+def test_model_card_usage_snippet_runs_as_written_without_the_package(micro_run, tmp_path):
+    """The card's Usage section, as a Hub user runs it: plain transformers, remote code, no transformers_rxt."""
+    hub = micro_run / "hub"
+    code = snippet("AutoModelForCausalLM.from_pretrained(repo", (hub / "README.md").read_text())
+    assert 'repo = "<namespace>/<model-name>"' in code  # the main job exports without a repo id
+    code = code.replace('"<namespace>/<model-name>"', repr(str(hub)))
+    script = "import sys\nsys.modules['transformers_rxt'] = None  # any import of the package fails\n" + code
+    script += textwrap.dedent("""
+        stm.wait()
+        print("STM", type(stm).__module__, tuple(stm.memory.shape))
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    *answers, stm_line = result.stdout.splitlines()
+    assert len(answers) == 2 and stm_line.startswith("STM transformers_modules."), result.stdout
+    assert "trust_remote_code" not in result.stderr, result.stderr[-3000:]  # no prompt, no warning
 
 
 def test_rxlm_loading_snippet():
-    if not MEMATTN.is_dir():
-        pytest.skip(f"rxlm fixture not found at {MEMATTN}")
-    ns = run(snippet("from_rxlm_pretrained"), {}, {'("path")': f"({str(RXLM)!r})",
-                                                   '("component-path")': f"({str(MEMATTN)!r})"})
+    rxlm, memattn = require_parity_fixture("rxt-alpha-tiny"), require_parity_fixture("memattn-interlayer-tiny")
+    ns = run(snippet("from_rxlm_pretrained"), {}, {'("path")': f"({str(rxlm)!r})",
+                                                   '("component-path")': f"({str(memattn)!r})"})
     assert not ns["model"].training and ns["memattn"] is not None
 
 
-def test_impo_dmpo_snippet(hf_model_dir):
-    ns = run(snippet("IMPOTrainer("), {}, {'"outputs/tiny/stage4"': repr(hf_model_dir),
+def test_impo_dmpo_snippet(micro_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the snippet writes out/impo, out/dmpo
+    ns = run(snippet("IMPOTrainer("), {}, {'"outputs/tiny/stage4"': repr(str(micro_run / "stage4")),
                                            "max_steps=150": "max_steps=1", "max_steps=100": "max_steps=1",
                                            "build_memory_dialogues(2000,": "build_memory_dialogues(16,"})
     assert ns["impo"].state.global_step == 1 and ns["dmpo"].state.global_step == 1
@@ -73,7 +101,6 @@ def test_tensorbleu_snippets():
 
 
 def test_sqa_llama_snippet(tmp_path, monkeypatch):
-    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     monkeypatch.chdir(tmp_path)

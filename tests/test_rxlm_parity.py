@@ -5,6 +5,10 @@ placed there): float32, max abs diff <= 1e-5.
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,21 +16,9 @@ from safetensors.torch import load_file
 
 from transformers_rxt import RxTForConversationalGeneration, RxTMemoryAttention, STMCache
 
-from conftest import FIXTURES
+from conftest import golden_fixture_params
 
 ATOL = 1e-5
-
-
-def _fixture_dirs(kind):
-    if not FIXTURES.is_dir():
-        return []
-    found = []
-    for path in sorted(p for p in FIXTURES.iterdir() if (p / "golden.safetensors").is_file()):
-        config = json.loads((path / "config.json").read_text())
-        is_full = "decoder_config" in config
-        if (kind == "full") == is_full:
-            found.append(pytest.param(path, id=path.name))
-    return found
 
 
 def _layer_first_to_stm(tensor):
@@ -51,7 +43,7 @@ def _turn_names(golden):
     return sorted({k.split(".")[0] for k in golden if k.startswith("turn")})
 
 
-@pytest.mark.parametrize("loaded", _fixture_dirs("full"), indirect=True)
+@pytest.mark.parametrize("loaded", golden_fixture_params("full"), indirect=True)
 def test_loads_in_eval_mode_with_the_variant_the_weights_hold(loaded):
     model, _, meta = loaded
     assert not model.training
@@ -62,7 +54,7 @@ def test_loads_in_eval_mode_with_the_variant_the_weights_hold(loaded):
         assert model.config.memory_attention_config["variant"] == expected
 
 
-@pytest.mark.parametrize("loaded", _fixture_dirs("full"), indirect=True)
+@pytest.mark.parametrize("loaded", golden_fixture_params("full"), indirect=True)
 @torch.no_grad()
 def test_encoder_layers_and_memory_init(loaded):
     model, golden, _ = loaded
@@ -77,7 +69,7 @@ def test_encoder_layers_and_memory_init(loaded):
     assert _max_diff(stm.memory.transpose(0, 1), golden["stm_after_init"]) <= ATOL
 
 
-@pytest.mark.parametrize("loaded", _fixture_dirs("full"), indirect=True)
+@pytest.mark.parametrize("loaded", golden_fixture_params("full"), indirect=True)
 @torch.no_grad()
 def test_every_turn_teacher_forced_logits_and_memory_update(loaded):
     model, golden, _ = loaded
@@ -97,7 +89,7 @@ def test_every_turn_teacher_forced_logits_and_memory_update(loaded):
         assert _max_diff(stm.memory.transpose(0, 1), golden[f"{turn}.stm_after"]) <= ATOL, turn
 
 
-@pytest.mark.parametrize("loaded", _fixture_dirs("full"), indirect=True)
+@pytest.mark.parametrize("loaded", golden_fixture_params("full"), indirect=True)
 @torch.no_grad()
 def test_batched_memory_update(loaded):
     model, golden, _ = loaded
@@ -108,7 +100,7 @@ def test_batched_memory_update(loaded):
     assert _max_diff(stm.memory.transpose(0, 1), golden["batch.stm_after"]) <= ATOL
 
 
-@pytest.mark.parametrize("path", _fixture_dirs("component"))
+@pytest.mark.parametrize("path", golden_fixture_params("component"))
 @torch.no_grad()
 def test_memory_attention_component_updates(path):
     model = RxTMemoryAttention.from_rxlm_pretrained(str(path))
@@ -120,3 +112,22 @@ def test_memory_attention_component_updates(path):
         memory = model(stm=memory, encoded=golden[f"{name}.encoded"].transpose(0, 1),
                        attention_mask=golden[f"{name}.attention_mask"])
         assert _max_diff(memory.transpose(0, 1), golden[f"{name}.stm_after"]) <= ATOL, name
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_fixtures_fail_in_ci_and_skip_elsewhere(ci, tmp_path):
+    """A clean clone without ../shared must not pass CI on skips; locally the skip names the path."""
+    missing = tmp_path / "no-fixtures"
+    env = dict(os.environ, CI=ci, RXT_PARITY_FIXTURES=str(missing))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "not test_missing_fixtures_fail_in_ci"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert f"no rxlm parity fixture of a full RxT model (golden.safetensors) found in {missing}" in result.stdout
+    # every parity test (4 on full models, 1 on the memory-attention component) errors at setup, or skips
+    if ci:
+        assert result.returncode == 1 and "5 errors" in summary, result.stdout[-3000:]
+        assert not re.search("passed|failed|skipped", summary), summary
+    else:
+        assert result.returncode == 0 and "5 skipped" in summary, result.stdout[-3000:]
+        assert not re.search("passed|failed|error", summary), summary

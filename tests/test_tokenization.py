@@ -299,7 +299,7 @@ def test_chat_template_rejects_malformed(tok):
             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
             add_generation_prompt=True,
         )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="two user/tool messages in a row"):
         messages_to_interactions([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
@@ -327,7 +327,7 @@ def test_parse_interaction_text():
         "ok",
         "call",
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"interaction text has no \[Q\] or \[U\] marker"):
         parse_interaction_text("[A]no query")
 
 

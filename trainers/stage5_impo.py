@@ -43,12 +43,25 @@ def evaluate(trainer, model_args, data, tokenizer, heldout_tok):
     out = {}
     res = evaluate_heldout_retention(rxt, tokenizer, model_args.retention_dialogues,
                                      model_args.retention_max_distance, seed=data.corpus_seed + 2, batch_size=64)
-    out["fact_accuracy"] = {"memory": res["memory"], "reset": res["reset"]}
+    out["fact_accuracy"] = {"memory": res["memory"], "reset": res["reset"], "dialogues": res["dialogues"]}
     out["perplexity"] = res.get("perplexity")
     out["table"] = res["table"]
     if hasattr(trainer, "evaluate_rewards") and heldout_tok is not None:
         out["reward"] = trainer.evaluate_rewards(heldout_tok, max_batches=model_args.reward_eval_batches)
     return out
+
+
+def print_check(algorithm: str, results: dict) -> None:
+    """Stage 5's own before/after check: one table, headed by the dialogues it used (the short distances the
+    stage trains on; `rxt train`'s final check covers longer ones), with the change's noise band."""
+    from transformers_rxt.training import compare_retention
+
+    before, after = (results[when]["fact_accuracy"] for when in ("before", "after"))
+    print(f"[stage5 {algorithm}] held-out recall before and after this stage (memory carried):")
+    print(compare_retention(before, after))
+    rewards = [results[when].get("reward", {}).get("reward") for when in ("before", "after")]
+    if None not in rewards:
+        print(f"[stage5 {algorithm}] mean held-out rollout reward: {rewards[0]:.3f} -> {rewards[1]:.3f}")
 
 
 def main() -> None:
@@ -95,10 +108,7 @@ def main() -> None:
         results["after"] = evaluate(trainer, model_args, data, tokenizer, heldout)
         with open(os.path.join(args.output_dir, "stage5_eval.json"), "w") as f:
             json.dump(results, f, indent=2)
-        for when in ("before", "after"):
-            r = results[when]
-            print(f"[stage5 {algorithm}] {when}: reward {r.get('reward', {}).get('reward')}")
-            print(r["table"])
+        print_check(algorithm, results)
     trainer.accelerator.wait_for_everyone()
 
 

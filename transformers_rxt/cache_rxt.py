@@ -6,7 +6,8 @@ conversations, one row each), laid out batch-first as `[batch, layers, slots, di
 
 A memory update may run in the background (see `RxTForConversationalGeneration.generate`). Every read of
 `memory`, and the next `generate`, waits for it; a failed update is re-raised on the next read instead of
-leaving a half-written or stale memory in place.
+leaving a half-written or stale memory in place. On CPU the update runs on a non-daemon thread, so the
+interpreter waits for it before it exits; on CUDA it is queued on a side stream from the caller's thread.
 
 This file is copied next to the weights by `save_pretrained` (remote code): stdlib, torch and
 safetensors only.
@@ -14,18 +15,67 @@ safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-STM_FORMAT_VERSION = 1
+# 2: the model signature carries the owning model's config fingerprint.
+STM_FORMAT_VERSION = 2
 
 
 class MemoryUpdateError(RuntimeError):
     """A background memory update failed; the conversation's memory is no longer valid."""
+
+
+class TorchThreadContext:
+    """The calling thread's torch settings, to be re-entered on a worker thread.
+
+    Grad mode, inference mode and autocast are thread-local in torch, so a new thread starts without them
+    (and would compute an update that differs from the synchronous one); the intra-op thread count is
+    carried too, so that background work uses what the caller chose.
+    """
+
+    AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+    def __init__(self):
+        self.grad_enabled = torch.is_grad_enabled()
+        self.inference_mode = torch.is_inference_mode_enabled()
+        self.num_threads = torch.get_num_threads()
+        self.autocast = {device_type: torch.get_autocast_dtype(device_type)
+                         for device_type in self.AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)}
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Run the body with the captured settings (meant for a fresh worker thread)."""
+        torch.set_num_threads(self.num_threads)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(self.inference_mode))
+            stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
+            for device_type, dtype in self.autocast.items():
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=self.autocast_cache))
+            yield
+
+
+def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start `target` on a non-daemon thread that runs in the caller's torch context.
+
+    Non-daemon: the interpreter joins it before it finalises. A daemon thread would be stopped inside a
+    torch op at exit, which aborts the process ("terminate called without an active exception").
+    """
+    context = TorchThreadContext()
+
+    def run() -> None:
+        with context.applied():
+            target()
+
+    thread = threading.Thread(target=run, name=name, daemon=False)
+    thread.start()
+    return thread
 
 
 class STMCache:
@@ -33,9 +83,11 @@ class STMCache:
 
     Args:
         memory (`torch.Tensor`): `[batch, layers, slots, dim]`.
-        model_signature (`dict`, *optional*): the geometry of the model that produced it (layers, slots, dim,
-            model type). Set by `init_memory`; checked by the model and by `load` so that a memory is never
-            fed to a model it does not belong to.
+        model_signature (`dict`, *optional*): the model that owns it: geometry (layers, slots, dim, model
+            type) and a fingerprint of its architecture config. Set by `init_memory`; checked by the model,
+            by `load(model=)` and by `cat`, so that a memory is never fed to a model it does not belong to.
+            A cache created bare, `STMCache(memory)`, has no owner yet: the first model that uses it
+            accepts it (after checking its shape) and binds it to itself.
     """
 
     def __init__(self, memory: torch.Tensor, model_signature: Optional[dict] = None):
@@ -48,15 +100,24 @@ class STMCache:
         self._memory = memory
         self.model_signature = dict(model_signature) if model_signature else None
         self._lock = threading.Lock()
-        self._pending: Optional[threading.Thread] = None
-        self._done = threading.Event()
+        self._done = threading.Event()  # cleared while an update is reserved or running on the host
         self._done.set()
+        self._event: Optional["torch.cuda.Event"] = None  # a side-stream update still running on the GPU
+        self._in_flight: Optional[Callable] = None  # keeps that update's inputs alive until it has run
         self._error: Optional[BaseException] = None
 
     # ------------------------------------------------------------------ background updates
+    def _settle(self) -> None:
+        """Block until no update is pending (host thread or GPU side stream), without raising."""
+        self._done.wait()
+        event = self._event
+        if event is not None:
+            event.synchronize()
+            self._event = self._in_flight = None
+
     def wait(self) -> "STMCache":
         """Block until a pending memory update has finished; re-raise its error if it failed."""
-        self._done.wait()
+        self._settle()
         if self._error is not None:
             raise MemoryUpdateError(
                 "the last memory update of this STMCache failed, so its memory is stale; "
@@ -66,7 +127,8 @@ class STMCache:
 
     @property
     def update_pending(self) -> bool:
-        return not self._done.is_set()
+        event = self._event
+        return not self._done.is_set() or (event is not None and not event.query())
 
     def reserve(self) -> None:
         """Mark an update as pending before it can be computed (e.g. while the answer is being generated).
@@ -84,33 +146,48 @@ class STMCache:
 
     def run_update(self, compute: Callable[[torch.Tensor], torch.Tensor], background: bool = False,
                    reserved: bool = False) -> None:
-        """Replace the memory with `compute(current_memory)`, now or on a background thread.
+        """Replace the memory with `compute(current_memory)`, now or in the background.
 
-        Only one update can be pending: a new one first waits for the previous one (unless this call
-        completes a `reserve()`).
+        In the background, a CUDA memory is updated on a side stream queued from this thread (`wait()`
+        synchronises with it); any other memory on a non-daemon thread that carries this thread's torch
+        context (autocast, inference and grad mode, thread count). Its error is re-raised by the next
+        `wait()` or read. Only one update can be pending: a new one first waits for the previous one
+        (unless this call completes a `reserve()`).
         """
         if not reserved:
             self.reserve()
-        if not background:
+        if background and self._memory.is_cuda:
+            self._finish(lambda: self._queue_on_side_stream(compute))
+        elif background:
             try:
-                self._set(compute(self._memory))
-            except BaseException as error:
-                self._error = error
+                start_thread(lambda: self._finish(lambda: self._set(compute(self._memory)), reraise=False),
+                             name="rxt-memory-update")
+            except RuntimeError:  # no new thread (e.g. while the interpreter shuts down): finish it here
+                self._finish(lambda: self._set(compute(self._memory)))
+        else:
+            self._finish(lambda: self._set(compute(self._memory)))
+
+    def _finish(self, update: Callable[[], None], reraise: bool = True) -> None:
+        """Run `update`, record its failure on the cache, and end the pending state."""
+        try:
+            update()
+        except BaseException as error:  # noqa: BLE001 - kept for the next wait(); re-raised here when asked
+            self._error = error
+            if reraise:
                 raise
-            finally:
-                self._done.set()
-            return
+        finally:
+            self._done.set()
 
-        def work() -> None:
-            try:
-                self._set(compute(self._memory))
-            except BaseException as error:  # noqa: BLE001 - re-raised on the caller's next read
-                self._error = error
-            finally:
-                self._done.set()
-
-        self._pending = threading.Thread(target=work, name="rxt-memory-update", daemon=True)
-        self._pending.start()
+    def _queue_on_side_stream(self, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        device = self._memory.device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the answer's kernels come first
+        with torch.cuda.stream(stream):
+            self._set(compute(self._memory))
+            self._event = stream.record_event()
+        # The caller may drop the interaction tensors at once; holding `compute` (and with it them) until the
+        # event has passed keeps the allocator from handing their memory to other kernels meanwhile.
+        self._in_flight = compute
 
     def _set(self, new_memory: torch.Tensor) -> None:
         if new_memory.shape != self._memory.shape:
@@ -184,12 +261,33 @@ class STMCache:
         """A cache sharing storage but cut from the autograd graph (e.g. between training turns)."""
         return self._like(self.memory.detach())
 
-    def select(self, rows: Union[int, Sequence[int], torch.Tensor]) -> "STMCache":
-        """A new cache with the given conversations (rows), e.g. to drop finished conversations from a batch."""
-        index = torch.as_tensor([rows] if isinstance(rows, int) else rows, dtype=torch.long, device=self.device)
-        if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
+    def _row_index(self, rows) -> torch.Tensor:
+        """`rows` as a long index: an int, a sequence or tensor of ints, or a boolean mask of length batch."""
+        if isinstance(rows, bool):
+            raise TypeError(f"a single bool ({rows}) is not a row index: pass a boolean mask with one entry per row "
+                            f"({self.batch_size}) or integer row indices")
+        index = torch.as_tensor([rows] if isinstance(rows, int) else rows, device=self.device)
+        if index.numel() == 0:
+            return index.to(torch.long).reshape(0)
+        if index.dtype == torch.bool:
+            if index.shape != (self.batch_size,):
+                raise IndexError(f"a boolean row mask needs one entry per conversation: got shape {tuple(index.shape)} "
+                                 f"for an STMCache of batch {self.batch_size}")
+            return index.nonzero().reshape(-1)
+        if index.is_floating_point() or index.is_complex() or index.dim() > 1:
+            raise TypeError(f"rows must be integer indices or a boolean mask, got a {index.dtype} tensor of shape "
+                            f"{tuple(index.shape)}: convert it with .long() (or .bool() for a mask) if that is meant")
+        index = index.to(torch.long).reshape(-1)
+        if index.min() < -self.batch_size or index.max() >= self.batch_size:
             raise IndexError(f"row index out of range for an STMCache of batch {self.batch_size}: {index.tolist()}")
-        return self._like(self.memory.index_select(0, index % max(self.batch_size, 1)).clone())
+        return index % self.batch_size
+
+    def select(self, rows: Union[int, Sequence[int], Sequence[bool], torch.Tensor]) -> "STMCache":
+        """A new cache with the given conversations (rows), e.g. `stm.select(~finished)` to drop finished ones.
+
+        `rows` is an int, integer indices (a sequence or tensor), or a boolean mask with one entry per row.
+        """
+        return self._like(self.memory.index_select(0, self._row_index(rows)).clone())
 
     def __getitem__(self, rows) -> "STMCache":
         if isinstance(rows, slice):
@@ -198,30 +296,35 @@ class STMCache:
 
     @classmethod
     def cat(cls, caches: Iterable["STMCache"]) -> "STMCache":
-        """Concatenate conversations from several caches of the same model into one batch."""
+        """Concatenate conversations from several caches of the same model into one batch.
+
+        Caches bound to different models (see `model_signature`) are refused; unbound caches join any.
+        """
         caches = list(caches)
         if not caches:
             raise ValueError("STMCache.cat needs at least one cache")
-        first = caches[0]
-        for other in caches[1:]:
-            if other.shape[1:] != first.shape[1:] or other.model_signature != first.model_signature:
+        geometry = caches[0].shape[1:]
+        owners = [c.model_signature for c in caches if c.model_signature]
+        for other in caches:
+            if other.shape[1:] != geometry or (other.model_signature and other.model_signature != owners[0]):
                 raise ValueError(
-                    f"cannot concatenate STM caches of different models: {tuple(first.shape[1:])} "
-                    f"{first.model_signature} vs {tuple(other.shape[1:])} {other.model_signature}"
+                    f"cannot concatenate STM caches of different models: {tuple(geometry)} {owners[0] if owners else None} "
+                    f"vs {tuple(other.shape[1:])} {other.model_signature}"
                 )
-        return cls(torch.cat([c.memory for c in caches], dim=0), first.model_signature)
+        return cls(torch.cat([c.memory for c in caches], dim=0), owners[0] if owners else None)
 
-    def reset(self, rows: Optional[Union[int, Sequence[int]]] = None, init_type: str = "standard",
-              generator: Optional[torch.Generator] = None) -> "STMCache":
-        """Re-initialise all rows (or the given rows) in place, e.g. when a conversation ends; clears a failed update."""
-        self._done.wait()
+    def reset(self, rows: Optional[Union[int, Sequence[int], Sequence[bool], torch.Tensor]] = None,
+              init_type: str = "standard", generator: Optional[torch.Generator] = None) -> "STMCache":
+        """Re-initialise all rows (or the given rows, as for `select`) in place, e.g. when a conversation ends;
+        clears a failed update."""
+        self._settle()
         self._error = None
         fresh = init_memory_tensor(self._memory.shape, init_type, dtype=self._memory.dtype,
                                    device=self._memory.device, generator=generator)
         if rows is None:
             self._memory.copy_(fresh)
         else:
-            index = torch.as_tensor([rows] if isinstance(rows, int) else rows, device=self.device)
+            index = self._row_index(rows)
             self._memory[index] = fresh[index]
         return self
 
@@ -237,12 +340,23 @@ class STMCache:
     @classmethod
     def load(cls, path: Union[str, Path], model=None, device=None) -> "STMCache":
         """Load a cache saved with `save`. With `model`, check that it belongs to that model and move it there."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not an STMCache file (saved with STMCache.save): {error}") from error
+        with handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "rxt-stm" or "memory" not in handle.keys():
                 raise ValueError(f"{path} is not an STMCache file (saved with STMCache.save)")
+            version = metadata.get("version")
+            if version != str(STM_FORMAT_VERSION):
+                raise ValueError(
+                    f"{path} is an STMCache file of format version {version!r}; this transformers-rxt reads version "
+                    f"{STM_FORMAT_VERSION} only. Save it again with this version, or, if you know which model it "
+                    "belongs to, wrap its tensor yourself: STMCache(safetensors.torch.load_file(path)['memory'])."
+                )
             memory = handle.get_tensor("memory")
         signature = json.loads(metadata.get("model_signature") or "{}") or None
         cache = cls(memory, signature)

@@ -1,13 +1,17 @@
-"""The `rxt` command."""
+"""The `rxt` commands. Their options and the entry point live in :mod:`transformers_rxt_cli` (argparse only, so
+`--help` answers without importing torch); each function here runs one command with the parsed options."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+
+from transformers_rxt_cli import build_parser, main
+
+__all__ = ["build_parser", "main", "bench", "chat", "convert_rxlm", "eval_memory", "train"]
 
 
-def _convert_rxlm(args: argparse.Namespace) -> int:
+def convert_rxlm(args: argparse.Namespace) -> int:
     import torch
 
     from .conversion import convert_rxlm_checkpoint
@@ -31,8 +35,54 @@ def _load_model_and_tokenizer(path: str):
     return model, load_rxt_tokenizer(path)
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _queries(script: str | None):
+    """The chat's queries: the lines of ``script`` (echoed), or what is typed until an empty line or Ctrl-D."""
+    if script:
+        with open(script) as fh:
+            for line in fh:
+                if line.strip():
+                    print(f"> {line.rstrip()}")
+                    yield line.rstrip("\n")
+        return
+    print("Chat with the model; an empty line or Ctrl-D ends.")
+    while True:
+        try:
+            query = input("> ")
+        except EOFError:
+            return
+        if not query.strip():
+            return
+        yield query
+
+
+def _stream_answer(model, streamer, **generate_kwargs) -> None:
+    """Run ``generate`` in a worker thread and print its tokens as they arrive; the worker's error is raised
+    here (the streamer is ended when the worker fails, so this never waits for tokens that will not come)."""
     import threading
+
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            model.generate(streamer=streamer, **generate_kwargs)
+        except BaseException as error:  # noqa: BLE001 (re-raised in the caller's thread below)
+            failure.append(error)
+            streamer.end()
+
+    worker = threading.Thread(target=work, name="rxt-chat-generate")
+    worker.start()
+    for text in streamer:
+        print(text, end="", flush=True)
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+def chat(args: argparse.Namespace) -> int:
+    """`rxt chat`: stream answers turn by turn; the memory update runs after each answer, in the background.
+
+    A failing turn prints ``rxt chat: error: ...``: from the keyboard the chat goes on (the memory is as it was
+    before that turn), with ``--script`` the command stops and returns 1."""
     import time
 
     import torch
@@ -49,41 +99,25 @@ def _chat(args: argparse.Namespace) -> int:
                                         style="internal" if model.config.internal_token_id is not None else "query")
         model.update_memory(system["input_ids"], system["attention_mask"], stm)
         print("[memory initialised from the system prompt]")
-    if args.script:
-        with open(args.script) as fh:
-            queries = [line.rstrip("\n") for line in fh if line.strip()]
-    else:
-        print("Chat with the model; an empty line or Ctrl-D ends.")
-        queries = None
     sampling = {"do_sample": False} if args.greedy else {
         "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    turn = 0
-    while True:
-        if queries is not None:
-            if turn >= len(queries):
-                break
-            query = queries[turn]
-            print(f"> {query}")
-        else:
-            try:
-                query = input("> ")
-            except EOFError:
-                break
-            if not query.strip():
-                break
-        turn += 1
+    window = model.config.max_interaction_length
+    for query in _queries(args.script):
         prompt = tokenize_prompt(tokenizer, query, return_tensors="pt")
+        # By default an answer may use what the query leaves of the interaction window; generate refuses more.
+        max_new_tokens = args.max_new_tokens or max(window - prompt["input_ids"].shape[1], 1)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         waited = time.perf_counter()
         if stm.update_pending:
             stm.wait()
             print(f"[waited {1e3 * (time.perf_counter() - waited):.0f} ms for the previous memory update]")
-        worker = threading.Thread(target=model.generate, kwargs=dict(
-            **prompt, stm=stm, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling))
-        worker.start()
-        for text in streamer:
-            print(text, end="", flush=True)
-        worker.join()
+        try:
+            _stream_answer(model, streamer, **prompt, stm=stm, max_new_tokens=max_new_tokens, **sampling)
+        except (ValueError, RuntimeError) as error:
+            print(f"\nrxt chat: error: {error}", file=sys.stderr, flush=True)
+            if args.script:
+                return 1
+            continue
         started = time.perf_counter()
         print("\n[memory update running in the background]" if stm.update_pending else "")
         stm.wait()
@@ -117,15 +151,21 @@ def _read_retention(path) -> dict:
     return result
 
 
-def _print_retention(result: dict) -> None:
-    from .training.evaluation import format_retention
+def _print_retention(result: dict, stage4: dict | None = None, name: str = "final") -> None:
+    """The retention table; with ``stage4`` (the same questions asked of the stage-4 model) one table of both
+    models, the reset baseline and the change, instead of two tables that overlap."""
+    from .training.evaluation import compare_retention, format_retention
 
     print("fact accuracy per distance (turns between the fact and the question), held-out dialogues;")
     print("'memory' carries the STM through the dialogue, 'reset' starts every turn from a fresh STM:")
-    print(format_retention(result))
+    if stage4 is None:
+        print(format_retention(result))
+        return
+    print(f"(the same questions before and after {name}: the stage-4 model, the {name} model, reset)")
+    print(compare_retention(stage4, result, ("stage4", name)))
 
 
-def _eval_memory(args: argparse.Namespace) -> int:
+def eval_memory(args: argparse.Namespace) -> int:
     import json
 
     if args.num_threads:
@@ -158,7 +198,7 @@ def _stage_table(reports: list) -> str:
     return "\n".join(lines)
 
 
-def _train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
@@ -174,9 +214,14 @@ def _train(args: argparse.Namespace) -> int:
     reports = run_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
                              launcher=args.launcher, extra_args=extra, trainers_dir=args.trainers_dir)
     output = Path(args.output).resolve()
-    final = final_stage_dir(output)
     print("\n[rxt train] stages:")
     print(_stage_table(reports))
+    try:
+        final = final_stage_dir(output)
+    except FileNotFoundError:  # only the tokenizer so far (--stages 0): nothing to evaluate or export yet
+        print(f"\n[rxt train] {output} has no trained model yet: the retention check and the Hub-ready directory "
+              "follow once stages 1-5 have run")
+        return 0
     result = None
     if args.eval_dialogues:
         result_file = output / "memory_retention.json"
@@ -190,8 +235,7 @@ def _train(args: argparse.Namespace) -> int:
             result = _evaluate_memory(str(final), args.eval_dialogues, args.eval_max_distance, 2, 64)
             result_file.write_text(json.dumps(result, indent=2))
         print(f"\n[rxt train] final model ({final.name}):")
-        _print_retention(result)
-        _print_stage_comparison(output, final, result)
+        _print_retention(result, _stage4_retention(output, final, result), final.name)
     if not args.no_hub:
         hub_dir = output / "hub"
         _export_hub_ready(final, hub_dir, reports, result, args.preset)
@@ -202,18 +246,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stage_comparison(output, final, result: dict) -> None:
-    """Stage 4 vs the final model on the same dialogues, when stage 4 measured them (the stage-5 effect)."""
-    from .data.synthetic import format_accuracy_table
-
+def _stage4_retention(output, final, result: dict) -> dict | None:
+    """Stage 4's saved check, when it asked the final check's questions (so the two show stage 5's effect)."""
     stage4 = output / "stage4" / "memory_retention.json"
     if final.name == "stage4" or not stage4.is_file():
-        return
+        return None
     before = _read_retention(stage4)
-    if before.get("dialogues") != result["dialogues"]:
-        return
-    print(f"\n[rxt train] the same dialogues before and after {final.name} (memory carried), and the reset baseline:")
-    print(format_accuracy_table({"stage4": before["memory"], final.name: result["memory"], "reset": result["reset"]}))
+    return before if before.get("dialogues") == result["dialogues"] else None
 
 
 def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, preset: str) -> None:
@@ -231,7 +270,7 @@ def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, pre
                    eval_results=eval_results, model_name=f"RxT {preset} (embedded synthetic corpus)")
 
 
-def _bench(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace) -> int:
     import runpy
 
     from .curriculum import find_source_dir
@@ -244,105 +283,6 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         sys.argv = saved
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rxt", description="Reactive Transformer (RxT) tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    convert = commands.add_parser(
-        "convert-rxlm", help="convert an rxlm RxTAlpha/RxTBeta checkpoint into an HF model directory",
-        description="Write an HF directory (weights, config with auto_map, modeling code, tokenizer) that loads "
-                    "with AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True).")
-    convert.add_argument("src", help="rxlm checkpoint directory or Hub repo id (config.json + model.safetensors)")
-    convert.add_argument("dst", help="output directory")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                         help="cast the weights (default: keep float32)")
-    convert.set_defaults(func=_convert_rxlm)
-
-    chat = commands.add_parser("chat", help="chat with an RxT model (streams tokens, shows the memory updates)",
-                               description="Each turn reads only the new query; the memory update runs after "
-                                           "the answer, in the background.")
-    chat.add_argument("model", help="HF model directory or Hub id (with its tokenizer)")
-    chat.add_argument("--script", help="read the queries from FILE (one per line) instead of the keyboard")
-    chat.add_argument("--system", help="a system prompt written into the memory before the first turn")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
-    chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-k", type=int, default=50)
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--seed", type=int, default=None,
-                      help="seed the initial memory and the sampling (the same transcript every run)")
-    chat.add_argument("--save-memory", help="save the conversation's STM to FILE at the end")
-    chat.set_defaults(func=_chat)
-
-
-    train = commands.add_parser(
-        "train", help="run the training curriculum (stages 0-5) of a preset, resumably",
-        description="Runs the trainers/ stage scripts of a preset one after another (each stage starting from "
-                    "the previous stage's output under --output), then measures memory retention on held-out "
-                    "dialogues and writes a Hub-ready directory (--output/hub). Completed stages are skipped and "
-                    "an interrupted stage resumes from its last checkpoint, so re-running the same command "
-                    "continues where it stopped. Arguments after -- go to every training stage (stages 1-5), "
-                    "e.g. -- --report_to tensorboard.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--preset", default="tiny",
-                       help="trainers/configs/<preset> (tiny: CPU, embedded corpus; micro: a 1-minute smoke run; "
-                            "mini: the reference's Mini size, GPU + Hub datasets) or a folder of stage YAMLs")
-    train.add_argument("--output", required=True, help="output directory (stage0 ... stage5, hub)")
-    train.add_argument("--stages", default=None, help="e.g. 0-5 or 4,5; when omitted, every stage the preset has")
-    train.add_argument("--algorithm", choices=["impo", "dmpo"], default="impo", help="stage 5 algorithm")
-    train.add_argument("--launcher", default=None,
-                       help="run stages 1-5 under this command, e.g. 'accelerate launch --num_processes 2' "
-                            "(default: in this process)")
-    train.add_argument("--trainers-dir", default=None, help="the trainers/ folder (default: this checkout's)")
-    train.add_argument("--eval-dialogues", type=int, default=512,
-                       help="held-out dialogues for the final retention check (0 = skip)")
-    train.add_argument("--eval-max-distance", type=int, default=8, help="longest fact-question distance checked")
-    train.add_argument("--no-hub", action="store_true", help="do not write the Hub-ready directory")
-    train.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    train.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- then arguments for every training stage")
-    train.set_defaults(func=_train)
-
-    evaluate = commands.add_parser(
-        "eval-memory", help="fact accuracy per distance with the memory carried vs reset",
-        description="Runs held-out dialogues of the embedded synthetic corpus through the model, writing its own "
-                    "answers into the memory, and scores the recall questions per distance; the same dialogues "
-                    "with the memory reset before every turn are the stateless baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("model", help="RxT model directory or Hub id (with its tokenizer)")
-    evaluate.add_argument("--dialogues", type=int, default=512, help="held-out dialogues")
-    evaluate.add_argument("--max-distance", type=int, default=8, help="longest fact-question distance")
-    evaluate.add_argument("--seed", type=int, default=2, help="corpus seed (2 = the one the trainers use)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--teacher-forcing", action="store_true",
-                          help="write the reference answers into memory instead of the model's own")
-    evaluate.add_argument("--output", help="also write the full result as JSON to this file")
-    evaluate.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    evaluate.set_defaults(func=_eval_memory)
-
-    bench = commands.add_parser(
-        "bench", help="run a benchmark script (inference, tensorbleu, sqa, memory); its --help lists the options",
-        description="Runs benchmarks/bench_<name>.py, which prints side-by-side ratios from one run.")
-    bench.add_argument("benchmark", choices=["inference", "tensorbleu", "sqa", "memory"])
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark script")
-    bench.set_defaults(func=_bench)
-
-    from .hub.push import add_push_parser
-
-    add_push_parser(commands)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .curriculum import CurriculumError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, CurriculumError) as error:
-        print(f"rxt {args.command}: error: {error}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

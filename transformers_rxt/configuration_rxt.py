@@ -18,6 +18,7 @@ standard library and transformers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ FFN_ACTIVATIONS = ("relu", "gelu", "swish", "silu", "sigmoid", "linear", "tanh")
 MEMORY_NORM_TYPES = ("classic-rms", "rms", "layer", "adaptive", "positional")
 RESIDUAL_GATE_TYPES = ("static", "elementwise", "linear")
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer")
-STM_INIT_TYPES = ("standard", "normal", "uniform", "ones", "zeros")
+STM_INIT_TYPES = ("standard", "normal", "uniform", "ones", "zeros", "learned")
 MOE_BIAS_MODES = ("global", "local", "off")
 # Reference options we refuse loudly instead of silently building something else.
 UNSUPPORTED_ATTENTION_TYPES = {
@@ -281,11 +282,34 @@ def _component_dict(value: Any, cls) -> dict:
     return dataclasses.asdict(cls(**value))
 
 
+def require_every_option(config_class, config_dict: dict) -> None:
+    """Refuse a saved config (config.json) that lacks an option of `config_class`.
+
+    `save_pretrained` writes every option, and a missing one would silently take today's default: a
+    different `rope_base` or `ff_activation` changes the outputs, a different `embed_dim` only fails later on
+    the weights' shapes. The constructor still fills defaults: that is for building new models.
+    """
+    params = inspect.signature(config_class.__init__).parameters
+    missing = [name for name, p in params.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+               and name not in config_dict]
+    for key, options_class in config_class.component_options.items():
+        component = config_dict.get(key)
+        if isinstance(component, dict):
+            missing += [f"{key}.{f.name}" for f in dataclasses.fields(options_class) if f.name not in component]
+    if missing:
+        raise ValueError(
+            f"the saved {config_class.__name__} (config.json) lacks {missing}: a default would silently build a "
+            "different model. Add these keys with the values the weights were trained with (save_pretrained "
+            "writes them all), or build the config in code, where missing options take the defaults."
+        )
+
+
 class RxTMemoryAttentionConfig(PretrainedConfig):
     """Config of a stand-alone memory-attention model (`RxTMemoryAttention`), e.g. a stage-3 component repo."""
 
     model_type = "rxt_memory_attention"
     _auto_class = "AutoConfig"  # save_pretrained copies this file next to the weights
+    component_options = {"memory_attention_config": RxTMemoryAttentionOptions}
 
     def __init__(self, memory_attention_config: Optional[dict] = None, stm_init_type: str = "standard", **kwargs):
         self.memory_attention_config = _component_dict(memory_attention_config, RxTMemoryAttentionOptions)
@@ -293,6 +317,12 @@ class RxTMemoryAttentionConfig(PretrainedConfig):
             raise ValueError(f"stm_init_type={stm_init_type!r} is not one of {STM_INIT_TYPES}.")
         self.stm_init_type = stm_init_type
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config: every option must be there (`require_every_option`)."""
+        require_every_option(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def memory_attention_options(self) -> RxTMemoryAttentionOptions:
@@ -309,7 +339,10 @@ class RxTConfig(PretrainedConfig):
         memory_attention_config (`dict`): memory-attention options ([`RxTMemoryAttentionOptions`] fields,
             including `variant`).
         stm_init_type (`str`): how `init_memory` fills a fresh STM: "standard" N(0, 1) (the reference),
-            "normal" N(0, 0.02), "uniform" U[0, 0.02), "ones" or "zeros".
+            "normal" N(0, 0.02), "uniform" U[0, 0.02), "ones" or "zeros"; or "learned" (not in the reference):
+            a trained initial memory, the memory attention's `initial_memory` parameter [L, S, D], the same for
+            every new conversation, so that each slot can learn what to look for in the first interaction
+            instead of starting from per-conversation noise.
         bos_token_id, eos_token_id, pad_token_id, query_token_id, answer_token_id (`int`): the interaction markers.
         think_token_id, tool_call_token_id, tool_use_token_id, internal_token_id (`int`, *optional*): RxTBeta markers.
         model_variant (`str`): "alpha" or "beta" (beta adds thinking/tool/internal markers and a system prompt title).
@@ -319,6 +352,8 @@ class RxTConfig(PretrainedConfig):
     model_type = "rxt"
     _auto_class = "AutoConfig"  # save_pretrained copies this file next to the weights
     keys_to_ignore_at_inference = ["past_key_values"]
+    component_options = {"decoder_config": RxTComponentConfig, "encoder_config": RxTComponentConfig,
+                         "memory_attention_config": RxTMemoryAttentionOptions}
 
     def __init__(
         self,
@@ -379,6 +414,12 @@ class RxTConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         kwargs.setdefault("is_encoder_decoder", False)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config: every option must be there (`require_every_option`)."""
+        require_every_option(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------------------------------- views
     # Not named `decoder`/`encoder`: transformers' get_text_config() would take them for nested HF configs.

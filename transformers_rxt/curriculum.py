@@ -8,8 +8,9 @@ runner points each stage at the previous stage's output under one directory::
     OUT/stage2  joint SFT                OUT/stage5  IMPO (or DMPO)
 
 A stage whose directory already holds ``stage_report.json`` (written after its model is saved) is complete
-and skipped; a stage that stopped part-way restarts from its newest ``checkpoint-*`` directory (presets that
-save checkpoints). So running the same command again continues an interrupted run where it stopped.
+and skipped; a stage that stopped part-way restarts from its newest complete ``checkpoint-*`` directory
+(presets that save checkpoints; one the run was killed while writing is passed over). So running the same
+command again continues an interrupted run where it stopped.
 
 Stages run in this process by default (no re-import per stage); ``launcher="accelerate launch ..."`` runs each
 training stage as a subprocess under that launcher instead (several GPUs or processes).
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CurriculumError", "STAGES", "Stage", "find_source_dir", "find_trainers_dir", "parse_stages", "latest_checkpoint",
-           "run_curriculum", "stage_dir", "final_stage_dir"]
+__all__ = ["CurriculumError", "STAGES", "Stage", "find_source_dir", "find_trainers_dir", "parse_stages",
+           "is_complete_checkpoint", "latest_checkpoint", "run_curriculum", "stage_dir", "final_stage_dir"]
 
 
 class CurriculumError(RuntimeError):
@@ -121,11 +122,28 @@ def final_stage_dir(output_dir: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{output_dir} holds no completed training stage (no stage*/{REPORT_FILE})")
 
 
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``Trainer`` finished writing the checkpoint folder ``path``: it writes ``trainer_state.json``
+    after the weights, optimizer and RNG states, so a readable one next to the weights means nothing was cut
+    off (a run killed while saving leaves the folder without them, or with a truncated state file)."""
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _checkpoints(path: str | os.PathLike) -> list[tuple[int, Path]]:
+    return sorted((int(m[1]), p) for p in Path(path).glob("checkpoint-*")
+                  if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-N`` folder with the largest N under ``path`` (None if there is none)."""
-    found = [(int(m[1]), p) for p in Path(path).glob("checkpoint-*")
-             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    return max(found)[1] if found else None
+    """The complete ``checkpoint-N`` folder with the largest N under ``path`` (None if there is none);
+    half-written ones (see :func:`is_complete_checkpoint`) are passed over."""
+    complete = [p for _, p in _checkpoints(path) if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
 
 
 def _stage_arguments(stage: Stage, config: Path, out: Path, previous: Path | None) -> list[str]:
@@ -221,6 +239,10 @@ def run_curriculum(
         if is_dmpo(stage):
             argv += ["--algorithm", "dmpo"]
         checkpoint = latest_checkpoint(out) if number > 0 else None
+        for _, broken in _checkpoints(out) if number > 0 else ():
+            if not is_complete_checkpoint(broken):
+                log(f"[rxt train] {title}: {broken.name} is incomplete (the run stopped while writing it); "
+                    "not resuming from it")
         if checkpoint is not None:
             argv += ["--resume_from_checkpoint", str(checkpoint)]
         log(f"[rxt train] {title} -> {out}" + (f" (resuming from {checkpoint.name})" if checkpoint else ""))

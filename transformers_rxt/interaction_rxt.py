@@ -10,7 +10,9 @@ Differences from rxlm 0.3.80 (all deliberate):
 * `batch_interact` works (the reference's crashes); as there, finished rows repeat their last id;
 * the memory update starts as soon as the answer is complete, whether or not the caller keeps iterating
   (the reference only updates if the generator is drained past -1); -1 is yielded when it starts and -2
-  when it has finished;
+  when it has finished. The answer is streamed from a non-daemon thread in the caller's torch context
+  (autocast, inference mode, thread count), so a script may stop iterating and exit: the interpreter
+  finishes the answer and its update first;
 * RxTBeta `thinking_mode="auto"` chooses between [A] and [T] once, at the first step.
 
 This file is copied next to the weights by `save_pretrained` (remote code).
@@ -19,13 +21,12 @@ This file is copied next to the weights by `save_pretrained` (remote code).
 from __future__ import annotations
 
 import queue
-import threading
 from typing import Iterator, Optional
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .cache_rxt import STMCache
+from .cache_rxt import STMCache, start_thread
 from .tokenization_rxt import tokenize_interaction, tokenize_query
 
 MEMORY_UPDATE_STARTED = -1
@@ -136,8 +137,10 @@ class RxTInteractionMixin:
         `input_ids` is rxlm's `tokenize_query` output, `[BOS][Q]query` (batch 1); the answer marker is appended
         here (and, for RxTBeta thinking modes, yielded first). `stm` is updated with the full interaction.
         """
-        if stm is None:
-            raise ValueError("interact needs the conversation state: pass stm=model.init_memory()")
+        if not isinstance(stm, STMCache):
+            raise ValueError("interact needs the conversation state as an STMCache (its update runs in the "
+                             "background): pass stm=model.init_memory() or stm=STMCache(memory)")
+        self._check_token_ids(input_ids, attention_mask, "input_ids")
         if input_ids.shape[0] != 1:
             raise ValueError(f"interact streams one conversation; got a batch of {input_ids.shape[0]} "
                              "(use batch_interact or generate for batches)")
@@ -163,8 +166,8 @@ class RxTInteractionMixin:
                 failure.append(error)
                 streamer.end()
 
-        worker = threading.Thread(target=run, name="rxt-interact", daemon=True)
-        worker.start()
+        # Joined at interpreter exit even if the caller stops iterating (see `start_thread`).
+        worker = start_thread(run, name="rxt-interact")
         eos = self.config.eos_token_id
         while (step := streamer.queue.get()) is not None:
             token = int(step[0])
@@ -189,6 +192,10 @@ class RxTInteractionMixin:
         Each row stops at EOS or when its own length reaches `max_seq_len`; finished rows repeat their last id.
         The caller's tensors are not modified.
         """
+        if not isinstance(stm, STMCache):
+            raise ValueError("batch_interact needs the conversations' state as an STMCache: pass "
+                             "stm=model.init_memory(batch_size) or stm=STMCache(memory)")
+        self._check_token_ids(input_ids, attention_mask, "input_ids")
         lengths = attention_mask.long().sum(dim=1)
         batch = input_ids.shape[0]
         width = int(lengths.max()) + 1

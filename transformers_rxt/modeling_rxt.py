@@ -16,6 +16,7 @@ transformers and its two sibling files only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -632,6 +633,47 @@ class RxTPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(self._rxt_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload as a gated RAML v1.0 repository through `transformers_rxt.hub.push_rxt_to_hub`: the repository
+        is created and gated first, then the weights, config with `auto_map`, code files, tokenizer and a card
+        filled from this model are uploaded (nothing else).
+
+        Takes transformers' `push_to_hub` arguments plus `tokenizer=`, `gated=` and the card arguments of
+        `transformers_rxt.hub.build_model_card` (`stages`, `eval_results`, `datasets`, ...).
+        """
+        try:
+            from transformers_rxt.hub.push import push_rxt_to_hub
+        except ImportError as error:  # the remote-code copy without the package: no RAML card, no gating
+            raise ImportError(
+                "push_to_hub of an RxT model needs the transformers-rxt package: RxT models are published under "
+                "RAML v1.0, in a gated repository with the licence card, which only its push writes. Install it "
+                "(pip install transformers-rxt) and call push_to_hub again, or run `rxt push MODEL_DIR --repo-id "
+                "NAMESPACE/NAME`") from error
+        return push_rxt_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, refusing any weight it would otherwise initialise at random.
+
+        Missing and unexpected weights always raise, naming them. Weights whose shape differs from the config
+        raise too, unless `ignore_mismatched_sizes=True` asks for them to be re-initialised on purpose (then
+        they are listed in `output_loading_info`). This covers every path that ends here: the class itself,
+        the Auto classes (also as remote code) and `load_rxt_model`.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        # transformers raises on a mismatch only after logging it, and without the shapes: ask it to go on
+        # and raise here, with the names, the shapes and the fix.
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        mismatched = [] if allow_mismatch else [(k, tuple(ckpt), tuple(ours))
+                                                for k, ckpt, ours in sorted(info["mismatched_keys"])]
+        fix = HF_CHECKPOINT_FIX + ("; to re-initialise the mismatched weights on purpose, pass "
+                                   "ignore_mismatched_sizes=True" if mismatched else "")
+        raise_on_unaccounted_weights(str(pretrained_model_name_or_path), missing=info["missing_keys"],
+                                     unexpected=info["unexpected_keys"], mismatched=mismatched, fix=fix)
+        return (model, info) if return_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, RxTAttention):
@@ -663,6 +705,8 @@ class RxTPreTrainedModel(PreTrainedModel):
                 init.ones_(module.ema_rms)
         elif isinstance(module, RxTResidualGate) and module.enabled and isinstance(module.gate, nn.Parameter):
             init.constant_(module.gate, module.init_value)
+        elif isinstance(module, RxTMemoryAttention) and module.initial_memory is not None:
+            init.normal_(module.initial_memory, mean=0.0, std=0.02)  # the scale of stm_init_type="normal"
         if isinstance(module, RxTAttention) and module.gate_proj is not None:
             init.normal_(module.gate_proj.weight, mean=1.0, std=0.01)
 
@@ -716,6 +760,11 @@ class RxTMemoryAttention(RxTPreTrainedModel):
             self.self_memory_norm_layers = norms()
             self.self_residual_gate_layers = gates(opts.use_gated_residual and opts.use_gate_for_self_attention)
         self.num_groups = opts.num_groups if self.variant == "grouped-self-interlayer" else 1
+        # stm_init_type="learned": the memory every new conversation starts from is trained with the writer.
+        if config.stm_init_type == "learned":
+            self.initial_memory = nn.Parameter(torch.zeros(n, opts.stm_size, dim))
+        else:
+            self.initial_memory = None
         self.post_init()
 
     def _layer_means(self, stm: torch.Tensor) -> list[torch.Tensor]:
@@ -859,9 +908,10 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
 
     @property
     def model_signature(self) -> dict:
+        """What an `STMCache` records about its owner: the memory geometry and an architecture fingerprint."""
         cfg = self.config
         return {"model_type": cfg.model_type, "layers": cfg.num_memory_layers, "slots": cfg.stm_size,
-                "dim": cfg.hidden_size}
+                "dim": cfg.hidden_size, "fingerprint": architecture_fingerprint(cfg)}
 
     # -------------------------------------------------------------- memory
     def init_memory(self, batch_size: int = 1, input_ids: Optional[torch.LongTensor] = None,
@@ -874,16 +924,32 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         """
         if input_ids is not None:
             batch_size = input_ids.shape[0]
-        shape = (batch_size, self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
-        memory = init_memory_tensor(shape, init_type or self.config.stm_init_type, dtype=self.dtype,
-                                    device=self.device, generator=generator)
+        memory = self.initial_memory_tensor(batch_size, init_type, generator).detach()
         stm = STMCache(memory, self.model_signature)
         if input_ids is not None:
             self.update_memory(input_ids=input_ids, attention_mask=attention_mask, stm=stm)
         return stm
 
+    def initial_memory_tensor(self, batch_size: int, init_type: Optional[str] = None,
+                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The memory tensor a new conversation starts from, [batch, L, S, D]. For a learned initial memory it
+        stays connected to the parameter (training code uses this; `init_memory` detaches it)."""
+        init_type = init_type or self.config.stm_init_type
+        if init_type == "learned":
+            initial = self.memory_attention.initial_memory
+            if initial is None:
+                raise ValueError("init_type='learned' needs a model built with stm_init_type='learned' (this one "
+                                 f"uses {self.config.stm_init_type!r}); pick another init_type.")
+            return initial.to(self.dtype)[None].expand(batch_size, -1, -1, -1).clone()
+        shape = (batch_size, self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
+        return init_memory_tensor(shape, init_type, dtype=self.dtype, device=self.device, generator=generator)
+
     def check_stm(self, stm: Union[STMCache, torch.Tensor], batch_size: Optional[int] = None) -> None:
-        """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch)."""
+        """Raise a clear error if `stm` does not belong to this model (or, with `batch_size`, to this batch).
+
+        An `STMCache` bound to another model (a different `model_signature`, fingerprint included) is refused;
+        an unbound one (`STMCache(memory)`) is accepted and bound to this model.
+        """
         memory = stm._memory if isinstance(stm, STMCache) else stm
         expected = (self.config.num_memory_layers, self.config.stm_size, self.config.hidden_size)
         if not isinstance(memory, torch.Tensor) or memory.dim() != 4 or tuple(memory.shape[1:]) != expected:
@@ -892,14 +958,78 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
                 f"STM shape {got} does not fit this model: expected [batch, {expected[0]} layers, {expected[1]} "
                 f"slots, {expected[2]} dim]. Create it with model.init_memory(batch_size)."
             )
-        signature = stm.model_signature if isinstance(stm, STMCache) else None
-        if signature and signature != self.model_signature:
-            raise ValueError(f"this STMCache was made for another model ({signature}); this model is "
-                             f"{self.model_signature}")
+        if isinstance(stm, STMCache):
+            if stm.model_signature is None:
+                stm.model_signature = self.model_signature
+            elif stm.model_signature != self.model_signature:
+                raise ValueError(
+                    f"this STMCache belongs to another model ({stm.model_signature}); this model is "
+                    f"{self.model_signature}. Start the conversation with this model's init_memory(), or use the "
+                    "model that made the memory."
+                )
         if batch_size is not None and memory.shape[0] not in (1, batch_size):
             raise ValueError(
                 f"STM batch {memory.shape[0]} does not match the input batch {batch_size}: use one STM row per "
                 "conversation (model.init_memory(batch_size) or STMCache.select/cat), or a single row to share it."
+            )
+
+    def _check_stm_values(self, memory: torch.Tensor) -> None:
+        """Before decoding or updating: a real, finite memory of this model's dtype on its device."""
+        if memory.is_meta:
+            raise ValueError("the STM is on the meta device and holds no values: create it with "
+                             "model.init_memory(batch_size) or load a saved one with STMCache.load(path, model=model)")
+        if memory.dtype != self.dtype or memory.device != self.device:
+            raise ValueError(
+                f"the STM is {memory.dtype} on {memory.device} but the model is {self.dtype} on {self.device}: "
+                "move it with stm = stm.to(device=model.device, dtype=model.dtype)"
+            )
+        if not bool(torch.isfinite(memory).all()):
+            raise ValueError("the STM holds NaN or inf values, so every answer would be garbage: restore a saved "
+                             "state or start over with stm.reset() / model.init_memory()")
+
+    def _check_token_ids(self, input_ids, attention_mask, what: str) -> None:
+        """`[batch, tokens]` integer ids inside the vocabulary, and a mask of the same shape."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"{what} must be a [batch, tokens] tensor, got {got}: add the batch dimension with "
+                             "ids.unsqueeze(0) (or tokenize with return_tensors='pt')")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"{what} must hold integer token ids, got {input_ids.dtype}: convert with .long()")
+        if input_ids.numel() == 0:
+            raise ValueError(f"{what} is empty ({tuple(input_ids.shape)}): every row needs at least "
+                             "[BOS][Q]query[A]; render it with the tokenizer's chat template")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what} contains token id {bad}, outside this model's vocabulary [0, "
+                             f"{self.config.vocab_size}): use the tokenizer that belongs to this model")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {what} has "
+                                 f"{tuple(input_ids.shape)}: one mask entry per token (1 = real, 0 = padding)")
+            empty = (~attention_mask.bool().any(dim=1)).nonzero().reshape(-1).tolist()
+            if empty:
+                raise ValueError(f"attention_mask rows {empty} are all zeros, so those rows have no tokens: "
+                                 "drop them from the batch or fix the mask (1 = real token)")
+
+    def _check_prompt_markers(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor]) -> None:
+        """Each row must be `[BOS][Q]query[A]` (RxTBeta: [U] for a tool result, [T] to think first), left-padded."""
+        cfg = self.config
+        starts = [cfg.query_token_id] + ([cfg.tool_use_token_id] if cfg.tool_use_token_id is not None else [])
+        ends = [cfg.answer_token_id] + ([cfg.think_token_id] if cfg.think_token_id is not None else [])
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        no_query = (~(torch.isin(input_ids, input_ids.new_tensor(starts)) & real).any(dim=1)).nonzero()
+        if no_query.numel():
+            raise ValueError(f"prompt rows {no_query.reshape(-1).tolist()} have no query marker {starts} ([Q]): render "
+                             "the prompt as [BOS][Q]query[A] with tokenizer.apply_chat_template(..., "
+                             "add_generation_prompt=True)")
+        no_answer = (~(torch.isin(input_ids[:, -1], input_ids.new_tensor(ends)) & real[:, -1])).nonzero()
+        if no_answer.numel():
+            rows = no_answer.reshape(-1).tolist()
+            raise ValueError(
+                f"prompt rows {rows} do not end with the answer marker {ends} ([A]) (last ids: "
+                f"{input_ids[rows, -1].tolist()}): render prompts with add_generation_prompt=True and left-pad "
+                "batches (tokenizer.padding_side = 'left')"
             )
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None):
@@ -924,15 +1054,22 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
                       stm: Optional[STMCache] = None, background: bool = False, _reserved: bool = False) -> STMCache:
         """Encode full interactions `[BOS][Q]query[A]answer[EOS]` and write them into `stm` in place.
 
-        With `background=True` the update runs on a thread (a side CUDA stream on GPU); `stm.wait()` or any
-        read of `stm.memory` waits for it.
+        With `background=True` the update runs on a thread (queued on a side CUDA stream on GPU); `stm.wait()`
+        or any read of `stm.memory` waits for it. `stm` must then be an `STMCache` (a bare tensor gives the
+        caller nothing to wait on).
         """
         if stm is None:
             raise ValueError("update_memory needs the conversation state: pass stm=model.init_memory(batch_size)")
-        if isinstance(stm, torch.Tensor):
-            stm = STMCache(stm)
         try:
+            if isinstance(stm, torch.Tensor):
+                if background:
+                    raise ValueError("a background memory update needs an STMCache to wait on, not a bare tensor: "
+                                     "pass stm=STMCache(memory) (then stm.wait()), or update in the foreground")
+                stm = STMCache(stm)
             self.check_stm(stm)
+            if not _reserved:  # a reserved update comes from generate, which checked all this before decoding
+                self._check_token_ids(input_ids, attention_mask, "input_ids")
+                self._check_stm_values(stm.wait()._memory)
             if stm.batch_size != input_ids.shape[0]:
                 raise ValueError(f"STM batch {stm.batch_size} != interaction batch {input_ids.shape[0]}: the memory "
                                  "is written row by row; give every conversation its own STM row.")
@@ -943,15 +1080,8 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         grad = torch.is_grad_enabled() and not background
 
         def compute(memory: torch.Tensor) -> torch.Tensor:
-            stream = torch.cuda.Stream(device=memory.device) if background and memory.is_cuda else None
             with torch.set_grad_enabled(grad):
-                if stream is None:
-                    return self.compute_memory_update(input_ids, attention_mask, memory)
-                stream.wait_stream(torch.cuda.current_stream(memory.device))
-                with torch.cuda.stream(stream):
-                    new = self.compute_memory_update(input_ids, attention_mask, memory)
-                stream.synchronize()
-                return new
+                return self.compute_memory_update(input_ids, attention_mask, memory)
 
         stm.run_update(compute, background=background, reserved=_reserved)
         return stm
@@ -1103,10 +1233,17 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if input_ids is None:
             raise ValueError("generate needs input_ids: the prompt [BOS][Q]query[A] (tokenizer.apply_chat_template("
                              "..., add_generation_prompt=True))")
-        stm = stm if isinstance(stm, STMCache) else STMCache(stm)
+        if not isinstance(stm, STMCache):
+            if memory_update == "async":
+                raise ValueError("generate(memory_update='async') needs an STMCache to wait on, not a bare tensor: "
+                                 "pass stm=STMCache(memory) (then stm.wait()), or memory_update='sync'")
+            stm = STMCache(stm)
         stm.wait()  # a pending update must land first; a failed one raises here
+        self._check_token_ids(input_ids, attention_mask, "input_ids")
         batch, prompt_len = input_ids.shape
         self.check_stm(stm, batch)
+        self._check_stm_values(stm.memory)
+        self._check_prompt_markers(input_ids, attention_mask)
         if memory_update != "none" and stm.batch_size != batch:
             raise ValueError(f"STM batch {stm.batch_size} != query batch {batch}: a shared single-row memory cannot be "
                              "updated by several conversations; use one row per conversation or memory_update='none'")
@@ -1167,22 +1304,6 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         ids = ids.masked_fill(~mask, self.config.pad_token_id)
         return ids, mask.long()
 
-    # -------------------------------------------------------------- hub
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload as a gated RAML v1.0 repository: weights, config with `auto_map`, code files, tokenizer and a
-        model card filled from this model; gating is turned on before the first upload.
-
-        Takes transformers' `push_to_hub` arguments plus `tokenizer=`, `gated=` and the card arguments of
-        `transformers_rxt.hub.build_model_card` (`stages`, `eval_results`, `datasets`, ...).
-        """
-        try:
-            from transformers_rxt.hub.push import push_rxt_to_hub
-        except ImportError:  # a remote-code copy used without the package installed
-            logger.warning("transformers-rxt is not installed: pushing with transformers' generic card. RxT models "
-                           "must be published under RAML v1.0; install transformers-rxt for the RAML card and gating.")
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_rxt_to_hub(self, repo_id, **kwargs)
-
     # -------------------------------------------------------------- rxlm checkpoints
     @classmethod
     def from_rxlm_pretrained(cls, path: str, *, torch_dtype: Optional[torch.dtype] = None, **kwargs):
@@ -1199,6 +1320,20 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model.eval()
+
+
+# ============================================================================================= STM ownership
+# Component options that change how a model runs (kernels, dropout, logging), not what its memory means.
+_RUNTIME_OPTIONS = frozenset({"use_flash_attention", "ff_dropout", "att_dropout", "interlayer_att_dropout",
+                              "self_att_dropout", "debug_mode", "debug_interval"})
+
+
+def architecture_fingerprint(config: RxTConfig) -> str:
+    """A short hash of the decoder, encoder and memory-attention options: equal for a model and its saved and
+    reloaded copy, different for another architecture even when the memory geometry is the same."""
+    parts = {name: {k: v for k, v in getattr(config, name).items() if k not in _RUNTIME_OPTIONS}
+             for name in ("decoder_config", "encoder_config", "memory_attention_config")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ============================================================================================= rxlm loading
@@ -1403,18 +1538,36 @@ def _rxlm_map_full_model(weights: dict, config: RxTConfig) -> dict:
     return mapped
 
 
+HF_CHECKPOINT_FIX = ("config.json and the weights must come from the same save_pretrained: re-save or re-convert "
+                     "the model (rxlm checkpoints load with from_rxlm_pretrained / `rxt convert-rxlm`)")
+RXLM_CHECKPOINT_FIX = ("config.json and model.safetensors must come from the same rxlm save_pretrained/push_to_hub, "
+                       "unedited")
+
+
+def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatched=(), *, fix: str) -> None:
+    """Raise if a checkpoint does not hold exactly the model's weights: `missing` and `unexpected` are weight
+    names, `mismatched` (name, checkpoint shape, model shape) triples. Nothing is ever kept at random."""
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source}: the checkpoint does not match the model its config describes; refusing to load it with "
+             "randomly initialised weights."]
+    if missing:
+        lines.append(f"  missing weights ({len(missing)}): {sorted(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected weights ({len(unexpected)}): {sorted(unexpected)}")
+    if mismatched:
+        lines.append(f"  weights whose shape differs from the config ({len(mismatched)}): "
+                     + ", ".join(f"{name} checkpoint {ckpt} vs model {ours}" for name, ckpt, ours in mismatched))
+    lines.append(f"Fix: {fix}.")
+    raise ValueError("\n".join(lines))
+
+
 def _load_exact(model: nn.Module, state: dict, source: str) -> None:
-    """Load `state` into `model`, refusing any missing or unexpected weight (never keep random weights)."""
+    """Load `state` (rxlm weights mapped to our names) into `model`, refusing any missing, unexpected or
+    mis-shaped weight."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: the checkpoint does not match the model its config describes.\n"
-            f"  missing weights ({len(missing)}): {missing}\n  unexpected weights ({len(unexpected)}): {unexpected}"
-        )
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise ValueError(f"{source}: weight shapes do not match the config:\n  " + "\n  ".join(wrong))
+    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    raise_on_unaccounted_weights(source, missing=set(expected) - set(state), unexpected=set(state) - set(expected),
+                                 mismatched=mismatched, fix=RXLM_CHECKPOINT_FIX)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

@@ -10,6 +10,7 @@ from .collators import (
 )
 from .formats import (
     INTERACTION_FIELDS,
+    DataFormatError,
     episode_turns,
     load_mrl_dataset,
     load_pretraining_dataset,
@@ -47,6 +48,7 @@ __all__ = [
     "DataCollatorForRxTMLM",
     "select_turn",
     "INTERACTION_FIELDS",
+    "DataFormatError",
     "episode_turns",
     "load_mrl_dataset",
     "load_pretraining_dataset",

@@ -36,6 +36,7 @@ from ..tokenization_rxt import (
 )
 
 __all__ = [
+    "DataFormatError",
     "INTERACTION_FIELDS",
     "load_rxt_dataset",
     "load_pretraining_dataset",
@@ -61,6 +62,119 @@ _BUILDERS = {
     ".txt": "text",
     ".arrow": "arrow",
 }
+
+
+
+class DataFormatError(ValueError):
+    """Training data that cannot be trained on as it is: the message names the file (or dataset), the 1-based
+    row and what to change. Raised while loading or tokenizing, before any training step."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checks: bad records are refused up front, never trained on as something else
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _check_json_file(path: Path) -> None:
+    """Parse a local .json/.jsonl file before ``datasets`` does, so that a broken row is reported with the file
+    and its 1-based row and line (pyarrow reports a 0-based row inside a traceback)."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if text.lstrip().startswith("["):  # one JSON array of records
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}, line {error.lineno}: not valid JSON ({error.msg} at column "
+                                  f"{error.colno}); fix the file") from None
+        for row, record in enumerate(rows, start=1):
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}, row {row}: expected a JSON object (a record), got "
+                                      f"{type(record).__name__}; fix the row or remove it")
+        return
+    row = 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}, row {row} (line {line_number}): not valid JSON ({error.msg} at column "
+                                  f"{error.colno}); fix the line or remove it") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{path}, row {row} (line {line_number}): expected a JSON object (a record), "
+                                  f"got {type(record).__name__}; fix the line or remove it")
+
+
+def _filled(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _interaction_problem(turn: Any) -> str | None:
+    """What makes one interaction untrainable (None when it is fine): it needs a query (or RxT-Beta tool
+    result) and an answer (or tool call); a missing answer would train on ``[BOS][Q]query[EOS]``."""
+    if not isinstance(turn, Mapping):
+        return f"expected an interaction object with 'query' and 'answer', got {type(turn).__name__}"
+    if not (_filled(turn.get("query")) or _filled(turn.get("tool_use"))):
+        return "has no query" if turn.get("query") is None else "has an empty query"
+    if not (_filled(turn.get("answer")) or _filled(turn.get("tool_call"))):
+        return "has no answer" if turn.get("answer") is None else "has an empty answer"
+    return None
+
+
+def _record_problem(record: Mapping[str, Any], episode: bool) -> str | None:
+    """What makes a normalised SFT record (``episode=False``) or MRL episode untrainable, or None."""
+    if not episode:
+        return _interaction_problem(record)
+    if record.get("interactions") is None:
+        return ("has no 'interactions' list (an MRL episode is {query, answer, interactions: [{query, answer}, "
+                "...]}; use [] for an episode of one interaction)")
+    turns = [record, *record["interactions"]]
+    for number, turn in enumerate(turns):
+        problem = _interaction_problem(turn)
+        if problem:
+            where = "the first interaction" if number == 0 else f"interactions[{number - 1}]"
+            return f"{where} {problem}"
+    return None
+
+
+def _raise_for_record(problem: str, where: str, episode: bool) -> None:
+    kind = "episode" if episode else "record"
+    raise DataFormatError(f"{where}: the {kind} {problem}. Every interaction needs a non-empty query and answer: "
+                          f"fill it in or remove the row")
+
+
+def _check_records(ds: Any, source: str, episode: bool) -> None:
+    """Refuse a loaded (normalised) dataset with an untrainable row, naming ``source`` and the 1-based row.
+    Streaming datasets are checked while they are tokenized instead (reading them here would load them)."""
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
+        return
+    columns = [c for c in (*INTERACTION_FIELDS, "interactions") if c in ds.column_names]
+    row = 0
+    for batch in ds.select_columns(columns).iter(batch_size=1000):
+        for values in zip(*(batch[c] for c in columns)):
+            row += 1
+            problem = _record_problem(dict(zip(columns, values)), episode)
+            if problem:
+                _raise_for_record(problem, f"{source}, row {row}", episode)
+
+
+def _check_batch(batch: Mapping[str, list], indices: Sequence[int], episode: bool) -> None:
+    """The tokenizers' check (data built in memory, or streamed): the row is the dataset's, 1-based."""
+    keys = list(batch)
+    for index, values in zip(indices, zip(*(batch[k] for k in keys))):
+        problem = _record_problem(dict(zip(keys, values)), episode)
+        if problem:
+            _raise_for_record(problem, f"row {index + 1} of the dataset", episode)
+
+
+def _source_name(path_or_id: str | os.PathLike, split: str | None) -> str:
+    path = Path(os.fspath(path_or_id))
+    return str(path) if path.exists() else f"{os.fspath(path_or_id)} (split {split!r})"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,6 +212,8 @@ def load_rxt_dataset(
             raise ValueError(
                 f"don't know how to read {path.name}: use a .json, .jsonl, .parquet, .csv or .txt file"
             )
+        if builder == "json":
+            _check_json_file(path)
         return datasets.load_dataset(
             builder, data_files={"train": str(path)}, split=split, streaming=streaming, **load_kwargs
         )
@@ -151,13 +267,32 @@ def load_sft_dataset(
     :func:`normalize_sft_dataset`.
     """
     ds = load_rxt_dataset(path_or_id, split=split, subset=subset, streaming=streaming, **load_kwargs)
-    return normalize_sft_dataset(
+    if messages_field in (_columns(ds) or []) and query_field not in (_columns(ds) or []):
+        _check_conversations(ds, messages_field, _source_name(path_or_id, split))
+    ds = normalize_sft_dataset(
         ds,
         query_field=query_field,
         answer_field=answer_field,
         text_field=text_field,
         messages_field=messages_field,
     )
+    _check_records(ds, _source_name(path_or_id, split), episode=False)
+    return ds
+
+
+def _check_conversations(ds: Any, messages_field: str, source: str) -> None:
+    """Chat conversations become several SFT rows, so they are checked (per conversation) before that."""
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
+        return
+    for row, messages in enumerate(ds[messages_field], start=1):
+        for turn in messages_to_interactions(messages)[1]:
+            problem = _interaction_problem(turn)
+            if problem:
+                raise DataFormatError(f"{source}, row {row}: an interaction of the conversation {problem} (a user "
+                                      "message with no assistant reply, or an empty one): fill it in or remove "
+                                      "the row")
 
 
 def load_mrl_dataset(
@@ -175,13 +310,15 @@ def load_mrl_dataset(
     """MRL curriculum episodes, normalised to ``query``/``answer``/``interactions`` (see
     :func:`normalize_mrl_dataset`). On the Hub the reference keeps one ``subset`` per curriculum stage."""
     ds = load_rxt_dataset(path_or_id, split=split, subset=subset, streaming=streaming, **load_kwargs)
-    return normalize_mrl_dataset(
+    ds = normalize_mrl_dataset(
         ds,
         query_field=query_field,
         answer_field=answer_field,
         interactions_field=interactions_field,
         messages_field=messages_field,
     )
+    _check_records(ds, _source_name(path_or_id, split), episode=True)
+    return ds
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -431,7 +568,8 @@ def tokenize_sft_dataset(
     """Normalised SFT records -> ``input_ids`` (``[BOS][Q]query[A]answer[EOS]``, Beta sections when present)
     and ``labels`` (answer side incl. its markers and ``[EOS]``; -100 on ``[BOS]`` and the query side)."""
 
-    def encode(batch: Mapping[str, list]) -> dict[str, list]:
+    def encode(batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        _check_batch({k: batch[k] for k in INTERACTION_FIELDS if k in batch}, indices, episode=False)
         n = len(next(iter(batch.values())))
         records = [{k: batch[k][i] for k in INTERACTION_FIELDS if k in batch} for i in range(n)]
         ids, labels = tokenize_interaction_records(tokenizer, records, max_length, truncation=truncation)
@@ -439,7 +577,7 @@ def tokenize_sft_dataset(
 
     kwargs = {"num_proc": num_proc} if num_proc else {}
     remove = (_columns(ds) or []) if remove_columns else None
-    return ds.map(encode, batched=True, batch_size=batch_size, remove_columns=remove, **kwargs)
+    return ds.map(encode, batched=True, with_indices=True, batch_size=batch_size, remove_columns=remove, **kwargs)
 
 
 def tokenize_mrl_dataset(
@@ -462,7 +600,8 @@ def tokenize_mrl_dataset(
     """
     has_system = "system" in (_columns(ds) or [])
 
-    def encode(batch: Mapping[str, list]) -> dict[str, list]:
+    def encode(batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        _check_batch({k: batch[k] for k in (*INTERACTION_FIELDS, "interactions") if k in batch}, indices, True)
         n = len(next(iter(batch.values())))
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
         # One tokenizer call per field for all turns of all episodes in the batch.
@@ -494,4 +633,4 @@ def tokenize_mrl_dataset(
 
     kwargs = {"num_proc": num_proc} if num_proc else {}
     remove = (_columns(ds) or []) if remove_columns else None
-    return ds.map(encode, batched=True, batch_size=batch_size, remove_columns=remove, **kwargs)
+    return ds.map(encode, batched=True, with_indices=True, batch_size=batch_size, remove_columns=remove, **kwargs)

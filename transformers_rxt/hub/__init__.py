@@ -5,6 +5,7 @@ Models trained with this package are published under the Reactive AI Model & Arc
 """
 
 from .cards import (
+    GATED_DESCRIPTIONS,
     RAML_LICENSE_NAME,
     RAML_LICENSE_TITLE,
     RAML_LICENSE_URL,
@@ -20,10 +21,11 @@ from .cards import (
     validate_model_card,
 )
 from .lora import RXT_LORA_PARTS, rxt_lora_target_modules, rxt_lora_target_parameters
-from .push import add_push_parser, check_remote_code, push_rxt_to_hub, save_hub_ready
+from .push import add_push_parser, check_remote_code, open_gated_repo, push_rxt_to_hub, save_hub_ready
 from .trainer import RxTHubTrainerMixin
 
 __all__ = [
+    "GATED_DESCRIPTIONS",
     "RAML_LICENSE_NAME",
     "RAML_LICENSE_TITLE",
     "RAML_LICENSE_URL",
@@ -39,6 +41,7 @@ __all__ = [
     "gating_metadata",
     "license_pointer_text",
     "load_training_stages",
+    "open_gated_repo",
     "push_rxt_to_hub",
     "rxt_lora_target_modules",
     "rxt_lora_target_parameters",

@@ -27,6 +27,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = [
+    "GATED_DESCRIPTIONS",
     "RAML_LICENSE_NAME",
     "RAML_LICENSE_TITLE",
     "RAML_LICENSE_URL",
@@ -73,6 +74,7 @@ STAGE_DESCRIPTIONS = {
     "tokenizer": "tokenizer training (byte-level BPE with the RxT special tokens)",
     "joint-pretraining": "joint LM pre-training: decoder (autoregressive) and encoder (masked LM) together, "
                          "the decoder reading the encoder's states through memory cross-attention",
+    "joint-lm": "joint LM training (pre-training or interaction SFT): decoder and encoder together",
     "joint-sft": "joint interaction SFT: the joint objective on single query/answer interactions",
     "interaction-sft": "joint interaction SFT: the joint objective on single query/answer interactions",
     "memory-attention-pretraining": "self-supervised memory-attention pre-training (cosine loss against "
@@ -84,6 +86,7 @@ STAGE_DESCRIPTIONS = {
     "smat": "supervised memory-aware training (SMAT): the decoder answers from the memory written by earlier "
             "interactions",
     "mrl": "memory reinforcement learning (MRL) on multi-step retention curricula",
+    "dmpo": "DMPO: memory-aware preference optimisation (accepted vs rejected answers) on multi-turn episodes",
     "lora": "LoRA fine-tuning (adapter merged into the weights)",
 }
 
@@ -92,13 +95,29 @@ class RxTCardValidationError(ValueError):
     """A model card is missing a RAML v1.0 field (or has a wrong value); the message lists every problem."""
 
 
+# What the access form tells a visitor about approval; it must match the repository's gating mode.
+GATED_DESCRIPTIONS = {
+    "auto": "Access is granted automatically as soon as you accept the licence terms.",
+    "manual": "Access is granted once the authors of this repository have reviewed your request.",
+}
+
+
 # ============================================================================================== metadata
-def gating_metadata() -> dict[str, Any]:
+def _check_gating_mode(gated: Any) -> str:
+    if gated not in GATED_DESCRIPTIONS:
+        raise ValueError(f"gated={gated!r}: an RxT model card describes a gated repository, 'auto' (access on "
+                         "accepting the licence) or 'manual' (the authors review each request)")
+    return gated
+
+
+def gating_metadata(gated: str = "auto") -> dict[str, Any]:
     """The YAML keys that turn the Hub's access-request form into a RAML v1.0 acceptance form.
 
     `gated: true` documents the intent in the card; the Hub only gates a repo once its *setting* is on
     (:func:`transformers_rxt.hub.push_rxt_to_hub` does that with ``HfApi.update_repo_settings``).
+    `gated` is that setting's mode, "auto" or "manual": the form's description says which one applies.
     """
+    gated = _check_gating_mode(gated)
     prompt = (
         f"This model is distributed under the [{RAML_LICENSE_TITLE}]({RAML_LICENSE_URL}). You may use it free "
         "of charge for non-commercial purposes only, such as research and education. The Reactive Transformer "
@@ -118,7 +137,7 @@ def gating_metadata() -> dict[str, Any]:
             "I agree to use this model for non-commercial purposes only": "checkbox",
         },
         "extra_gated_heading": f"Accept the {RAML_LICENSE_TITLE} to access this model",
-        "extra_gated_description": "Access is granted automatically as soon as you accept the licence terms.",
+        "extra_gated_description": GATED_DESCRIPTIONS[gated],
         "extra_gated_button_content": "Accept the RAML v1.0 terms",
     }
 
@@ -481,6 +500,7 @@ def build_model_card(
     description: Optional[str] = None,
     tags: Sequence[str] = (),
     template_path: Union[str, os.PathLike, None] = None,
+    gated: str = "auto",
 ) -> ModelCard:
     """Render the RAML v1.0 model card of an RxT model.
 
@@ -500,10 +520,12 @@ def build_model_card(
         model_name, description: title and opening paragraph (defaults are derived from `repo_id`).
         tags: extra tags, added after the standard RxT tags.
         template_path: a custom Jinja template (default: the packaged RAML template).
+        gated: the gating mode of the repository the card is for, "auto" or "manual" (see `gating_metadata`).
 
     Returns:
         a `huggingface_hub.ModelCard`; `card.save("README.md")` writes it. It passes :func:`validate_model_card`.
     """
+    gated = _check_gating_mode(gated)
     module, config = _resolve_model(model)
     if stages is None:
         source = model if isinstance(model, (str, os.PathLike)) else getattr(module, "name_or_path", "") or ""
@@ -534,7 +556,7 @@ def build_model_card(
         license_link=RAML_LICENSE_URL,
         pipeline_tag="text-generation",
         tags=tag_list,
-        **gating_metadata(),
+        **gating_metadata(gated),
     )
 
     counts = count_parameters(module if module is not None else config)
@@ -571,15 +593,16 @@ def build_model_card(
         license_marker=LICENSE_SECTION_MARKER,
     )
     card = ModelCard(content)
-    validate_model_card(card)
+    validate_model_card(card, gated=gated)
     return card
 
 
 # ============================================================================================== validation
-def validate_model_card(card: Union[ModelCard, str, os.PathLike]) -> ModelCard:
+def validate_model_card(card: Union[ModelCard, str, os.PathLike], gated: Optional[str] = None) -> ModelCard:
     """Check that a card (object, Markdown text, or README path) carries the RAML v1.0 metadata and notice.
 
-    Purely local: the Hub's own YAML validation needs the network and is left to the Hub. Raises
+    With `gated` ("auto" or "manual", the repository's gating mode), the access form must also describe that
+    mode (`extra_gated_description`), so that the card and the repository settings agree. Purely local: the Hub's own YAML validation needs the network and is left to the Hub. Raises
     :class:`RxTCardValidationError` listing every problem; returns the card when it passes.
     """
     if not isinstance(card, ModelCard):
@@ -621,6 +644,10 @@ def validate_model_card(card: Union[ModelCard, str, os.PathLike]) -> ModelCard:
         options = {(o.get("label") if isinstance(o, Mapping) else o) for s in selects for o in s.get("options", [])}
         if not {"Research", "Education", "Other"} <= options:
             problems.append("extra_gated_fields needs a purpose select with Research, Education and Other")
+    if gated is not None and data.get("extra_gated_description") != GATED_DESCRIPTIONS[_check_gating_mode(gated)]:
+        problems.append(f"extra_gated_description must be {GATED_DESCRIPTIONS[gated]!r}, as the repository is "
+                        f"gated={gated!r} (got {data.get('extra_gated_description')!r}); rebuild the card with "
+                        f"build_model_card(..., gated={gated!r})")
     if LICENSE_SECTION_MARKER not in card.text:
         problems.append("the body has no licence notice section")
     if problems:

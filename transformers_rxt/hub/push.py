@@ -1,24 +1,33 @@
-"""Publishing RxT models on the Hugging Face Hub: a complete, gated, RAML v1.0 repository in one call.
+"""Publishing RxT models on the Hugging Face Hub: one push path, gated under RAML v1.0, model files only.
 
-What a published RxT repository holds:
+Every push of this package goes through :func:`push_rxt_to_hub`: `rxt push`, `model.push_to_hub`, and the stage
+trainers' `push_to_hub` (:class:`~transformers_rxt.hub.RxTHubTrainerMixin`). In order, it
 
-* `model.safetensors` (or shards + index) and `config.json` with `auto_map`, so that
-  `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works without this package;
-* the modelling code that `save_pretrained` copies next to the weights (`configuration_rxt.py`,
-  `modeling_rxt.py`, `cache_rxt.py`, `interaction_rxt.py`, `tokenization_rxt.py`);
-* the tokenizer files, when a tokenizer is given or already saved in the directory;
-* `README.md` (the RAML v1.0 card from :func:`~transformers_rxt.hub.build_model_card`), a `LICENSE` pointer
-  and `rxt_training_stages.json` (the stage history, when known).
+1. checks the request locally: repository id, token, model files, and the gating mode. RxT models are published
+   under RAML v1.0 behind its access form, so an ungated request (`gated=False`) is refused;
+2. writes and validates the RAML v1.0 card (`README.md`), whose access form describes the gating mode, and the
+   `LICENSE` pointer;
+3. creates the repository (private unless asked otherwise) and sets its gating (`update_repo_settings`),
+   before any file is uploaded (:func:`open_gated_repo`, also what a trainer's `init_hf_repo` calls);
+4. uploads, in one commit, only the model's own files:
 
-Gating is a repository *setting*, not card metadata: :func:`push_rxt_to_hub` turns it on with
-`HfApi.update_repo_settings(repo_id, gated=...)` right after creating the repository and before any file is
-uploaded, so the weights are never reachable without the licence form.
+   * the weights (`model.safetensors`, or the index and the shards it names), `config.json` (with `auto_map`)
+     and `generation_config.json`;
+   * the model's code: the modules its `auto_map` names and the sibling modules they import, so that
+     `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works without this package;
+   * the tokenizer files;
+   * the card, the licence pointer and `rxt_training_stages.json` (the stage history).
+
+   Anything else in the model directory (trainer state, optimizer states, `checkpoint-*` folders, stage-only
+   heads, stray scripts or notes) is listed in a warning and left out.
+
+`gated=None` (`rxt push --gated keep`) keeps the mode an existing repository already has. A new repository,
+or one that is not gated, has no gating to keep: the request is refused and names the fix (`gated="auto"` or
+`"manual"`).
 """
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import os
 import re
@@ -27,23 +36,27 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.utils import logging
+from transformers_rxt_cli import add_push_parser  # noqa: F401  (re-exported: `rxt push`'s options)
 
 from .cards import STAGES_FILE, build_model_card, license_pointer_text, load_training_stages, validate_model_card
 
-__all__ = ["HUB_FILE_PATTERNS", "add_push_parser", "check_remote_code", "push_rxt_to_hub", "save_hub_ready"]
+logger = logging.get_logger(__name__)
 
-# Files of a model directory that belong in a Hub repository. Trainer leftovers (trainer_state.json,
-# training_args.bin, optimizer/scheduler/RNG states, checkpoint-* folders) and stage-only heads saved by the
-# stage trainers (e.g. mlm_head.safetensors) are deliberately not uploaded.
-WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+__all__ = ["add_push_parser", "check_remote_code", "open_gated_repo", "push_rxt_to_hub", "save_hub_ready"]
+
+# The allow-list of a published repository (plus the model's code files and the shards a weight index names).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+# Written by the push itself; copies of these in a model directory are replaced, never uploaded as they are.
 CARD_FILES = ("README.md", "LICENSE", STAGES_FILE)
-HUB_FILE_PATTERNS = WEIGHT_PATTERNS + CONFIG_FILES + ("*.py",) + TOKENIZER_FILES + CARD_FILES
 
-GatedMode = Literal["auto", "manual", False, None]
+# "auto" or "manual"; None keeps the mode of an existing gated repository. False (ungated) is refused.
+GatedMode = Optional[Literal["auto", "manual"]]
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -55,13 +68,19 @@ def _check_repo_id(repo_id: Any) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"invalid repo_id {repo_id!r}: {error}") from error
+    if "/" not in repo_id:  # the card names the repository, so the namespace must be known before any request
+        raise ValueError(f"repo_id {repo_id!r} has no namespace: pass 'your-name/{repo_id}' or 'your-org/{repo_id}'")
     return repo_id
 
 
-def _check_gated(gated: GatedMode) -> GatedMode:
-    if gated not in ("auto", "manual", False, None):
-        raise ValueError(f"gated={gated!r}; expected 'auto' (RAML acceptance approves access at once), 'manual', "
-                         "False (not gated: only for models that are not under RAML) or None (leave the setting)")
+def _check_gated(gated: Any) -> GatedMode:
+    if gated is False:
+        raise ValueError("gated=False would publish an RxT model without the RAML v1.0 access form; RxT models are "
+                         "published gated (a private repository is gated as well). Pass gated='auto' (access is "
+                         "granted on accepting the licence) or gated='manual' (you review each request)")
+    if gated not in ("auto", "manual", None):
+        raise ValueError(f"gated={gated!r}; expected 'auto' (access is granted on accepting the licence), 'manual' "
+                         "(you review each request) or None (keep the gating of an existing gated repository)")
     return gated
 
 
@@ -73,6 +92,35 @@ def _resolve_token(token: Optional[str]) -> str:
     return token
 
 
+def _auto_map_modules(model_dir: Path) -> list[str]:
+    """Modules named by the `auto_map` of `config.json` and `tokenizer_config.json` (code of this repository only)."""
+    modules = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = model_dir / name
+        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") if path.is_file() else None
+        for refs in (auto_map or {}).values():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if ref and "--" not in ref:  # "other/repo--module.Class" points at another repository's code
+                    modules.append(ref.split(".")[0])
+    return modules
+
+
+def _code_files(model_dir: Path) -> list[str]:
+    """The model's own code files: the modules its `auto_map` names and, transitively, the siblings they import."""
+    pending, found = _auto_map_modules(model_dir), []
+    while pending:
+        name = f"{pending.pop()}.py"
+        if name in found:
+            continue
+        path = model_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} lacks {name}, needed by trust_remote_code loading; re-save "
+                                    "with model.save_pretrained(dir), which copies the modelling code")
+        found.append(name)
+        pending += _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))
+    return sorted(found)
+
+
 def check_remote_code(model_dir: Union[str, os.PathLike]) -> None:
     """Raise if `model_dir` would not load with `trust_remote_code=True` (auto_map or code files missing)."""
     model_dir = Path(model_dir)
@@ -82,38 +130,41 @@ def check_remote_code(model_dir: Union[str, os.PathLike]) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("model_type") != "rxt":
         raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model, not an RxT model ('rxt')")
-    auto_map = config.get("auto_map") or {}
-    missing_auto = [k for k in ("AutoConfig", "AutoModelForCausalLM") if k not in auto_map]
+    missing_auto = [k for k in ("AutoConfig", "AutoModelForCausalLM") if k not in (config.get("auto_map") or {})]
     if missing_auto:
         raise ValueError(f"{config_path}: auto_map lacks {missing_auto}; re-save with model.save_pretrained(dir), "
                          "which writes auto_map and copies the modelling code")
-    pending = [ref.split(".")[0] for ref in auto_map.values()]
-    seen: set[str] = set()
-    while pending:
-        module = pending.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        path = model_dir / f"{module}.py"
-        if not path.is_file():
-            raise FileNotFoundError(f"{model_dir} lacks {module}.py, needed by trust_remote_code loading; re-save "
-                                    "with model.save_pretrained(dir), which copies the modelling code")
-        pending += _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))
-    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+    _code_files(model_dir)
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{model_dir} has no model.safetensors (or shard index); save the model with "
                                 "model.save_pretrained(dir)")
 
 
-def _hub_files(model_dir: Path) -> dict[str, Path]:
-    """Top-level files of `model_dir` that belong in the Hub repository (see HUB_FILE_PATTERNS)."""
-    files = {}
+def _weight_files(model_dir: Path) -> set[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return {index.name, *shards}
+    return {"model.safetensors"}
+
+
+def _select_hub_files(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """The allow-listed files of `model_dir` (name -> path) and the names of everything else there."""
+    allowed = {*CONFIG_FILES, *TOKENIZER_FILES, *_code_files(model_dir), *_weight_files(model_dir)}
+    files, left_out = {}, []
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in HUB_FILE_PATTERNS):
+        if path.is_file() and path.name in allowed:
             files[path.name] = path
-    return files
+        elif path.name not in CARD_FILES:
+            left_out.append(path.name + ("/" if path.is_dir() else ""))
+    return files, left_out
 
 
 # ============================================================================================== local
+def _load_card(card: Union[ModelCard, str, os.PathLike]) -> ModelCard:
+    return card if isinstance(card, ModelCard) else ModelCard.load(str(card))
+
+
 def _write_card_files(out_dir: Path, card: ModelCard, stages: Optional[list], model_name: str) -> None:
     card.save(str(out_dir / "README.md"))
     (out_dir / "LICENSE").write_text(license_pointer_text(model_name), encoding="utf-8")
@@ -121,23 +172,22 @@ def _write_card_files(out_dir: Path, card: ModelCard, stages: Optional[list], mo
         (out_dir / STAGES_FILE).write_text(json.dumps(list(stages), indent=2) + "\n", encoding="utf-8")
 
 
-def _card_for(model: Any, card: Union[ModelCard, str, os.PathLike, None], tokenizer: Any,
-              card_kwargs: dict) -> tuple[ModelCard, Optional[list]]:
-    """The card to publish (given and validated, or built) and the stage records it was built from."""
-    if card is not None:
-        return validate_model_card(card if isinstance(card, ModelCard) else ModelCard.load(str(card))), \
-            card_kwargs.get("stages")
+def _card_for(model: Any, card: Union[ModelCard, str, os.PathLike, None], tokenizer: Any, gated: str,
+              card_kwargs: dict) -> tuple[ModelCard, list]:
+    """The card to publish (given and validated, or built) and the stage records that go with it."""
     stages = card_kwargs.pop("stages", None)
     if stages is None:
         source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "") or ""
         stages = load_training_stages(source) if source and Path(source).is_dir() else []
     stages = list(stages)
-    return build_model_card(model, tokenizer=tokenizer, stages=stages, **card_kwargs), stages
+    if card is not None:
+        return validate_model_card(_load_card(card), gated=gated), stages
+    return build_model_card(model, tokenizer=tokenizer, stages=stages, gated=gated, **card_kwargs), stages
 
 
 def save_hub_ready(model: Any, out_dir: Union[str, os.PathLike], tokenizer: Any = None, *,
                    card: Union[ModelCard, str, os.PathLike, None] = None, max_shard_size: Union[int, str] = "5GB",
-                   **card_kwargs: Any) -> Path:
+                   gated: str = "auto", **card_kwargs: Any) -> Path:
     """Write a complete, Hub-ready RxT repository into `out_dir` (nothing is uploaded).
 
     Contents: weights, `config.json` with `auto_map`, the modelling code files, the tokenizer (if given),
@@ -151,6 +201,7 @@ def save_hub_ready(model: Any, out_dir: Union[str, os.PathLike], tokenizer: Any 
         card: a ready card (object or README path) to use instead of building one; it must pass
             :func:`~transformers_rxt.hub.validate_model_card`.
         max_shard_size: passed to `save_pretrained`.
+        gated: the gating mode the card's access form describes, "auto" or "manual".
         **card_kwargs: :func:`~transformers_rxt.hub.build_model_card` arguments (`repo_id`, `stages`,
             `eval_results`, `datasets`, `language`, `base_model`, ...).
     """
@@ -160,7 +211,7 @@ def save_hub_ready(model: Any, out_dir: Union[str, os.PathLike], tokenizer: Any 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build the card first: a bad stage record or an invalid custom card fails before anything is written.
-    card_obj, stages = _card_for(model, card, tokenizer, dict(card_kwargs))
+    card_obj, stages = _card_for(model, card, tokenizer, gated, dict(card_kwargs))
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
@@ -168,6 +219,46 @@ def save_hub_ready(model: Any, out_dir: Union[str, os.PathLike], tokenizer: Any 
     _write_card_files(out_dir, card_obj, stages, name)
     check_remote_code(out_dir)
     return out_dir
+
+
+# ============================================================================================== repository
+def hub_api(token: Optional[str] = None, endpoint: Optional[str] = None) -> HfApi:
+    """The `HfApi` client of this package's pushes (its user agent names transformers-rxt)."""
+    from .. import __version__
+
+    return HfApi(endpoint=endpoint, token=token, library_name="transformers-rxt", library_version=__version__)
+
+
+def resolve_gating(api: HfApi, repo_id: str, gated: GatedMode) -> str:
+    """The gating mode `repo_id` will have: `gated`, or for None the mode the existing repository already has.
+
+    Raises `ValueError` for None when the repository does not exist or is not gated: there is no gating to keep.
+    """
+    gated = _check_gated(gated)
+    if gated is not None:
+        return gated
+    try:
+        current = api.model_info(repo_id).gated
+    except RepositoryNotFoundError:
+        raise ValueError(f"gated=None (--gated keep) keeps the gating of an existing repository, but {repo_id} does "
+                         "not exist yet and a new repository has no gating to keep; pass gated='auto' or "
+                         "'manual' (--gated auto|manual)") from None
+    if current not in ("auto", "manual"):
+        raise ValueError(f"{repo_id} is not gated on the Hub, so gated=None (--gated keep) would publish an RxT model "
+                         "without the RAML v1.0 access form; pass gated='auto' or 'manual' (--gated auto|manual)")
+    return current
+
+
+def open_gated_repo(api: HfApi, repo_id: str, *, private: Optional[bool], gated: GatedMode) -> str:
+    """Create `repo_id` if needed (`private` applies to a new repository) and gate it; return its full id.
+
+    The only way this package creates a repository, so that no file can reach one before it is gated.
+    `gated` as in :func:`resolve_gating` (None keeps an existing repository's mode, and is refused otherwise).
+    """
+    mode = resolve_gating(api, repo_id, gated)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.update_repo_settings(repo_id, gated=mode)
+    return repo_id
 
 
 # ============================================================================================== push
@@ -190,24 +281,22 @@ def push_rxt_to_hub(
 ) -> CommitInfo:
     """Upload an RxT model as a gated RAML v1.0 repository: weights, config with `auto_map`, code, tokenizer, card.
 
-    Order of operations: check the inputs (repo id, token, directory contents, card) before any request;
-    create the repository (`private` applies only when it is new); switch gating on; then upload everything
-    in a single commit. A failure at any step raises and leaves nothing half-gated.
+    Order of operations (see the module docstring): local checks and the validated card first; then the
+    repository is created and gated; then the allow-listed files are uploaded in a single commit. Files of a
+    model directory outside the allow-list are listed in a warning and not uploaded.
 
     Args:
         model_dir_or_model: an `RxTForConversationalGeneration`, or a directory written by `save_pretrained`
-            (or a trainer). From a directory, only Hub files are uploaded (weights, configs, code, tokenizer);
-            trainer state, optimizer states and `checkpoint-*` folders are left out. The card is always
-            (re)built from the config, unless `card` is given.
-        repo_id: `namespace/name` (a bare name goes to the token owner's namespace).
+            (or a trainer). The card is always (re)built from the config, unless `card` is given.
+        repo_id: `namespace/name`.
         tokenizer: uploaded with the model (from a directory, tokenizer files already there are uploaded too).
-        private: visibility of a newly created repository (default private).
-        gated: "auto" (default: access is granted as soon as the RAML form is accepted), "manual", False, or
-            None to leave the repository's setting unchanged.
+        private: visibility of a newly created repository (default private); either way it is gated.
+        gated: "auto" (default: access is granted as soon as the RAML form is accepted), "manual", or None to
+            keep the mode of an existing gated repository. False (ungated) is refused.
         token: a write token (default: `HF_TOKEN` or the stored login). Missing -> `ValueError`.
         commit_message, commit_description, revision, create_pr: as for `HfApi.create_commit`.
         max_shard_size: for `save_pretrained` when a model object is given.
-        card: a custom card (object or README path); it must pass `validate_model_card`.
+        card: a custom card (object or README path); it must pass `validate_model_card(card, gated=mode)`.
         endpoint: a Hub endpoint other than `HF_ENDPOINT` / huggingface.co (tests, private Hub mirrors).
         **card_kwargs: :func:`~transformers_rxt.hub.build_model_card` arguments (`stages`, `eval_results`,
             `datasets`, `language`, `base_model`, `model_name`, `description`, `tags`, ...).
@@ -227,34 +316,31 @@ def push_rxt_to_hub(
             raise FileNotFoundError(f"model directory {source_dir} does not exist")
         check_remote_code(source_dir)
     elif getattr(getattr(model_dir_or_model, "config", None), "model_type", None) != "rxt":
-        raise TypeError("push_rxt_to_hub expects an RxT model or a directory saved from one, "
-                        f"got {type(model_dir_or_model).__name__}")
+        raise TypeError("push_rxt_to_hub expects an RxT model (RxTForConversationalGeneration) or a directory "
+                        f"saved from one, got {type(model_dir_or_model).__name__}")
     if card is not None:  # fail before any request
-        card = validate_model_card(card if isinstance(card, ModelCard) else ModelCard.load(str(card)))
+        card = validate_model_card(_load_card(card))
 
-    from .. import __version__
-
-    api = HfApi(endpoint=endpoint, token=token, library_name="transformers-rxt", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if gated is not None:
-        api.update_repo_settings(repo_id, gated=gated)
-
+    api = hub_api(token, endpoint)
+    mode = resolve_gating(api, repo_id, gated)  # a request only for gated=None
+    card_kwargs = dict(card_kwargs, repo_id=repo_id)
     with tempfile.TemporaryDirectory(prefix="rxt-push-") as staging:
         staging = Path(staging)
-        card_kwargs = dict(card_kwargs, repo_id=repo_id)
         if source_dir is None:
             save_hub_ready(model_dir_or_model, staging, tokenizer, card=card, max_shard_size=max_shard_size,
-                           **card_kwargs)
-            files = _hub_files(staging)
+                           gated=mode, **card_kwargs)
         else:
-            files = _hub_files(source_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging))
-                files.update({n: p for n, p in _hub_files(staging).items() if n in TOKENIZER_FILES})
-            card_obj, stages = _card_for(str(source_dir), card, tokenizer, card_kwargs)
-            name = card_kwargs.get("model_name") or repo_id.split("/")[-1]
-            _write_card_files(staging, card_obj, stages, name)
-            files.update({n: staging / n for n in CARD_FILES if (staging / n).is_file()})
+            card_obj, stages = _card_for(str(source_dir), card, tokenizer, mode, card_kwargs)
+            _write_card_files(staging, card_obj, stages, card_kwargs.get("model_name") or repo_id.split("/")[-1])
+        validate_model_card(staging / "README.md", gated=mode)  # the card that goes up, with the mode it states
+        files, left_out = _select_hub_files(source_dir or staging)
+        files.update({p.name: p for p in staging.iterdir() if p.name in CARD_FILES + TOKENIZER_FILES})
+        if left_out:
+            logger.warning(f"Not uploaded to {repo_id} (not part of the model): {', '.join(left_out)}")
+
+        repo_id = open_gated_repo(api, repo_id, private=private, gated=mode)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                       for name, path in sorted(files.items())]
         return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload RxT model (RAML v1.0)",
@@ -262,29 +348,8 @@ def push_rxt_to_hub(
 
 
 # ============================================================================================== command line
-def add_push_parser(commands: Any) -> Any:
-    """Register `rxt push DIR --repo-id ID ...` on the `rxt` command's subparsers (see `transformers_rxt.cli`)."""
-    push = commands.add_parser(
-        "push", help="upload an RxT model directory to the Hub as a gated RAML v1.0 repository",
-        description="Upload weights, config (auto_map), modelling code, tokenizer and the RAML v1.0 model card, "
-                    "and turn gated access on. Trainer leftovers (optimizer states, checkpoint-*) are skipped.")
-    push.add_argument("model_dir", help="directory written by save_pretrained or a trainer")
-    push.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/RxT-Alpha-Tiny")
-    push.add_argument("--tokenizer", help="tokenizer directory to upload (default: tokenizer files in MODEL_DIR)")
-    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    push.add_argument("--gated", choices=["auto", "manual", "keep"], default="auto",
-                      help="gating mode ('keep' leaves the repository setting unchanged)")
-    push.add_argument("--token", help="Hub write token (default: HF_TOKEN or the stored login)")
-    push.add_argument("--commit-message", default="Upload RxT model (RAML v1.0)")
-    push.add_argument("--dataset", action="append", default=None, help="Hub dataset id (repeatable)")
-    push.add_argument("--language", action="append", default=None, help="ISO language code (repeatable)")
-    push.add_argument("--base-model", help="Hub id of the model this one was trained from")
-    push.add_argument("--stages", help="JSON file with a list of training stage records")
-    push.add_argument("--eval-results", help="JSON file with evaluation results")
-    # Only for tests and private Hub mirrors (HF_ENDPOINT is the usual way), so hidden from --help.
-    push.add_argument("--endpoint", help=argparse.SUPPRESS, default=None)
-    push.set_defaults(func=_push_command)
-    return push
+# `rxt push`'s options live with the other commands' in transformers_rxt_cli (`add_push_parser`, importing only
+# argparse, so `rxt push --help` answers at once); the command itself is `_push_command` below.
 
 
 def _read_json(path: Optional[str]) -> Any:

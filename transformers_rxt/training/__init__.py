@@ -12,7 +12,13 @@ Every stage reads and writes HF model directories (``RxTForConversationalGenerat
 """
 
 from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, make_dmpo_records, tokenize_dmpo_dataset
-from .evaluation import evaluate_heldout_retention, evaluate_memory_retention, format_retention
+from .evaluation import (
+    compare_retention,
+    describe_retention,
+    evaluate_heldout_retention,
+    evaluate_memory_retention,
+    format_retention,
+)
 from .impo import IMPOConfig, IMPOModule, IMPOStage, IMPOTrainer, RxTValueCritic, exponential_schedule, run_impo_curriculum
 from .joint import JointLMConfig, JointLMModule, JointLMTrainer
 from .memory_attention import (
@@ -53,6 +59,8 @@ __all__ = [
     "evaluate_heldout_retention",
     "evaluate_memory_retention",
     "format_retention",
+    "compare_retention",
+    "describe_retention",
     "load_mlm_head",
     "load_rxt_model",
     "segment_pooling",

@@ -160,6 +160,8 @@ class DMPOTrainer(RxTStageTrainer):
     ``ref_model`` defaults to a frozen copy of it. Data: see :class:`DataCollatorForDMPO` and
     :func:`tokenize_dmpo_dataset`."""
 
+    rxt_stage = "dmpo"  # the stage name in the model card's training table
+
     def __init__(self, model, args: DMPOConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  ref_model: RxTForConversationalGeneration | None = None, data_collator=None, callbacks=None):
         rxt = load_rxt_model(model) if isinstance(model, str) else model

@@ -26,7 +26,8 @@ import torch
 from ..data.synthetic import build_memory_dialogues, dialogue_turns, format_accuracy_table, score_dialogue_answers
 from ..tokenization_rxt import tokenize_interactions, tokenize_prompts
 
-__all__ = ["evaluate_memory_retention", "evaluate_heldout_retention", "format_retention"]
+__all__ = ["compare_retention", "describe_retention", "evaluate_memory_retention", "evaluate_heldout_retention",
+           "format_retention"]
 
 
 def _records(dialogues: Any) -> list[dict[str, Any]]:
@@ -80,6 +81,9 @@ def _answer_nll(model, tokenizer, queries, answers, stm) -> tuple[torch.Tensor, 
     return nll.sum(dim=1), keep.sum(dim=1), enc
 
 
+# No autograd anywhere: update_memory records a graph whenever grad is on (training backpropagates through it),
+# and the teacher-forced STM chained those graphs across turns (~0.6 GB per batch of 64 nine-turn dialogues).
+@torch.no_grad()
 def evaluate_memory_retention(
     model,
     tokenizer,
@@ -219,10 +223,40 @@ def evaluate_heldout_retention(model, tokenizer, count: int = 512, max_distance:
     return result
 
 
+def describe_retention(result: Mapping[str, Any]) -> str:
+    """What a retention result measured, in words: which dialogues and how many recall questions."""
+    dialogues = result.get("dialogues")
+    questions = f"{result['memory']['n']:,} recall questions"
+    if not dialogues:
+        return questions
+    return (f"{dialogues['count']:,} {dialogues['split']} dialogues, fact-question distances 1-"
+            f"{dialogues['max_distance']}, corpus seed {dialogues['seed']}; {questions}")
+
+
 def format_retention(result: Mapping[str, Any]) -> str:
-    """The accuracy table of a retention result, plus the answer perplexities when they were computed."""
-    lines = [result["table"]]
+    """The accuracy table of a retention result, headed by what it measured, plus the answer perplexities when
+    they were computed."""
+    lines = [f"[{describe_retention(result)}]", result["table"]]
     if result.get("perplexity"):
         ppl = result["perplexity"]
         lines.append(f"answer perplexity: memory {ppl['memory']:.3f}, reset {ppl['reset']:.3f}")
     return "\n".join(lines)
+
+
+def compare_retention(before: Mapping[str, Any], after: Mapping[str, Any], names: tuple[str, str] = ("before",
+                      "after")) -> str:
+    """Two retention results on the same dialogues side by side (memory carried; ``after``'s reset baseline),
+    then the overall change with its 95% noise band (two binomial standard errors of the difference), so that
+    a change the question count cannot resolve is called noise rather than a gain or a loss."""
+    if before.get("dialogues") != after.get("dialogues"):
+        raise ValueError(f"cannot compare retention on different dialogues: {before.get('dialogues')} vs "
+                         f"{after.get('dialogues')}")
+    table = format_accuracy_table({names[0]: before["memory"], names[1]: after["memory"], "reset": after["reset"]})
+    p0, p1 = before["memory"]["accuracy"], after["memory"]["accuracy"]
+    n0, n1 = max(before["memory"]["n"], 1), max(after["memory"]["n"], 1)
+    band = 2 * math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    change = p1 - p0
+    verdict = "within noise" if abs(change) <= band else ("a gain" if change > 0 else "a loss")
+    return "\n".join([f"[{describe_retention(after)}]", table,
+                      f"change in recall, {names[0]} -> {names[1]}: {change:+.3f} (95% noise band +-{band:.3f}: "
+                      f"{verdict})"])

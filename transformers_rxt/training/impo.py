@@ -413,6 +413,8 @@ class IMPOTrainer(RxTStageTrainer):
             ``args.reward_weights`` and added to the TensorBLEU/cosine reward.
     """
 
+    rxt_stage = "mrl"  # the stage name in the model card's training table
+
     def __init__(self, model: RxTForConversationalGeneration | str, args: IMPOConfig, train_dataset=None,
                  eval_dataset=None, processing_class=None, ref_model: RxTForConversationalGeneration | None = None,
                  critic: RxTValueCritic | None = None, reward_funcs: Sequence[RewardFunc] | None = None,

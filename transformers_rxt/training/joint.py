@@ -168,6 +168,8 @@ class JointLMTrainer(RxTStageTrainer):
     Logs `mlm_loss`, `lm_loss`, `mlm_accuracy`, `lm_accuracy` (and `aux_loss` for MoE) next to `loss`.
     """
 
+    rxt_stage = "joint-lm"  # the stage name in the model card's training table
+
     def __init__(
         self,
         model: RxTForConversationalGeneration | str | os.PathLike,

@@ -187,7 +187,7 @@ class MemoryAttentionModule(RxTStageModule):
         args = self.args
         batch, turns, _ = input_ids.shape
         noisy = self.training
-        stm = self.rxt.init_memory(batch, generator=generator).memory
+        stm = self.rxt.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         losses, metrics = [], {}
         for k in range(turns):
             valid = turn_mask[:, k].bool()
@@ -252,6 +252,8 @@ class MemoryAttentionTrainer(RxTStageTrainer):
     Only the memory attention is trained (the encoder runs without gradient). Logs `cosine`, `memory_rmse`
     (RMS change of the memory per turn) and their per-turn values `cosine_turn_k`, `memory_rmse_turn_k`.
     """
+
+    rxt_stage = "memory-attention-pretraining"  # the stage name in the model card's training table
 
     def __init__(
         self,

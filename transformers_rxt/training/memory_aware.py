@@ -140,7 +140,7 @@ class MemoryAwareModule(RxTStageModule):
     ) -> dict[str, Any]:
         batch, turns, _ = input_ids.shape
         backprop = self.args.backprop_turns
-        stm = self.rxt.init_memory(batch, generator=generator).memory
+        stm = self.rxt.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         if system_input_ids is not None and has_system is not None and bool(has_system.any()):
             stm = self._update(stm, system_input_ids, system_attention_mask, has_system.bool())
         losses, metrics, hits, count = [], {}, 0.0, 0
@@ -208,6 +208,8 @@ class MemoryAwareTrainer(RxTStageTrainer):
     Logs `loss_turn_k` (the answer loss of turn k), `answer_accuracy`, and `trainable_parameters`.
     `trainable_components` is the current set of trained components.
     """
+
+    rxt_stage = "supervised-memory-aware"  # the stage name in the model card's training table
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
+from ..hub.trainer import RxTHubTrainerMixin
 from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
 
 logger = logging.get_logger(__name__)
@@ -164,9 +165,10 @@ def _mix_seed(*parts: int) -> int:
     return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class RxTStageTrainer(Trainer):
+class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
     """Base of the stage trainers: saving as HF model directories, per-component optimizer groups,
-    step-seeded randomness, component metrics and tokens/s logging.
+    step-seeded randomness, component metrics and tokens/s logging. Hub pushes (`push_to_hub`,
+    `args.push_to_hub`) go through `push_rxt_to_hub`: gated repository, RAML v1.0 card, model files only.
 
     Subclasses provide the stage module and may override :meth:`component_learning_rates`.
     """
@@ -180,8 +182,9 @@ class RxTStageTrainer(Trainer):
             raise TypeError(f"{type(self).__name__} trains an RxTStageModule, got {type(self.model).__name__}")
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._rng_step, self._rng_micro, self._eval_batches = -1, 0, 0
-        self._tokens_interval = 0  # tokens processed since the last training log (this process)
-        self._tokens_total = 0  # tokens processed in this train() call (this process)
+        self._tokens_unsynced = 0  # tokens this process trained on since the last _sync_tokens
+        self._tokens_interval = 0  # tokens of all processes since the last training log
+        self._tokens_session = 0  # tokens of all processes in this train() call
         self._interval_start = time.perf_counter()
 
     # ------------------------------------------------------------------ randomness
@@ -225,9 +228,7 @@ class RxTStageTrainer(Trainer):
             if key != "loss" and value is not None:
                 self._metrics[mode][key].append(float(value))
         if mode == "train":
-            n = self.count_tokens(inputs)
-            self._tokens_interval += n
-            self._tokens_total += n
+            self._tokens_unsynced += self.count_tokens(inputs)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -255,23 +256,39 @@ class RxTStageTrainer(Trainer):
             return int(sum(gather_object([count])))
         return count
 
+    def _sync_tokens(self) -> None:
+        """Add every process's tokens since the last sync to the counters (collective: all processes call it, at
+        logs and checkpoint saves). The stage's total lives in ``state.num_input_tokens_seen``, which checkpoints
+        save, so a resumed stage reports the tokens of the steps before its checkpoint too. When
+        ``include_num_input_tokens_seen`` is on, ``Trainer`` keeps that total itself."""
+        tokens = self._global_tokens(self._tokens_unsynced)
+        self._tokens_unsynced = 0
+        self._tokens_interval += tokens
+        self._tokens_session += tokens
+        if self.args.include_num_input_tokens_seen in (False, None, "no"):
+            self.state.num_input_tokens_seen += tokens
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._sync_tokens()  # the checkpoint's state must hold every token of the steps it covers
+        return super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if any(k.startswith("eval_") for k in logs):
             logs.update({f"eval_{k}": v for k, v in self._gather_metrics("eval").items()})
         elif "loss" in logs:
             logs.update(self._gather_metrics("train"))
+            self._sync_tokens()
             now = time.perf_counter()
-            tokens = self._global_tokens(self._tokens_interval)
-            logs["tokens_per_second"] = round(tokens / max(now - self._interval_start, 1e-9), 1)
+            logs["tokens_per_second"] = round(self._tokens_interval / max(now - self._interval_start, 1e-9), 1)
             self._tokens_interval, self._interval_start = 0, now
         elif "train_runtime" in logs:
-            tokens = self._global_tokens(self._tokens_total)
-            logs["train_tokens"] = tokens
-            logs["train_tokens_per_second"] = round(tokens / max(logs["train_runtime"], 1e-9), 1)
+            self._sync_tokens()
+            logs["train_tokens"] = self.state.num_input_tokens_seen  # the whole stage's, across resumes
+            logs["train_tokens_per_second"] = round(self._tokens_session / max(logs["train_runtime"], 1e-9), 1)
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any):
-        self._tokens_interval = self._tokens_total = 0
+        self._tokens_unsynced = self._tokens_interval = self._tokens_session = 0
         self._interval_start = time.perf_counter()
         return super().train(*args, **kwargs)
 

@@ -1,0 +1,257 @@
+"""Where does an RxT model lose facts? Write, read, retention and scale, measured on held-out facts.
+
+    python benchmarks/diagnose_memory.py outputs/main/stage2 outputs/main/stage3 outputs/main/stage4 [--probes 256]
+
+For each model directory (any stage's output) it prints one table per measure:
+
+- **read** (the decoder alone): the question answered with a "perfect" memory, i.e. the fact interaction's own
+  encoder states in place of the STM (the stage 1-2 interface), vs with a fresh STM (nothing to read);
+- **write** (encoder + memory attention): a fresh STM, the fact interaction written once, then the question,
+  with no distractor in between;
+- **retention**: the same after k distractor interactions (small talk / arithmetic / world knowledge, or other
+  facts), plus the cosine similarity of the STM to its state right after the fact was written and the mean
+  residual-gate value (share of a slot replaced by each write) per memory layer;
+- **scale**: RMS per slot of a fresh STM, of the encoder states, and of the STM after 1 and 8 writes;
+- **gradients** (stage-4 training step on 6-turn episodes): gradient norms per component, and the norm of the
+  gradient that reaches the STM j updates back, with the memory detached every ``--backprop-turns`` updates.
+
+Accuracy is the exact-match key-word accuracy of the greedy answer (``fact_key_correct``), as in
+``rxt eval-memory``. Everything is teacher forced except the answer to the question: distractor and fact
+interactions are written with their reference answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import defaultdict
+
+import torch
+
+from transformers_rxt import RxTForConversationalGeneration, load_rxt_tokenizer
+from transformers_rxt.data.synthetic import build_memory_dialogues, dialogue_turns, fact_key_correct
+from transformers_rxt.modeling_rxt import RxTResidualGate
+from transformers_rxt.tokenization_rxt import tokenize_interactions, tokenize_prompts
+
+
+def heldout_probes(count: int, seed: int) -> tuple[list[dict], dict[str, list[tuple[str, str]]]]:
+    """Recall probes of held-out dialogues (fact interaction + question) and pools of distractor turns."""
+    dialogues = build_memory_dialogues(max(count // 2, 8), 8, seed=seed, split="heldout").to_list()
+    probes, facts, neutral = [], [], []
+    for record in dialogues:
+        turns = dialogue_turns(record)
+        fact_turns = {p["fact_turn"] for p in record["probes"]}
+        probe_turns = {p["turn"] for p in record["probes"]}
+        for k, t in enumerate(turns):
+            pair = (t["query"], t["answer"])
+            if k in fact_turns:
+                facts.append(pair)
+            elif k not in probe_turns and not t["answer"].startswith(("Got it", "Noted", "Okay", "I see")):
+                neutral.append(pair)
+        for p in record["probes"]:
+            fact = turns[p["fact_turn"]]
+            probes.append({"fact": (fact["query"], fact["answer"]), "question": turns[p["turn"]]["query"],
+                           "expected": p["expected"], "kind": p["kind"]})
+    return probes[:count], {"neutral": neutral, "facts": facts}
+
+
+class Diagnoser:
+    def __init__(self, model: RxTForConversationalGeneration, tokenizer, batch_size: int = 64, seed: int = 0):
+        self.model, self.tok, self.batch_size, self.seed = model.eval(), tokenizer, batch_size, seed
+
+    def fresh(self, batch: int, offset: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + offset)
+        return self.model.init_memory(batch, generator=gen).memory
+
+    @torch.no_grad()
+    def write(self, memory: torch.Tensor, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        enc = tokenize_interactions(self.tok, [q for q, _ in pairs], [a for _, a in pairs])
+        return self.model.compute_memory_update(enc["input_ids"], enc["attention_mask"], memory)
+
+    @torch.no_grad()
+    def encoder_states(self, pair: tuple[str, str]) -> torch.Tensor:
+        enc = tokenize_interactions(self.tok, [pair[0]], [pair[1]])
+        return self.model.encode(enc["input_ids"], enc["attention_mask"])[0]  # [1, L, T, D]
+
+    @torch.no_grad()
+    def answer(self, questions: list[str], memory: torch.Tensor | None = None,
+               encoder_memory: torch.Tensor | None = None, max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers (a plain loop: `generate` needs an STM, the perfect memory is not one)."""
+        enc = tokenize_prompts(self.tok, questions)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        start, eos = ids.shape[1], self.model.config.eos_token_id
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        budget = min(max_new_tokens, self.model.config.max_interaction_length - start)
+        for _ in range(budget):
+            kwargs = {"encoder_memory": encoder_memory} if encoder_memory is not None else {"stm": memory}
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1]
+            nxt = torch.where(done, torch.full_like(done, eos, dtype=torch.long), logits.argmax(-1))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        return self.tok.batch_decode(ids[:, start:], skip_special_tokens=True)
+
+    def accuracy(self, probes: list[dict], answers: list[str]) -> float:
+        return sum(fact_key_correct(a, p["expected"], p["kind"]) for p, a in zip(probes, answers)) / len(probes)
+
+    def chunks(self, probes: list[dict]):
+        for i in range(0, len(probes), self.batch_size):
+            yield i, probes[i : i + self.batch_size]
+
+    # ------------------------------------------------------------------ measures
+    def read(self, probes: list[dict]) -> dict[str, float]:
+        perfect, fresh = [], []
+        for p in probes:  # one at a time: encoder states have no key mask in the decoder's joint interface
+            perfect += self.answer([p["question"]], encoder_memory=self.encoder_states(p["fact"]))
+        for i, chunk in self.chunks(probes):
+            fresh += self.answer([p["question"] for p in chunk], memory=self.fresh(len(chunk), i))
+        return {"perfect memory (fact's encoder states)": self.accuracy(probes, perfect),
+                "fresh STM (nothing written)": self.accuracy(probes, fresh)}
+
+    def retention(self, probes: list[dict], pools: dict, ks=(0, 1, 2, 4, 8)) -> dict:
+        """Accuracy, STM similarity to the post-fact state, and residual gates after k distractor writes."""
+        rng = random.Random(self.seed)
+        gates: dict[int, list[float]] = defaultdict(list)
+        hooks = self._gate_hooks(gates)
+        out: dict = {}
+        try:
+            for pool_name, pool in pools.items():
+                for k in ks:
+                    answers, sims = [], []
+                    gates.clear()
+                    for i, chunk in self.chunks(probes):
+                        memory = self.write(self.fresh(len(chunk), i), [p["fact"] for p in chunk])
+                        after_fact = memory
+                        for _ in range(k):
+                            memory = self.write(memory, [rng.choice(pool) for _ in chunk])
+                        answers += self.answer([p["question"] for p in chunk], memory=memory)
+                        sims.append(torch.cosine_similarity(memory.flatten(2), after_fact.flatten(2), dim=-1))
+                    sim = torch.cat(sims).mean(0)  # per layer
+                    out[(pool_name, k)] = {"accuracy": self.accuracy(probes, answers),
+                                           "similarity": [round(float(s), 3) for s in sim],
+                                           "gate": {i: sum(v) / len(v) for i, v in sorted(gates.items())}}
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
+
+    def _gate_hooks(self, store: dict[int, list[float]]):
+        """Record the mean share of each slot that a write replaces (the final residual gate of each layer)."""
+        gate_layers = self.model.memory_attention.residual_gate_layers
+        hooks = []
+        for i, gate in enumerate(gate_layers):
+            def hook(module: RxTResidualGate, inputs, output, i=i):
+                old, new = inputs
+                delta = (new - old).flatten()
+                if float(delta.norm()) > 0:  # output = old + G (new - old) for sigmoid gates
+                    store[i].append(float(((output - old).flatten() @ delta) / (delta @ delta)))
+            hooks.append(gate.register_forward_hook(hook))
+        return hooks
+
+    @torch.no_grad()
+    def scale(self, probes: list[dict], pools: dict) -> dict[str, list[float]]:
+        def slot_rms(x):  # [B, L, S, D] -> per layer
+            return [round(float(v), 3) for v in x.pow(2).mean(-1).sqrt().mean((0, 2))]
+
+        chunk = probes[: self.batch_size]
+        fresh = self.fresh(len(chunk))
+        enc = tokenize_interactions(self.tok, [p["fact"][0] for p in chunk], [p["fact"][1] for p in chunk])
+        states = self.model.encode(enc["input_ids"], enc["attention_mask"])[0]
+        real = enc["attention_mask"].bool()
+        enc_rms = [round(float(states[:, i][real].pow(2).mean(-1).sqrt().mean()), 3) for i in range(states.shape[1])]
+        one = self.write(fresh, [p["fact"] for p in chunk])
+        eight = one
+        rng = random.Random(self.seed)
+        for _ in range(7):
+            eight = self.write(eight, [rng.choice(pools["neutral"]) for _ in chunk])
+        return {"fresh STM": slot_rms(fresh), "encoder states (per token)": enc_rms,
+                "STM after 1 write": slot_rms(one), "STM after 8 writes": slot_rms(eight)}
+
+
+def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0, batch: int = 32) -> dict:
+    """One stage-4 loss on 6-turn episodes: gradient norm per component and dL/dSTM_j for each update j."""
+    from transformers_rxt.data import tokenize_mrl_dataset
+    from transformers_rxt.data.collators import DataCollatorForRxTEpisodes
+    from transformers_rxt.training.memory_aware import MemoryAwareConfig, MemoryAwareModule
+    from transformers_rxt.training.utils import component_of
+
+    torch.manual_seed(seed)
+    model = RxTForConversationalGeneration.from_pretrained(model_dir).train()
+    args = MemoryAwareConfig(output_dir="/tmp/rxt-diagnose", backprop_turns=backprop_turns, report_to="none",
+                             use_cpu=True)
+    module = MemoryAwareModule(model, args)
+    records = build_memory_dialogues(batch, 5, seed=seed + 11, split="train", num_turns=6)
+    data = tokenize_mrl_dataset(records, tokenizer, 64, truncation=True)
+    collate = DataCollatorForRxTEpisodes.from_tokenizer(tokenizer)
+    inputs = collate([data[i] for i in range(len(data))])
+    stms: list[torch.Tensor] = []
+    original = module._update
+
+    def update(stm, ids, mask, valid):  # keep every written STM to read its gradient
+        new = original(stm, ids, mask, valid)
+        new.retain_grad()
+        stms.append(new)
+        return new
+
+    module._update = update
+    loss = module(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels", "turn_mask")},
+                  generator=torch.Generator().manual_seed(seed))["loss"]
+    loss.backward()
+    norms: dict[str, float] = defaultdict(float)
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            part = "memory cross-attention" if "memory_cross_attention" in name or "stm_norm" in name \
+                else component_of(name)
+            norms[part] += float(p.grad.pow(2).sum())
+    return {"loss": float(loss), "component_grad_norm": {k: v ** 0.5 for k, v in sorted(norms.items())},
+            "stm_grad_norm": [float(s.grad.norm()) if s.grad is not None else 0.0 for s in stms]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="model directories (stage outputs)")
+    parser.add_argument("--probes", type=int, default=256, help="held-out recall probes (default: 256)")
+    parser.add_argument("--seed", type=int, default=5, help="held-out dialogue seed (default: 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--backprop-turns", type=int, nargs="+", default=[2, 0],
+                        help="backprop_turns settings for the gradient-flow measure (default: 2 0)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "scale", "gradients"],
+                        help="measures to skip")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    probes, pools = heldout_probes(args.probes, args.seed)
+    print(f"{len(probes)} held-out probes (seed {args.seed}); distractor pools: "
+          f"{len(pools['neutral'])} neutral, {len(pools['facts'])} facts")
+    for model_dir in args.models:
+        tokenizer = load_rxt_tokenizer(model_dir)
+        model = RxTForConversationalGeneration.from_pretrained(model_dir)
+        diag = Diagnoser(model, tokenizer)
+        print(f"\n## {model_dir}")
+        if "read" not in args.skip:
+            print("\n| read: question answered from | accuracy |\n|---|---:|")
+            for name, acc in diag.read(probes).items():
+                print(f"| {name} | {acc:.3f} |")
+        if "retention" not in args.skip:
+            print("\n| distractors | k | accuracy | STM cosine to post-fact state, per layer | gate per layer |")
+            print("|---|---:|---:|---|---|")
+            for (pool, k), r in diag.retention(probes, pools).items():
+                gate = ", ".join(f"{g:.2f}" for g in r["gate"].values())
+                print(f"| {pool} | {k} | {r['accuracy']:.3f} | {r['similarity']} | {gate} |")
+        if "scale" not in args.skip:
+            print("\n| RMS per slot/token, per layer | values |\n|---|---|")
+            for name, values in diag.scale(probes, pools).items():
+                print(f"| {name} | {values} |")
+        if "gradients" not in args.skip:
+            print("\n| backprop_turns | loss | grad norm per component | dL/dSTM after update 1..5 |")
+            print("|---:|---:|---|---|")
+            for bp in args.backprop_turns:
+                g = gradient_flow(model_dir, tokenizer, bp)
+                comps = ", ".join(f"{k} {v:.3f}" for k, v in g["component_grad_norm"].items())
+                stm = ", ".join(f"{v:.2e}" for v in g["stm_grad_norm"])
+                print(f"| {bp} | {g['loss']:.3f} | {comps} | {stm} |")
+
+
+if __name__ == "__main__":
+    main()
