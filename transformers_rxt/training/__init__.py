@@ -17,6 +17,7 @@ from .evaluation import (
     describe_retention,
     evaluate_heldout_retention,
     evaluate_memory_retention,
+    forced_choice_recall,
     format_retention,
 )
 from .impo import IMPOConfig, IMPOModule, IMPOStage, IMPOTrainer, RxTValueCritic, exponential_schedule, run_impo_curriculum
@@ -57,6 +58,7 @@ __all__ = [
     "RxTStageModule",
     "RxTStageTrainer",
     "evaluate_heldout_retention",
+    "forced_choice_recall",
     "evaluate_memory_retention",
     "format_retention",
     "compare_retention",

@@ -17,17 +17,19 @@ alone), with the memory carried (updated with the reference interactions) and wi
 from __future__ import annotations
 
 import math
+import random
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..data.synthetic import build_memory_dialogues, dialogue_turns, format_accuracy_table, score_dialogue_answers
+from ..data.synthetic import FACT_KINDS, build_memory_dialogues, dialogue_turns, format_accuracy_table, score_dialogue_answers
 from ..tokenization_rxt import tokenize_interactions, tokenize_prompts
 
 __all__ = ["compare_retention", "describe_retention", "evaluate_memory_retention", "evaluate_heldout_retention",
-           "format_retention"]
+           "forced_choice_recall", "format_retention"]
 
 
 def _records(dialogues: Any) -> list[dict[str, Any]]:
@@ -260,3 +262,51 @@ def compare_retention(before: Mapping[str, Any], after: Mapping[str, Any], names
     return "\n".join([f"[{describe_retention(after)}]", table,
                       f"change in recall, {names[0]} -> {names[1]}: {change:+.3f} (95% noise band +-{band:.3f}: "
                       f"{verdict})"])
+
+
+@torch.no_grad()
+def forced_choice_recall(model, tokenizer, dialogues: Any, *, rivals: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Does the memory hold the fact's value? A teacher-forced test that needs no fluent generation.
+
+    For every recall probe of ``dialogues`` the interactions before the question are written into a fresh memory
+    (reference answers), then the reference answer to the question is scored with its value and with ``rivals``
+    other values of the same kind (``"Mia's kite is pink."`` vs ``"... is green."``): the probe counts as recalled
+    when the true value's answer has the lowest NLL. The same with a fresh memory before the question ("reset")
+    is the baseline: chance is ``1 / (rivals + 1)`` unless the model can guess from the question alone.
+
+    Returns ``{"memory": accuracy, "reset": accuracy, "n": probes, "chance": 1 / (rivals + 1)}``.
+    """
+    rng = random.Random(seed)
+    hits = {"memory": 0, "reset": 0}
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for record in _records(dialogues):
+            turns = dialogue_turns(record)
+            for probe in record.get("probes") or []:
+                question = turns[probe["turn"]]
+                others = [v for v in FACT_KINDS[probe["kind"]] if v != probe["expected"]]
+                values = [probe["expected"], *rng.sample(others, min(rivals, len(others)))]
+                answers = [_with_value(question["answer"], probe["expected"], v) for v in values]
+                history = turns[: probe["turn"]]
+                for mode in hits:
+                    stm = _fresh_memory(model, 1, seed)
+                    if mode == "memory":
+                        for turn in history:
+                            enc = tokenize_interactions(tokenizer, [turn["query"]], [turn["answer"]]).to(model.device)
+                            model.update_memory(enc["input_ids"], enc["attention_mask"], stm)
+                    memory = stm.memory.expand(len(values), -1, -1, -1)
+                    nll, _, _ = _answer_nll(model, tokenizer, [question["query"]] * len(values), answers, memory)
+                    hits[mode] += int(nll.argmin() == 0)
+                n += 1
+    finally:
+        model.train(was_training)
+    if not n:
+        raise ValueError("the dialogues have no 'probes' (recall questions); use build_memory_dialogues()")
+    return {"memory": hits["memory"] / n, "reset": hits["reset"] / n, "n": n, "chance": 1 / (rivals + 1)}
+
+
+def _with_value(answer: str, value: str, other: str) -> str:
+    """The reference answer with its fact value (a whole word) replaced by another value."""
+    return re.sub(rf"\b{re.escape(value)}\b", other, answer)
