@@ -424,3 +424,44 @@ def test_eager_and_sdpa_attention_agree(tmp_path):
     assert {m.attn_implementation for m in loaded.modules() if isinstance(m, RxTAttention)} == {"eager"}
     with pytest.raises(ValueError, match="supports"):
         model.set_attn_implementation("paged")
+
+
+# ------------------------------------------------------------------------------------ learned initial memory
+def test_learned_initial_memory_is_one_trained_state_for_every_conversation(tmp_path):
+    model = tiny_model(stm_init_type="learned")
+    initial = model.memory_attention.initial_memory
+    assert tuple(initial.shape) == (2, 8, 32) and initial.requires_grad
+    a = model.init_memory(3, generator=torch.Generator().manual_seed(1))
+    b = model.init_memory(1, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.memory[0], a.memory[2]) and torch.equal(a.memory[1], b.memory[0])
+    assert torch.equal(b.memory[0], initial.detach()) and not a.memory.requires_grad  # a conversation's state
+    # training code gets the differentiable version: a loss on it trains the parameter
+    model.initial_memory_tensor(2).sum().backward()
+    assert torch.equal(initial.grad, torch.full_like(initial, 2.0))
+    model.save_pretrained(tmp_path / "m")
+    again = RxTForConversationalGeneration.from_pretrained(tmp_path / "m")
+    assert again.config.stm_init_type == "learned"
+    assert torch.equal(again.memory_attention.initial_memory, initial)
+
+
+def test_learned_init_is_refused_for_a_model_without_one():
+    model = tiny_model()  # stm_init_type="standard": no initial_memory parameter, as in rxlm checkpoints
+    assert model.memory_attention.initial_memory is None
+    assert "memory_attention.initial_memory" not in model.state_dict()
+    with pytest.raises(ValueError, match="init_type='learned' needs a model built with stm_init_type='learned'"):
+        model.init_memory(1, init_type="learned")
+
+
+def test_stage4_trains_the_learned_initial_memory():
+    from transformers_rxt.training.memory_aware import MemoryAwareConfig, MemoryAwareModule
+
+    model = tiny_model(stm_init_type="learned").train()
+    module = MemoryAwareModule(model, MemoryAwareConfig(output_dir="unused", backprop_turns=0, use_cpu=True,
+                                                        report_to="none"))
+    ids, mask = interaction_batch(batch=2, length=12)
+    labels = ids.masked_fill(mask == 0, -100)
+    episode = dict(input_ids=torch.stack([ids, ids], 1), attention_mask=torch.stack([mask, mask], 1),
+                   labels=torch.stack([labels, labels], 1), turn_mask=torch.ones(2, 2, dtype=torch.long))
+    module(**episode)["loss"].backward()
+    grad = model.memory_attention.initial_memory.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
