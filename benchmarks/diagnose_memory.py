@@ -205,7 +205,7 @@ def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0,
             part = "memory cross-attention" if "memory_cross_attention" in name or "stm_norm" in name \
                 else component_of(name)
             norms[part] += float(p.grad.pow(2).sum())
-    return {"loss": float(loss), "component_grad_norm": {k: v ** 0.5 for k, v in sorted(norms.items())},
+    return {"loss": loss.item(), "component_grad_norm": {k: v ** 0.5 for k, v in sorted(norms.items())},
             "stm_grad_norm": [float(s.grad.norm()) if s.grad is not None else 0.0 for s in stms]}
 
 
