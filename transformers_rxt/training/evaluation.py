@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..data.synthetic import FACT_KINDS, build_memory_dialogues, dialogue_turns, format_accuracy_table, score_dialogue_answers
+from ..data.synthetic import (FACT_KINDS, build_memory_dialogues, dialogue_turns, format_accuracy_table,
+                              score_dialogue_answers)
 from ..tokenization_rxt import tokenize_interactions, tokenize_prompts
 
 __all__ = ["compare_retention", "describe_retention", "evaluate_memory_retention", "evaluate_heldout_retention",
@@ -282,24 +283,25 @@ def forced_choice_recall(model, tokenizer, dialogues: Any, *, rivals: int = 5, s
     was_training = model.training
     model.eval()
     try:
+        fresh = _fresh_memory(model, 1, seed).memory
         for record in _records(dialogues):
+            probes = {p["turn"]: p for p in record.get("probes") or []}
+            memory = fresh.clone()  # one memory per dialogue, written turn by turn with the reference answers
             turns = dialogue_turns(record)
-            for probe in record.get("probes") or []:
-                question = turns[probe["turn"]]
-                others = [v for v in FACT_KINDS[probe["kind"]] if v != probe["expected"]]
-                values = [probe["expected"], *rng.sample(others, min(rivals, len(others)))]
-                answers = [_with_value(question["answer"], probe["expected"], v) for v in values]
-                history = turns[: probe["turn"]]
-                for mode in hits:
-                    stm = _fresh_memory(model, 1, seed)
-                    if mode == "memory":
-                        for turn in history:
-                            enc = tokenize_interactions(tokenizer, [turn["query"]], [turn["answer"]]).to(model.device)
-                            model.update_memory(enc["input_ids"], enc["attention_mask"], stm)
-                    memory = stm.memory.expand(len(values), -1, -1, -1)
-                    nll, _, _ = _answer_nll(model, tokenizer, [question["query"]] * len(values), answers, memory)
-                    hits[mode] += int(nll.argmin() == 0)
-                n += 1
+            for k, turn in enumerate(turns):
+                if k in probes:
+                    others = [v for v in FACT_KINDS[probes[k]["kind"]] if v != probes[k]["expected"]]
+                    values = [probes[k]["expected"], *rng.sample(others, min(rivals, len(others)))]
+                    answers = [_with_value(turn["answer"], values[0], v) for v in values]
+                    for mode, stm in (("memory", memory), ("reset", fresh)):
+                        nll, _, _ = _answer_nll(model, tokenizer, [turn["query"]] * len(values), answers,
+                                                stm.expand(len(values), -1, -1, -1))
+                        hits[mode] += int(nll.argmin() == 0)
+                    n += 1
+                if k + 1 == len(turns):
+                    break  # nothing reads a write after the last turn
+                enc = tokenize_interactions(tokenizer, [turn["query"]], [turn["answer"]]).to(model.device)
+                memory = model.compute_memory_update(enc["input_ids"], enc["attention_mask"], memory)
     finally:
         model.train(was_training)
     if not n:
