@@ -61,6 +61,8 @@ GATES = {
     "elementwise-tanh": dict(use_gated_residual=True, residual_gate_type="elementwise"),
     "elementwise-linear-status": dict(use_gated_residual=True, residual_gate_type="elementwise",
                                       residual_gate_slot_status_type="linear"),
+    "elementwise-pair-status": dict(use_gated_residual=True, residual_gate_type="elementwise",
+                                    residual_gate_slot_status_type="pair", use_tanh_residual_gate=False),
     "linear-sigmoid": dict(use_gated_residual=True, residual_gate_type="linear", use_tanh_residual_gate=False),
     "linear-global": dict(use_gated_residual=True, residual_gate_type="linear", residual_per_slot_gate=False),
 }
@@ -113,7 +115,10 @@ def test_memory_attention_options_run_and_round_trip(variant, norm, gate, tmp_pa
     model.save_pretrained(tmp_path / "hf")
     reloaded = RxTForConversationalGeneration.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(_run_turn(reloaded)[1], memory, rtol=0, atol=0)
-    if opts["variant"] in ("self-interlayer", "grouped-self-interlayer"):
+    if opts.get("residual_gate_slot_status_type") == "pair":
+        with pytest.raises(ValueError, match="residual_gate_slot_status_type='pair'.*save_pretrained instead"):
+            save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
+    elif opts["variant"] in ("self-interlayer", "grouped-self-interlayer"):
         save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
         loaded = RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path / "rxlm"))
         assert loaded.config.memory_attention_config["variant"] == opts["variant"]
@@ -139,6 +144,27 @@ def test_gated_residual_formulas():
     torch.testing.assert_close(gate(old, new), (1 + g) * new + (1 - g) * old)
     plain = tiny_model().memory_attention.residual_gate_layers[0]
     torch.testing.assert_close(plain(old, new), old + new)
+
+
+def test_pair_slot_status_sees_the_old_slot_and_the_update_separately():
+    model = tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="elementwise",
+                                   residual_gate_slot_status_type="pair", use_tanh_residual_gate=False))
+    gate = model.memory_attention.residual_gate_layers[0]
+    assert tuple(gate.slot_status.weight.shape) == (1, 64)
+    old, new = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        gate.slot_status.weight.zero_()
+        gate.slot_status.bias.zero_()
+        gate.slot_status.weight[0, :32] = 1.0  # status = the old slot's sum: blind to the update
+    g = torch.sigmoid(gate.gate * old.sum(-1, keepdim=True))
+    torch.testing.assert_close(gate(old, new), g * new + (1 - g) * old)
+    # a 'linear' status of old + new could not be a function of the old slot alone
+    torch.testing.assert_close(gate(old, new * 3), g * 3 * new + (1 - g) * old)
+
+
+def test_reference_checkpoint_refuses_options_the_reference_lacks(tmp_path):
+    with pytest.raises(ValueError, match="stm_init_type='learned'.*save it with save_pretrained instead"):
+        save_rxlm_checkpoint(tiny_model(stm_init_type="learned"), str(tmp_path))
 
 
 def test_reverse_sqa_tiles_queries_over_kv_heads():

@@ -258,10 +258,12 @@ class RxTMemoryAttentionOptions:
             raise ValueError(f"{where}: norm_type={self.norm_type!r} is not one of {MEMORY_NORM_TYPES}.")
         if self.residual_gate_type not in RESIDUAL_GATE_TYPES:
             raise ValueError(f"{where}: residual_gate_type={self.residual_gate_type!r} is not one of {RESIDUAL_GATE_TYPES}.")
-        if self.residual_gate_slot_status_type not in ("mean", "linear"):
-            raise ValueError(f"{where}: residual_gate_slot_status_type must be 'mean' or 'linear'.")
-        if self.residual_gate_slot_status_type == "linear" and not self.residual_per_slot_gate:
-            raise ValueError(f"{where}: a 'linear' slot status needs residual_per_slot_gate=True.")
+        if self.residual_gate_slot_status_type not in ("mean", "linear", "pair"):
+            raise ValueError(f"{where}: residual_gate_slot_status_type must be 'mean', 'linear' or 'pair', got "
+                             f"{self.residual_gate_slot_status_type!r}.")
+        if self.residual_gate_slot_status_type in ("linear", "pair") and not self.residual_per_slot_gate:
+            raise ValueError(f"{where}: a {self.residual_gate_slot_status_type!r} slot status needs "
+                             "residual_per_slot_gate=True.")
 
     def heads(self, kind: str = "main") -> tuple[int, int]:
         prefix = {"main": "att", "interlayer": "interlayer_att", "self": "self_att"}[kind]

@@ -585,8 +585,9 @@ class RxTResidualGate(nn.Module):
         slots = opts.stm_size
         if not enabled:
             return
-        if opts.residual_gate_slot_status_type == "linear" and self.gate_type != "static":
-            self.slot_status = nn.Linear(opts.embed_dim, 1)
+        self.status_of_pair = opts.residual_gate_slot_status_type == "pair"
+        if opts.residual_gate_slot_status_type in ("linear", "pair") and self.gate_type != "static":
+            self.slot_status = nn.Linear(opts.embed_dim * (2 if self.status_of_pair else 1), 1)
         else:
             self.slot_status = None
         if self.gate_type == "linear":
@@ -595,7 +596,12 @@ class RxTResidualGate(nn.Module):
             self.gate = nn.Parameter(torch.full((slots, 1) if self.per_slot else (1,), self.init_value))
 
     def _slot_status(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """Per-slot summary of old + new, [B, S, 1]: its mean over dim, or a learned projection."""
+        """Per-slot summary, [B, S, 1]: the mean over dim of old + new, a learned projection of old + new, or
+        ("pair", not in the reference) a learned projection of old and new side by side."""
+        if self.status_of_pair:
+            # From the sum alone the gate cannot tell "this slot already holds something" from "the update is
+            # large"; seeing both lets it keep occupied slots and write into free ones.
+            return self.slot_status(torch.cat([old, new], dim=-1))
         mixed = old + new
         return self.slot_status(mixed) if self.slot_status is not None else mixed.mean(dim=-1, keepdim=True)
 

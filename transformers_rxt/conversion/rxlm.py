@@ -76,6 +76,14 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
             raw["tokenizer_config"][k] = getattr(config, k)
     if variant not in ("self-interlayer", "grouped-self-interlayer"):
         raise ValueError(f"a full rxlm RxTAlpha can only hold self-interlayer or grouped memory attention, not {variant!r}")
+    not_in_reference = [name for name, used in (
+        ("stm_init_type='learned'", config.stm_init_type == "learned"),
+        ("residual_gate_slot_status_type='pair'",
+         config.memory_attention_config.get("residual_gate_slot_status_type") == "pair"),
+    ) if used]
+    if not_in_reference:
+        raise ValueError(f"this model uses {', '.join(not_in_reference)}, which the reference (rxlm) cannot hold; "
+                         "save it with save_pretrained instead.")
     state = {}
     for key, value in model.state_dict().items():
         if key.endswith("inv_freq"):

@@ -321,7 +321,9 @@ def _memory_attention_info(mem) -> dict:
         scope = "per STM slot" if mem.residual_per_slot_gate else "shared by all slots"
         gate = f"{kind} residual gate with {activation} activation ({scope}"
         if mem.residual_gate_type != "static":
-            status = "a learned projection" if mem.residual_gate_slot_status_type == "linear" else "the mean over dim"
+            status = {"linear": "a learned projection of old + update",
+                      "pair": "a learned projection of old and update side by side"}.get(
+                mem.residual_gate_slot_status_type, "the mean over dim")
             gate += f", slot status from {status}"
         gate += f", init {mem.residual_gate_init:g})"
     norm = {"classic-rms": "RMSNorm", "rms": "gated RMS memory norm", "layer": "gated LayerNorm memory norm",
