@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_rxt import MemoryUpdateError, RxTForConversationalGeneration, STMCache
 
@@ -568,3 +568,32 @@ def test_memory_reads_during_generation_wait_for_that_interaction():
     after = stm.memory  # blocks until this interaction is written
     thread.join()
     assert not torch.equal(after, before)
+
+
+def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_there_is_none():
+    model = tiny_model(seed=4)
+    model.decoder.head.bias[model.config.eos_token_id].data -= 10.0  # no early [EOS]: the answer runs to the limit
+    ids, _ = _prompts(model, [6])
+    fresh = lambda: model.init_memory(1, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    answer = model.generate(ids, stm=fresh(), max_new_tokens=8, do_sample=False,
+                            memory_update="none")[0, 6:]
+    stop = next(i for i in range(1, 8) if int(answer[i]) not in answer[:i].tolist())  # first new id after token 0
+
+    def written(prompt_and_answer):
+        stm = fresh()
+        model.update_memory(prompt_and_answer, stm=stm)
+        return stm.memory
+
+    # the call's eos (not the model's [EOS]) ends the answer that is written into memory
+    stm = fresh()
+    out = model.generate(ids, stm=stm, max_new_tokens=8, do_sample=False, memory_update="sync",
+                         eos_token_id=int(answer[stop]))
+    assert torch.equal(out[0, 6:], answer[:stop + 1])
+    torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+    # no eos at all (generation config without one): the whole 8-token answer is written, nothing crashes
+    model.generation_config.eos_token_id = None
+    for kwargs in ({}, {"generation_config": GenerationConfig(max_new_tokens=8, do_sample=False)}):
+        stm = fresh()
+        out = model.generate(ids, stm=stm, memory_update="sync", **({"max_new_tokens": 8} | kwargs))
+        assert torch.equal(out[0, 6:], answer)
+        torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)

@@ -465,3 +465,108 @@ def test_stage4_trains_the_learned_initial_memory():
     module(**episode)["loss"].backward()
     grad = model.memory_attention.initial_memory.grad
     assert grad is not None and float(grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------- transformers conventions
+def test_resize_token_embeddings_keeps_every_config_in_agreement_and_survives_save_load(tmp_path):
+    model = _perturb(tiny_model())
+    model.resize_token_embeddings(101)
+    cfg = model.config
+    assert cfg.vocab_size == cfg.decoder_config["vocab_size"] == cfg.encoder_config["vocab_size"] == 101
+    assert model.embed_tokens.weight.shape == (101, 32) and model.decoder.head.weight.shape == (101, 32)
+    assert model.decoder.head.bias.shape == (101,)
+    logits, memory = _run_turn(model)
+    model.save_pretrained(tmp_path)
+    loaded = RxTForConversationalGeneration.from_pretrained(tmp_path)  # a mismatch would raise here
+    assert loaded.config.decoder_config["vocab_size"] == loaded.config.encoder_config["vocab_size"] == 101
+    logits2, memory2 = _run_turn(loaded)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
+
+
+def test_hidden_states_are_a_tuple_per_layer_and_return_dict_false_gives_a_tuple():
+    model = tiny_model(decoder=ATTENTION["stateless"] | {"use_head_norm": True})
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2)
+    captured = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+             for layer, _ in model.decoder.ordered_layers()]
+    out = model(input_ids=ids, attention_mask=mask, stm=stm, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    hidden = out.hidden_states
+    assert isinstance(hidden, tuple) and len(hidden) == model.config.num_hidden_layers + 1 == 6
+    torch.testing.assert_close(hidden[0], model.embed_tokens(ids), rtol=0, atol=0)
+    for i in range(1, 5):
+        torch.testing.assert_close(hidden[i], captured[i - 1], rtol=0, atol=0)
+    # the last entry is the head-normed output the LM head reads (transformers' convention)
+    torch.testing.assert_close(hidden[-1], model.decoder.head_norm(captured[-1]), rtol=0, atol=0)
+    torch.testing.assert_close(model.decoder.head(hidden[-1]), out.logits, rtol=0, atol=0)
+    assert model(input_ids=ids, attention_mask=mask, stm=stm).hidden_states is None
+
+    model.config.output_hidden_states = True
+    assert len(model(input_ids=ids, attention_mask=mask, stm=stm).hidden_states) == 6
+    model.config.output_hidden_states = False
+
+    loss, logits = model(input_ids=ids, attention_mask=mask, stm=stm, labels=ids, return_dict=False)[:2]
+    reference = model(input_ids=ids, attention_mask=mask, stm=stm, labels=ids)
+    assert torch.equal(loss, reference.loss) and torch.equal(logits, reference.logits)
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids, attention_mask=mask, stm=stm), tuple)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
+    assert model.supports_gradient_checkpointing
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == 4  # 2 decoder + 2 encoder layers
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+
+    def loss_and_grads():
+        model.zero_grad()
+        model.train()
+        memory = model.compute_memory_update(ids, mask, model.initial_memory_tensor(2, "zeros"))
+        loss = model(input_ids=ids, attention_mask=mask, stm=memory, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    hook = model.decoder.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    loss, grads = loss_and_grads()
+    assert len(calls) == 1
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in layers)
+    calls.clear()
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert len(calls) == 1  # hooks stay outside the checkpoint ...
+    hook.remove()
+    recomputed = []
+    model.decoder.layers[0].attention.register_forward_pre_hook(lambda *args: recomputed.append(1))
+    loss_and_grads()
+    assert len(recomputed) == 2  # ... while the layer's insides run again in the backward pass
+    assert torch.equal(loss_ckpt, loss)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_refuses_an_fp32_memory_before_decoding(dtype):
+    model = tiny_model().to(dtype)
+    ids = torch.tensor([[2, 5, 30, 31, 6]])
+    fp32 = STMCache(torch.randn(1, 2, 8, 32))
+    decoded = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda *args: decoded.append(1))
+    message = f"the STM is torch.float32 .* model (is|computes in) {dtype}.*stm.to\\(device=model.device, dtype=model.dtype\\)"
+    for call in (lambda: model(input_ids=ids, stm=fp32),
+                 lambda: model.generate(ids, stm=fp32, max_new_tokens=3, memory_update="sync"),
+                 lambda: model.generate(ids, stm=fp32, max_new_tokens=3, memory_update="none"),
+                 lambda: model.update_memory(torch.tensor([[2, 5, 30, 6, 40, 3]]), stm=fp32)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert decoded == [] and fp32.memory.dtype == torch.float32
+    good = fp32.to(dtype=dtype)  # the documented fix
+    model.generate(ids, stm=good, max_new_tokens=3, memory_update="sync")
+    assert decoded and good.memory.dtype == dtype and torch.isfinite(good.memory.float()).all()

@@ -26,9 +26,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
@@ -380,8 +381,12 @@ class RxTMoeFeedForward(nn.Module):
 
 
 # ============================================================================================= decoder / encoder
-class RxTLayer(nn.Module):
-    """Pre-norm block: self-attention, optional memory cross-attention, FFN or MoE."""
+class RxTLayer(GradientCheckpointingLayer):
+    """Pre-norm block: self-attention, optional memory cross-attention, FFN or MoE.
+
+    A `GradientCheckpointingLayer`: with `model.gradient_checkpointing_enable()` its activations are recomputed in
+    the backward pass (training only; the KV cache is then dropped, as for every transformers layer).
+    """
 
     def __init__(self, cfg: RxTComponentConfig, *, causal: bool, cross_attention: bool, ffn: str = "main"):
         super().__init__()
@@ -416,9 +421,12 @@ class RxTLayer(nn.Module):
         """Cross-attention keys/values of one STM layer [B, S, D] (computed once per turn)."""
         return self.memory_cross_attention.project_kv(self.stm_norm(stm_layer))
 
-    def forward(self, x, *, positions, self_mask, is_causal, pad=None, memory_kv=None, cache=None, cache_layer=None):
+    def forward(self, x, *, positions, self_mask, is_causal, pad=None, memory_kv=None, past_key_values=None,
+                cache_layer=None):
+        # `x` stays positional: the checkpointing wrapper recomputes from positional inputs; `past_key_values` is
+        # the name it drops under checkpointing.
         h = x + self.attention(self.norm1(x), positions=positions, mask=self_mask, is_causal=is_causal,
-                               cache=cache, cache_layer=cache_layer)
+                               cache=past_key_values, cache_layer=cache_layer)
         if self.memory_cross_attention is not None and memory_kv is not None:
             query = self.norm2(h)
             if pad is not None:
@@ -467,19 +475,27 @@ class RxTDecoder(nn.Module):
         """Cross-attention K/V for every memory layer from an STM [B, L, S, D]."""
         return [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
 
-    def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None):
+    def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None,
+                output_hidden_states: bool = False):
+        """The final hidden states (after the head norm), the MoE aux losses, and, with `output_hidden_states`,
+        transformers' per-layer tuple: the embeddings, then every layer's output (the last one head-normed)."""
         aux_losses = []
+        all_hidden = [hidden] if output_hidden_states else None
         if not self.config.use_nope:
             positions = rope_tables(positions, self.layers[0].attention.inv_freq, hidden.dtype)
         for slot, (layer, mem_idx) in enumerate(self.ordered_layers()):
             hidden, aux = layer(hidden, positions=positions, self_mask=self_mask, is_causal=is_causal, pad=pad,
                                 memory_kv=None if mem_idx is None else memory_kv[mem_idx],
-                                cache=cache, cache_layer=slot)
+                                past_key_values=cache, cache_layer=slot)
             if aux is not None:
                 aux_losses.append(aux)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
         if self.head_norm is not None:
             hidden = self.head_norm(hidden)
-        return hidden, aux_losses
+        if all_hidden is not None:
+            all_hidden[-1] = hidden
+        return hidden, aux_losses, None if all_hidden is None else tuple(all_hidden)
 
 
 class RxTEncoder(nn.Module):
@@ -620,7 +636,7 @@ class RxTResidualGate(nn.Module):
 
 class RxTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rxt"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["RxTLayer"]
@@ -845,7 +861,7 @@ class RxTOutput(ModelOutput):
     past_key_values: Optional[Cache] = None
     lm_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
-    hidden_states: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
 
 
 class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
@@ -1154,7 +1170,12 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         else:
             self.check_stm(stm, batch)
             memory = stm.memory if isinstance(stm, STMCache) else stm
-        if memory.dtype != hidden.dtype:
+            if memory.dtype != hidden.dtype:
+                # Refused, not cast: the memory update writes the model's dtype back into this STM, so a cast
+                # here would only move the failure to after the answer (generate and update_memory refuse too).
+                raise ValueError(f"the STM is {memory.dtype} but the model computes in {hidden.dtype}: move it with "
+                                 "stm = stm.to(device=model.device, dtype=model.dtype)")
+        if memory.dtype != hidden.dtype:  # encoder_memory: activations of the encoder (e.g. under autocast)
             memory = memory.to(hidden.dtype)
         use_cache = use_cache if use_cache is not None else (past_key_values is not None)
         if use_cache and past_key_values is None:
@@ -1170,9 +1191,13 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if attention_mask is not None:
             pad = attention_mask[:, -length:, None].to(hidden.dtype)
         memory_kv = self._memory_kv(memory, past_key_values, batch)
-        hidden, aux_losses = self.decoder(hidden, positions=positions, self_mask=self_mask,
-                                          is_causal=self_mask is None and length > 1, pad=pad,
-                                          memory_kv=memory_kv, cache=past_key_values if use_cache else None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden, aux_losses, all_hidden = self.decoder(
+            hidden, positions=positions, self_mask=self_mask, is_causal=self_mask is None and length > 1, pad=pad,
+            memory_kv=memory_kv, cache=past_key_values if use_cache else None,
+            output_hidden_states=bool(output_hidden_states))
         slice_from = -logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else 0
         kept = hidden[:, slice_from:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
         logits = self.decoder.head(kept)
@@ -1183,8 +1208,9 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
-        return RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                         lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=hidden if output_hidden_states else None)
+        output = RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
+                           lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=all_hidden)
+        return output if return_dict else output.to_tuple()
 
     def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
         layers, dim = self.config.num_memory_layers, self.config.hidden_size
@@ -1251,12 +1277,16 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         memory = stm.memory
         if memory_update == "none":
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
+        # The answer ends where this call's generation config says (its eos and pad ids), resolved as generate does.
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "generation_config"}
+        call_config, _ = self._prepare_generation_config(kwargs.get("generation_config"), **call_kwargs)
         stm.reserve()  # from here on, readers of stm wait for this interaction's update
         try:
             output = super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             group = sequences.shape[0] // batch
-            ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask)
+            ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask,
+                                                          generation_config=call_config)
         except BaseException:
             stm.release()  # no answer, no update: the memory stays as it was
             raise
@@ -1278,21 +1308,27 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             )
 
     def interactions_from_generation(self, sequences: torch.LongTensor, prompt_len: int,
-                                     prompt_mask: Optional[torch.Tensor] = None):
+                                     prompt_mask: Optional[torch.Tensor] = None, *,
+                                     generation_config: Optional[GenerationConfig] = None):
         """Right-padded `[BOS][Q]query[A]answer[EOS]` per row from `generate` output.
 
         Drops the prompt's left padding and everything after each row's first EOS or first pad id (the padding
         `generate` adds to finished rows). A row cut by a length limit keeps its answer without EOS, as generated.
+        `generation_config` is the one generation ran with (default: the model's): its EOS ids (one, a list, or
+        None: no EOS) end the answer, and, as in `generate`, its pad id (else the first EOS) fills finished rows.
         """
         device = sequences.device
         if prompt_mask is None:
             prompt_mask = torch.ones(sequences.shape[0], prompt_len, dtype=torch.bool, device=device)
         generated = sequences[:, prompt_len:]
-        eos_ids = self.generation_config.eos_token_id
-        eos_ids = torch.as_tensor(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids], device=device)
-        is_eos = torch.isin(generated, eos_ids).long()
-        # `generate` fills rows that stopped early (EOS, or a per-row stopping criterion) with the pad id.
-        is_pad = (generated == self.config.pad_token_id).long()
+        config = generation_config or self.generation_config
+        eos = config.eos_token_id
+        eos_ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids or [None])[0]
+        is_eos = torch.isin(generated, torch.as_tensor(eos_ids, dtype=generated.dtype, device=device)).long()
+        # With an EOS, `generate` fills rows that stopped early (EOS, or a per-row stopping criterion) with the pad
+        # id; without one it pads nothing, and a pad id in the answer is a generated token.
+        is_pad = (generated == pad_token_id).long() if eos_ids else torch.zeros_like(generated)
         answer = ((is_eos.cumsum(-1) - is_eos) == 0) & (is_pad.cumsum(-1) == 0)
         keep = torch.cat([prompt_mask.bool(), answer], dim=1)
         # Stable sort moves kept tokens to the front of each row in order: a loop-free right-padding.
