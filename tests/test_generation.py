@@ -516,7 +516,7 @@ def test_beta_thinking_modes_choose_the_marker_once():
     model = tiny_model(think_token_id=7, tool_call_token_id=8, tool_use_token_id=9, internal_token_id=10,
                        model_variant="beta")
     with torch.no_grad():  # no early [EOS]: the answers must be long enough to tell the decoding apart
-        model.decoder.head.bias[model.config.eos_token_id] -= 10.0
+        model.lm_head.bias[model.config.eos_token_id] -= 10.0
     query = torch.tensor([[2, 5, 30, 31, 32]])
     stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
     fast = list(model.interact(query, stm=stm.clone(), max_seq_len=20, top_k=1, thinking_mode="fast"))
@@ -572,7 +572,7 @@ def test_memory_reads_during_generation_wait_for_that_interaction():
 
 def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_there_is_none():
     model = tiny_model(seed=4)
-    model.decoder.head.bias[model.config.eos_token_id].data -= 10.0  # no early [EOS]: the answer runs to the limit
+    model.lm_head.bias[model.config.eos_token_id].data -= 10.0  # no early [EOS]: the answer runs to the limit
     ids, _ = _prompts(model, [6])
     fresh = lambda: model.init_memory(1, generator=torch.Generator().manual_seed(0))  # noqa: E731
     answer = model.generate(ids, stm=fresh(), max_new_tokens=8, do_sample=False,

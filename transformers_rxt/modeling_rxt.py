@@ -29,8 +29,10 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
 from .cache_rxt import STMCache, init_memory_tensor
@@ -440,13 +442,13 @@ class RxTLayer(GradientCheckpointingLayer):
 
 
 class RxTDecoder(nn.Module):
-    """Stateless layers, memory layers (layer i reads STM layer i), final stateless layers, head norm, LM head."""
+    """Stateless layers, memory layers (layer i reads STM layer i), final stateless layers, head norm (the LM head
+    is `RxTForConversationalGeneration.lm_head`)."""
 
     def __init__(self, cfg: RxTComponentConfig):
         super().__init__()
         self.config = cfg
         self.layers = nn.ModuleList(RxTLayer(cfg, causal=True, cross_attention=True) for _ in range(cfg.num_layers))
-        self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=True)
         if cfg.use_head_norm:
             self.head_norm = (nn.LayerNorm(cfg.embed_dim, eps=1e-5) if cfg.head_norm_type == "layer_norm"
                               else RxTRMSNorm(cfg.embed_dim))
@@ -647,6 +649,8 @@ class RxTPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(self._rxt_auto_map)
+        # Save under today's names (`rxt.*`, `lm_head.*`); the renaming of older checkpoints is for loading only.
+        kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -852,6 +856,40 @@ class RxTMemoryAttention(RxTPreTrainedModel):
 
 
 # ============================================================================================= full model
+# Checkpoints saved before the base model existed (state-dict keys `embed_tokens.*`, `decoder.*`, `encoder.*`,
+# `memory_attention.*`) load unchanged: transformers adds the `rxt.` base-model prefix itself, and this renaming
+# moves the LM head from `decoder.head.*` to `lm_head.*`.
+register_checkpoint_conversion_mapping(
+    "RxTForConversationalGeneration", [WeightRenaming(source_patterns="decoder.head", target_patterns="lm_head")],
+    overwrite=True)
+
+
+def flat_rxt_key(name: str) -> str:
+    """A parameter name of `RxTForConversationalGeneration` or `RxTModel` (also under a wrapper's `rxt.` prefix)
+    in the component layout `embed_tokens.*`, `decoder.*` (LM head: `decoder.head.*`), `encoder.*`,
+    `memory_attention.*`; the layout of rxlm's mapping and of the per-component training options."""
+    for prefix in ("rxt.", "rxt."):
+        if name.startswith(prefix) and name[len(prefix):].split(".", 1)[0] in _RXT_TOP_LEVEL:
+            name = name[len(prefix):]
+    return "decoder.head." + name[len("lm_head."):] if name.startswith("lm_head.") else name
+
+
+def model_rxt_key(name: str) -> str:
+    """The inverse of `flat_rxt_key` for `RxTForConversationalGeneration`."""
+    return "lm_head." + name[len("decoder.head."):] if name.startswith("decoder.head.") else "rxt." + name
+
+
+_RXT_TOP_LEVEL = ("rxt", "lm_head", "embed_tokens", "decoder", "encoder", "memory_attention")
+
+
+@dataclass
+class RxTModelOutput(BaseModelOutputWithPast):
+    """Output of [`RxTModel`]: the decoder's last hidden state (head-normed), the KV cache, the per-layer hidden
+    states (`output_hidden_states`) and the MoE aux loss (mean over MoE layers) when the decoder has MoE layers."""
+
+    aux_loss: Optional[torch.Tensor] = None
+
+
 @dataclass
 class RxTOutput(ModelOutput):
     """Output of [`RxTForConversationalGeneration`]: the LM loss (+ weighted MoE aux loss), logits and the KV cache."""
@@ -864,45 +902,14 @@ class RxTOutput(ModelOutput):
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
 
 
-class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
-    """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
-    attention that write each finished interaction into that memory.
+_RXT_AUTO_MAP = {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
+                 "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
 
-    The model holds no conversation state. Pass an `STMCache` (from `init_memory`) to `forward`, `generate`
-    and `update_memory`; one model serves any number of conversations.
-    """
 
-    config_class = RxTConfig
-    _auto_class = "AutoModelForCausalLM"
-    _rxt_auto_map = {"AutoConfig": "configuration_rxt.RxTConfig",
-                     "AutoModel": "modeling_rxt.RxTForConversationalGeneration",
-                     "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
-    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
-
-    def __init__(self, config: RxTConfig):
-        super().__init__(config)
-        dec, enc = config.decoder_options, config.encoder_options
-        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
-        self.decoder = RxTDecoder(dec)
-        self.encoder = RxTEncoder(enc)
-        self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
-            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
-        self.loss_type = "ForCausalLM"
-        self.post_init()
-        self._sync_attn_implementation()
-
-    # -------------------------------------------------------------- HF plumbing
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.decoder.head
-
-    def set_output_embeddings(self, value):
-        self.decoder.head = value
+class RxTMemoryMixin:
+    """What the base model and the LM model share: the STM (creation, checks), input checks, the encoder pass,
+    the memory update and the attention kernel switch. Both reach the components as `self.embed_tokens`,
+    `self.decoder`, `self.encoder` and `self.memory_attention`."""
 
     def _sync_attn_implementation(self) -> None:
         """Our attention modules dispatch themselves; tell them which kernel the config asks for."""
@@ -1132,6 +1139,55 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         diag[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
         return mask | diag[None, None]
 
+    def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
+        layers, dim = self.config.num_memory_layers, self.config.hidden_size
+        if memory.dim() != 4 or memory.shape[1] != layers or memory.shape[3] != dim or memory.shape[0] not in (1, batch):
+            raise ValueError(f"encoder_memory must be [batch={batch}, {layers} layers, tokens, {dim} dim], "
+                             f"got {tuple(memory.shape)}")
+        return memory
+
+    def _memory_kv(self, memory: torch.Tensor, cache: Optional[Cache], batch: int):
+        """Memory cross-attention K/V: computed once per turn and kept on the KV cache for later steps."""
+        stored = getattr(cache, "rxt_memory_kv", None) if cache is not None else None
+        if stored is not None and cache.get_seq_length() > 0:
+            return stored
+        memory_kv = self.decoder.memory_key_values(memory)
+        if memory.shape[0] == 1 and batch > 1:
+            memory_kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in memory_kv]
+        if cache is not None:
+            cache.rxt_memory_kv = memory_kv
+        return memory_kv
+
+
+
+class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
+    """The bare Reactive Transformer: the shared embedding, the memory-conditioned decoder (with its head norm, no
+    LM head), the encoder and the memory attention. `forward` returns the decoder's hidden states; `init_memory`,
+    `update_memory` and `compute_memory_update` work as on [`RxTForConversationalGeneration`]."""
+
+    config_class = RxTConfig
+    _auto_class = "AutoModel"
+    _rxt_auto_map = _RXT_AUTO_MAP
+    # A checkpoint of the LM model loads into the base model without its head.
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^lm_head\.", r"^decoder\.head\."]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        dec, enc = config.decoder_options, config.encoder_options
+        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.decoder = RxTDecoder(dec)
+        self.encoder = RxTEncoder(enc)
+        self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
+            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
+        self.post_init()
+        self._sync_attn_implementation()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -1140,21 +1196,18 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
-        logits_to_keep: Union[int, torch.Tensor] = 0,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         encoder_memory: Optional[torch.Tensor] = None,
         **kwargs,
-    ) -> RxTOutput:
-        """Decoder pass conditioned on the memory.
+    ) -> Union[RxTModelOutput, tuple]:
+        """Decoder pass conditioned on the memory (no LM head).
 
         Args:
             input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
             attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
             stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
-            labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
             encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
                 the memory cross-attention in place of the STM (any number of slots T').
         """
@@ -1198,38 +1251,106 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             hidden, positions=positions, self_mask=self_mask, is_causal=self_mask is None and length > 1, pad=pad,
             memory_kv=memory_kv, cache=past_key_values if use_cache else None,
             output_hidden_states=bool(output_hidden_states))
+        output = RxTModelOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+                                hidden_states=all_hidden,
+                                aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
+        return output if return_dict else output.to_tuple()
+
+
+
+class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
+    """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
+    attention that write each finished interaction into that memory; [`RxTModel`] (`self.rxt`) and the LM head.
+
+    The model holds no conversation state. Pass an `STMCache` (from `init_memory`) to `forward`, `generate`
+    and `update_memory`; one model serves any number of conversations.
+    """
+
+    config_class = RxTConfig
+    _auto_class = "AutoModelForCausalLM"
+    _rxt_auto_map = _RXT_AUTO_MAP
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.rxt = RxTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.loss_type = "ForCausalLM"
+        self.post_init()
+        self._sync_attn_implementation()
+
+    # The components, as on the base model (the memory methods of RxTMemoryMixin use these names).
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.rxt.embed_tokens
+
+    @property
+    def decoder(self) -> RxTDecoder:
+        return self.rxt.decoder
+
+    @property
+    def encoder(self) -> RxTEncoder:
+        return self.rxt.encoder
+
+    @property
+    def memory_attention(self) -> "RxTMemoryAttention":
+        return self.rxt.memory_attention
+
+    def get_input_embeddings(self):
+        return self.rxt.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.rxt.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        stm: Optional[Union[STMCache, torch.Tensor]] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoder_memory: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> Union[RxTOutput, tuple]:
+        """Decoder pass conditioned on the memory, then the LM head.
+
+        Args:
+            input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
+            attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
+            stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
+            labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
+            encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
+                the memory cross-attention in place of the STM (any number of slots T').
+        """
+        base = self.rxt(input_ids=input_ids, attention_mask=attention_mask, stm=stm, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                        output_hidden_states=output_hidden_states, return_dict=True, encoder_memory=encoder_memory)
+        hidden = base.last_hidden_state
         slice_from = -logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else 0
         kept = hidden[:, slice_from:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
-        logits = self.decoder.head(kept)
+        logits = self.lm_head(kept)
 
-        loss = lm_loss = aux_loss = None
-        if aux_losses:
-            aux_loss = torch.stack(aux_losses).mean()
+        loss = lm_loss = None
+        aux_loss = base.aux_loss
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
-        output = RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                           lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=all_hidden)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = RxTOutput(loss=loss, logits=logits, past_key_values=base.past_key_values, lm_loss=lm_loss,
+                           aux_loss=aux_loss, hidden_states=base.hidden_states)
         return output if return_dict else output.to_tuple()
-
-    def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
-        layers, dim = self.config.num_memory_layers, self.config.hidden_size
-        if memory.dim() != 4 or memory.shape[1] != layers or memory.shape[3] != dim or memory.shape[0] not in (1, batch):
-            raise ValueError(f"encoder_memory must be [batch={batch}, {layers} layers, tokens, {dim} dim], "
-                             f"got {tuple(memory.shape)}")
-        return memory
-
-    def _memory_kv(self, memory: torch.Tensor, cache: Optional[Cache], batch: int):
-        """Memory cross-attention K/V: computed once per turn and kept on the KV cache for later steps."""
-        stored = getattr(cache, "rxt_memory_kv", None) if cache is not None else None
-        if stored is not None and cache.get_seq_length() > 0:
-            return stored
-        memory_kv = self.decoder.memory_key_values(memory)
-        if memory.shape[0] == 1 and batch > 1:
-            memory_kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in memory_kv]
-        if cache is not None:
-            cache.rxt_memory_kv = memory_kv
-        return memory_kv
 
     # -------------------------------------------------------------- generation
     MEMORY_UPDATE_MODES = ("async", "sync", "none")
@@ -1352,7 +1473,8 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         raw_config, weights = _rxlm_load_files(path, **kwargs)
         config = rxlm_config_to_rxt(raw_config, weights)
         model = cls(config)
-        _load_exact(model, _rxlm_map_full_model(weights, config), source=path)
+        _load_exact(model, {model_rxt_key(k): v for k, v in _rxlm_map_full_model(weights, config).items()},
+                    source=path)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model.eval()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionOptions
-from ..modeling_rxt import RxTForConversationalGeneration, rope_inv_freq
+from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key, rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -78,6 +78,7 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
         raise ValueError(f"a full rxlm RxTAlpha can only hold self-interlayer or grouped memory attention, not {variant!r}")
     state = {}
     for key, value in model.state_dict().items():
+        key = flat_rxt_key(key)
         if key.endswith("inv_freq"):
             continue
         if key == "embed_tokens.weight":
