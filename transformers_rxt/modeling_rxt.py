@@ -868,9 +868,8 @@ def flat_rxt_key(name: str) -> str:
     """A parameter name of `RxTForConversationalGeneration` or `RxTModel` (also under a wrapper's `rxt.` prefix)
     in the component layout `embed_tokens.*`, `decoder.*` (LM head: `decoder.head.*`), `encoder.*`,
     `memory_attention.*`; the layout of rxlm's mapping and of the per-component training options."""
-    for prefix in ("rxt.", "rxt."):
-        if name.startswith(prefix) and name[len(prefix):].split(".", 1)[0] in _RXT_TOP_LEVEL:
-            name = name[len(prefix):]
+    while name.startswith("rxt.") and name[len("rxt."):].split(".", 1)[0] in _RXT_TOP_LEVEL:
+        name = name[len("rxt."):]
     return "decoder.head." + name[len("lm_head."):] if name.startswith("lm_head.") else name
 
 
