@@ -597,3 +597,39 @@ def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_ther
         out = model.generate(ids, stm=stm, memory_update="sync", **({"max_new_tokens": 8} | kwargs))
         assert torch.equal(out[0, 6:], answer)
         torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- what transformers' generation mixin checks
+def test_eager_and_sdpa_generate_the_same_answers_and_logits():
+    model = tiny_model(decoder=dict(stateless_layers_config=["dense"]))
+    ids, mask = _prompts(model, [9, 6])
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, memory_update="none",
+              return_dict_in_generate=True, output_logits=True, output_scores=True)
+    sdpa = model.generate(ids, attention_mask=mask, stm=stm, **kw)
+    model.set_attn_implementation("eager")
+    eager = model.generate(ids, attention_mask=mask, stm=stm, **kw)
+    assert torch.equal(eager.sequences, sdpa.sequences)
+    assert len(eager.logits) == len(eager.scores) == 10  # dict output: one logits/scores entry per new token
+    torch.testing.assert_close(torch.stack(eager.logits), torch.stack(sdpa.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_logits_to_keep_position_ids_and_inputs_embeds_agree_with_the_plain_call():
+    model = tiny_model()
+    ids, mask = _prompts(model, [9, 6])
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+        last = model(input_ids=ids, attention_mask=mask, stm=stm, logits_to_keep=1).logits
+        picked = model(input_ids=ids, attention_mask=mask, stm=stm, logits_to_keep=torch.tensor([0, 4])).logits
+        # positions restart at each row's first real token (left padding)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        explicit = model(input_ids=ids, attention_mask=mask, stm=stm, position_ids=positions).logits
+        shifted = model(input_ids=ids, attention_mask=mask, stm=stm, position_ids=positions + 3).logits
+        embeds = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, stm=stm).logits
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=0)
+    torch.testing.assert_close(picked, full[:, [0, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(explicit, full, rtol=0, atol=0)
+    assert not torch.allclose(shifted[mask.bool()], full[mask.bool()])  # the positions are really used
+    torch.testing.assert_close(embeds, full, rtol=0, atol=0)
