@@ -597,6 +597,13 @@ def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_ther
         out = model.generate(ids, stm=stm, memory_update="sync", **({"max_new_tokens": 8} | kwargs))
         assert torch.equal(out[0, 6:], answer)
         torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+    # the model's [EOS] is an ordinary token when the call stops on another id: the answer is not cut at it
+    model = tiny_model()  # prefers [EOS]
+    stm = fresh()
+    out = model.generate(ids, stm=stm, max_new_tokens=8, min_new_tokens=8, do_sample=False, memory_update="sync",
+                         eos_token_id=1)
+    assert model.config.eos_token_id in out[0, 6:-1].tolist()
+    torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- what transformers' generation mixin checks
