@@ -79,7 +79,7 @@ def main() -> None:
     model = get_peft_model(base, lora)
     adapted = sorted({name.split(".lora_")[0].removeprefix("base_model.model.")
                       for name, _ in model.named_parameters() if ".lora_" in name})
-    assert adapted and all(name.startswith("decoder.") for name in adapted), adapted
+    assert adapted and all(name.startswith("rxt.decoder.") for name in adapted), adapted
     print(f"LoRA on {len(adapted)} decoder projections, e.g. {adapted[0]} ... {adapted[-1]}")
     model.print_trainable_parameters()
 

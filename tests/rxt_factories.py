@@ -25,7 +25,7 @@ def tiny_model(seed=0, **kwargs) -> RxTForConversationalGeneration:
     model = RxTForConversationalGeneration(tiny_config(**kwargs)).eval()
     # Make the output head prefer [EOS] a little so that some generations stop early.
     with torch.no_grad():
-        model.decoder.head.bias[model.config.eos_token_id] += 1.0
+        model.lm_head.bias[model.config.eos_token_id] += 1.0
     return model
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_rxt import MemoryUpdateError, RxTForConversationalGeneration, STMCache
 
@@ -516,7 +516,7 @@ def test_beta_thinking_modes_choose_the_marker_once():
     model = tiny_model(think_token_id=7, tool_call_token_id=8, tool_use_token_id=9, internal_token_id=10,
                        model_variant="beta")
     with torch.no_grad():  # no early [EOS]: the answers must be long enough to tell the decoding apart
-        model.decoder.head.bias[model.config.eos_token_id] -= 10.0
+        model.lm_head.bias[model.config.eos_token_id] -= 10.0
     query = torch.tensor([[2, 5, 30, 31, 32]])
     stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
     fast = list(model.interact(query, stm=stm.clone(), max_seq_len=20, top_k=1, thinking_mode="fast"))
@@ -568,3 +568,75 @@ def test_memory_reads_during_generation_wait_for_that_interaction():
     after = stm.memory  # blocks until this interaction is written
     thread.join()
     assert not torch.equal(after, before)
+
+
+def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_there_is_none():
+    model = tiny_model(seed=4)
+    model.lm_head.bias[model.config.eos_token_id].data -= 10.0  # no early [EOS]: the answer runs to the limit
+    ids, _ = _prompts(model, [6])
+    fresh = lambda: model.init_memory(1, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    answer = model.generate(ids, stm=fresh(), max_new_tokens=8, do_sample=False,
+                            memory_update="none")[0, 6:]
+    stop = next(i for i in range(1, 8) if int(answer[i]) not in answer[:i].tolist())  # first new id after token 0
+
+    def written(prompt_and_answer):
+        stm = fresh()
+        model.update_memory(prompt_and_answer, stm=stm)
+        return stm.memory
+
+    # the call's eos (not the model's [EOS]) ends the answer that is written into memory
+    stm = fresh()
+    out = model.generate(ids, stm=stm, max_new_tokens=8, do_sample=False, memory_update="sync",
+                         eos_token_id=int(answer[stop]))
+    assert torch.equal(out[0, 6:], answer[:stop + 1])
+    torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+    # no eos at all (generation config without one): the whole 8-token answer is written, nothing crashes
+    model.generation_config.eos_token_id = None
+    for kwargs in ({}, {"generation_config": GenerationConfig(max_new_tokens=8, do_sample=False)}):
+        stm = fresh()
+        out = model.generate(ids, stm=stm, memory_update="sync", **({"max_new_tokens": 8} | kwargs))
+        assert torch.equal(out[0, 6:], answer)
+        torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+    # the model's [EOS] is an ordinary token when the call stops on another id: the answer is not cut at it
+    model = tiny_model()  # prefers [EOS]
+    stm = fresh()
+    out = model.generate(ids, stm=stm, max_new_tokens=8, min_new_tokens=8, do_sample=False, memory_update="sync",
+                         eos_token_id=1)
+    assert model.config.eos_token_id in out[0, 6:-1].tolist()
+    torch.testing.assert_close(stm.memory, written(out), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- what transformers' generation mixin checks
+def test_eager_and_sdpa_generate_the_same_answers_and_logits():
+    model = tiny_model(decoder=dict(stateless_layers_config=["dense"]))
+    ids, mask = _prompts(model, [9, 6])
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, memory_update="none",
+              return_dict_in_generate=True, output_logits=True, output_scores=True)
+    sdpa = model.generate(ids, attention_mask=mask, stm=stm, **kw)
+    model.set_attn_implementation("eager")
+    eager = model.generate(ids, attention_mask=mask, stm=stm, **kw)
+    assert torch.equal(eager.sequences, sdpa.sequences)
+    assert len(eager.logits) == len(eager.scores) == 10  # dict output: one logits/scores entry per new token
+    torch.testing.assert_close(torch.stack(eager.logits), torch.stack(sdpa.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_logits_to_keep_position_ids_and_inputs_embeds_agree_with_the_plain_call():
+    model = tiny_model()
+    ids, mask = _prompts(model, [9, 6])
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+        last = model(input_ids=ids, attention_mask=mask, stm=stm, logits_to_keep=1).logits
+        picked = model(input_ids=ids, attention_mask=mask, stm=stm, logits_to_keep=torch.tensor([0, 4])).logits
+        # positions restart at each row's first real token (left padding)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        explicit = model(input_ids=ids, attention_mask=mask, stm=stm, position_ids=positions).logits
+        shifted = model(input_ids=ids, attention_mask=mask, stm=stm, position_ids=positions + 3).logits
+        embeds = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, stm=stm).logits
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=0)
+    torch.testing.assert_close(picked, full[:, [0, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(explicit, full, rtol=0, atol=0)
+    assert not torch.allclose(shifted[mask.bool()], full[mask.bool()])  # the positions are really used
+    torch.testing.assert_close(embeds, full, rtol=0, atol=0)

@@ -121,10 +121,10 @@ def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path):
         assert math.isfinite(logs[0][key]), key
     assert calls == [(4, 1), (4, 2), (4, 1), (4, 2)]
     # step 0 was "fetch": the decoder feed-forward must not move at step 0; it moves once unfrozen (step 1)
-    ff = "decoder.layers.0.ff.w1.weight" if "decoder.layers.0.ff.w1.weight" in before else next(
-        n for n in before if n.startswith("decoder.layers.0.ff"))
+    ff = "rxt.decoder.layers.0.ff.w1.weight" if "rxt.decoder.layers.0.ff.w1.weight" in before else next(
+        n for n in before if n.startswith("rxt.decoder.layers.0.ff"))
     assert not torch.equal(before[ff], dict(model.named_parameters())[ff])
-    assert not torch.equal(before["memory_attention." + next(iter(model.memory_attention.state_dict()))],
+    assert not torch.equal(before["rxt.memory_attention." + next(iter(model.memory_attention.state_dict()))],
                            model.memory_attention.state_dict()[next(iter(model.memory_attention.state_dict()))])
 
 
@@ -137,7 +137,7 @@ def test_impo_fetch_mode_keeps_decoder_body_frozen(tmp_path):
     after = dict(model.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert any("memory_cross_attention" in n for n in moved)
-    assert not any(n.startswith("encoder.") or ".ff." in n or n.startswith("embed_tokens") for n in moved)
+    assert not any(n.startswith("rxt.encoder.") or ".ff." in n or n.startswith("rxt.embed_tokens") for n in moved)
 
 
 def test_rollout_carries_memory_and_resets(tmp_path):

@@ -28,14 +28,14 @@ def adapted_modules(model) -> set:
 def test_default_targets_are_decoder_attention_only():
     model = tiny_model(decoder=STATELESS)
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=rxt_lora_target_modules()))
-    expected = {f"decoder.{block}.{i}.{att}.{p}" for block, n in (("layers", 2),) for i in range(n)
+    expected = {f"rxt.decoder.{block}.{i}.{att}.{p}" for block, n in (("layers", 2),) for i in range(n)
                 for att in ("attention", "memory_cross_attention") for p in PROJ}
-    expected |= {f"decoder.{block}.0.attention.{p}" for block in ("stateless_layers", "final_stateless_layers")
+    expected |= {f"rxt.decoder.{block}.0.attention.{p}" for block in ("stateless_layers", "final_stateless_layers")
                  for p in PROJ}
     assert adapted_modules(pm) == expected
     # the suffix-style list PEFT users reach for first would also hit the encoder and the memory attention
     loose = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
-    assert any(m.startswith(("encoder.", "memory_attention.")) for m in adapted_modules(loose))
+    assert any(m.startswith(("rxt.encoder.", "rxt.memory_attention.")) for m in adapted_modules(loose))
     # only adapter weights train
     assert all(".lora_" in n for n, p in pm.named_parameters() if p.requires_grad)
 
@@ -45,17 +45,17 @@ def test_other_presets_hit_exactly_their_part():
     plain = tiny_model(decoder=dict(use_gated=False, ff_activation="gelu"), encoder=dict(use_gated=False))
     mem = adapted_modules(get_peft_model(copy.deepcopy(gated), LoraConfig(
         r=2, target_modules=rxt_lora_target_modules(["memory_attention"]))))
-    assert mem and all(re.fullmatch(r"memory_attention\.(attention_layers|mean_attention_layers)\.\d\.\w+_proj", m)
+    assert mem and all(re.fullmatch(r"rxt\.memory_attention\.(attention_layers|mean_attention_layers)\.\d\.\w+_proj", m)
                        for m in mem) and len(mem) == 2 * 2 * 4
     enc = adapted_modules(get_peft_model(copy.deepcopy(plain), LoraConfig(
         r=2, target_modules=rxt_lora_target_modules(["encoder_attention", "encoder_ffn"], config=plain.config))))
-    assert enc == {f"encoder.layers.{i}.{m}" for i in range(2)
+    assert enc == {f"rxt.encoder.layers.{i}.{m}" for i in range(2)
                    for m in [f"attention.{p}" for p in PROJ] + ["ff.fc1", "ff.fc2"]}
     ffn = adapted_modules(get_peft_model(copy.deepcopy(gated), LoraConfig(
         r=2, target_modules=rxt_lora_target_modules(["decoder_ffn"], config=gated.config))))
     # dense stateless layer + the single shared expert of every MoE layer; never the router
-    assert "decoder.stateless_layers.0.ff.fc1.linear" in ffn and "decoder.layers.1.ff.shared_expert.fc2" in ffn
-    assert not any("router" in m for m in ffn) and all(m.startswith("decoder.") for m in ffn)
+    assert "rxt.decoder.stateless_layers.0.ff.fc1.linear" in ffn and "rxt.decoder.layers.1.ff.shared_expert.fc2" in ffn
+    assert not any("router" in m for m in ffn) and all(m.startswith("rxt.decoder.") for m in ffn)
     with pytest.raises(ValueError, match="needs config"):
         rxt_lora_target_modules(["decoder_ffn"])
     with pytest.raises(ValueError, match="unknown LoRA part"):
@@ -106,7 +106,7 @@ def test_lora_trains_only_adapters_then_saves_reloads_and_merges(tmp_path):
     torch.testing.assert_close(merged_logits, trained, rtol=0, atol=1e-5)
     # the encoder and memory attention are bit-identical to the base after the merge
     for name, p in merged.named_parameters():
-        if name.startswith(("encoder.", "memory_attention.", "embed_tokens.")):
+        if name.startswith(("rxt.encoder.", "rxt.memory_attention.", "rxt.embed_tokens.")):
             assert torch.equal(p, before[name])
 
     merged.save_pretrained(tmp_path / "merged")
@@ -118,7 +118,7 @@ def test_lora_trains_only_adapters_then_saves_reloads_and_merges(tmp_path):
 def test_moe_experts_via_target_parameters_merge():
     model = tiny_model(decoder=dict(use_moe=True, num_experts=4, moe_top_k=2))
     names = rxt_lora_target_parameters(model)
-    assert names == [f"decoder.layers.{i}.ff.{w}" for i in range(2) for w in ("w1", "w2")]
+    assert names == [f"rxt.decoder.layers.{i}.ff.{w}" for i in range(2) for w in ("w1", "w2")]
     assert rxt_lora_target_parameters(model, "encoder") == []
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=names,
                                           init_lora_weights=False))

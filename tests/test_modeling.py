@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
-from transformers_rxt import RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, STMCache
+from transformers_rxt import RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, RxTModel, STMCache
 from transformers_rxt.conversion import save_rxlm_checkpoint
 from transformers_rxt.modeling_rxt import RxTAttention, apply_rope, rope_inv_freq
 from transformers_rxt.training.utils import load_rxt_model
@@ -210,7 +210,7 @@ def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path)
     model.save_pretrained(tmp_path / "model")
     model.save_pretrained(tmp_path / "broken")  # the same, with one weight missing: refused remotely too
     weights = load_file(tmp_path / "broken" / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if k != "decoder.head.bias"}, tmp_path / "broken" / "model.safetensors",
+    save_file({k: v for k, v in weights.items() if k != "lm_head.bias"}, tmp_path / "broken" / "model.safetensors",
               metadata={"format": "pt"})
     ids, mask = interaction_batch(vocab=model.config.vocab_size)
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
@@ -237,7 +237,7 @@ def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path)
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MAXDIFF 0.0" in result.stdout
-    assert "REFUSED   missing weights (1): ['decoder.head.bias']" in result.stdout
+    assert "REFUSED   missing weights (1): ['lm_head.bias']" in result.stdout
 
 
 def test_bfloat16_end_to_end():
@@ -327,8 +327,8 @@ def test_missing_and_unexpected_weights_are_listed(tmp_path):
     weights.pop("decoder.model.layers.1.ff.fc2.bias")
     weights["decoder.model.layers.0.bogus.weight"] = torch.zeros(1)
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"(?s)missing weights \(1\): \['decoder.layers.1.ff.fc2.bias'\]"
-                                         r".*unexpected weights \(1\): \['decoder.layers.0.bogus.weight'\]"
+    with pytest.raises(ValueError, match=r"(?s)missing weights \(1\): \['rxt.decoder.layers.1.ff.fc2.bias'\]"
+                                         r".*unexpected weights \(1\): \['rxt.decoder.layers.0.bogus.weight'\]"
                                          r".*Fix: config.json and model.safetensors must come from the same rxlm"):
         RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path))
 
@@ -344,12 +344,12 @@ HF_LOADERS = {
 def test_hf_checkpoint_missing_or_unexpected_weights_are_refused(loader, tmp_path):
     tiny_model().save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights.pop("decoder.head.weight")
-    weights["decoder.layers.0.bogus.weight"] = torch.zeros(1)
+    weights.pop("lm_head.weight")
+    weights["rxt.decoder.layers.0.bogus.weight"] = torch.zeros(1)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"(?s)refusing to load it with randomly initialised weights"
-                                         r".*missing weights \(1\): \['decoder.head.weight'\]"
-                                         r".*unexpected weights \(1\): \['decoder.layers.0.bogus.weight'\]"
+                                         r".*missing weights \(1\): \['lm_head.weight'\]"
+                                         r".*unexpected weights \(1\): \['rxt.decoder.layers.0.bogus.weight'\]"
                                          r".*Fix: config.json and the weights must come from the same save_pretrained"):
         HF_LOADERS[loader](str(tmp_path))
 
@@ -360,13 +360,13 @@ def test_hf_checkpoint_mis_shaped_weights_are_refused_unless_reinitialised_on_pu
     config["decoder_config"]["ff_dim"] = 40  # the weights were trained with 48
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"(?s)weights whose shape differs from the config \(6\): "
-                                         r"decoder.layers.0.ff.fc1.linear.bias checkpoint \(96,\) vs model \(80,\)"
+                                         r"rxt.decoder.layers.0.ff.fc1.linear.bias checkpoint \(96,\) vs model \(80,\)"
                                          r".*pass ignore_mismatched_sizes=True"):
         RxTForConversationalGeneration.from_pretrained(tmp_path)
     model, info = RxTForConversationalGeneration.from_pretrained(tmp_path, ignore_mismatched_sizes=True,
                                                                  output_loading_info=True)
     assert {name for name, *_ in info["mismatched_keys"]} == {
-        f"decoder.layers.{i}.ff.{w}" for i in (0, 1) for w in ("fc1.linear.weight", "fc1.linear.bias", "fc2.weight")}
+        f"rxt.decoder.layers.{i}.ff.{w}" for i in (0, 1) for w in ("fc1.linear.weight", "fc1.linear.bias", "fc2.weight")}
     assert not info["missing_keys"] and model.decoder.layers[0].ff.fc2.weight.shape == (32, 40)
 
 
@@ -491,3 +491,172 @@ def test_stage4_trains_the_learned_initial_memory():
     module(**episode)["loss"].backward()
     grad = model.memory_attention.initial_memory.grad
     assert grad is not None and float(grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------- transformers conventions
+def test_resize_token_embeddings_keeps_every_config_in_agreement_and_survives_save_load(tmp_path):
+    model = _perturb(tiny_model())
+    model.resize_token_embeddings(101)
+    cfg = model.config
+    assert cfg.vocab_size == cfg.decoder_config["vocab_size"] == cfg.encoder_config["vocab_size"] == 101
+    assert model.embed_tokens.weight.shape == (101, 32) and model.lm_head.weight.shape == (101, 32)
+    assert model.lm_head.bias.shape == (101,)
+    logits, memory = _run_turn(model)
+    model.save_pretrained(tmp_path)
+    loaded = RxTForConversationalGeneration.from_pretrained(tmp_path)  # a mismatch would raise here
+    assert loaded.config.decoder_config["vocab_size"] == loaded.config.encoder_config["vocab_size"] == 101
+    logits2, memory2 = _run_turn(loaded)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
+
+
+def test_hidden_states_are_a_tuple_per_layer_and_return_dict_false_gives_a_tuple():
+    model = tiny_model(decoder=ATTENTION["stateless"] | {"use_head_norm": True})
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2)
+    captured = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+             for layer, _ in model.decoder.ordered_layers()]
+    out = model(input_ids=ids, attention_mask=mask, stm=stm, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    hidden = out.hidden_states
+    assert isinstance(hidden, tuple) and len(hidden) == model.config.num_hidden_layers + 1 == 6
+    torch.testing.assert_close(hidden[0], model.embed_tokens(ids), rtol=0, atol=0)
+    for i in range(1, 5):
+        torch.testing.assert_close(hidden[i], captured[i - 1], rtol=0, atol=0)
+    # the last entry is the head-normed output the LM head reads (transformers' convention)
+    torch.testing.assert_close(hidden[-1], model.decoder.head_norm(captured[-1]), rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head(hidden[-1]), out.logits, rtol=0, atol=0)
+    assert model(input_ids=ids, attention_mask=mask, stm=stm).hidden_states is None
+
+    model.config.output_hidden_states = True
+    assert len(model(input_ids=ids, attention_mask=mask, stm=stm).hidden_states) == 6
+    model.config.output_hidden_states = False
+
+    loss, logits = model(input_ids=ids, attention_mask=mask, stm=stm, labels=ids, return_dict=False)[:2]
+    reference = model(input_ids=ids, attention_mask=mask, stm=stm, labels=ids)
+    assert torch.equal(loss, reference.loss) and torch.equal(logits, reference.logits)
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids, attention_mask=mask, stm=stm), tuple)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
+    assert model.supports_gradient_checkpointing
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == 4  # 2 decoder + 2 encoder layers
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+
+    def loss_and_grads():
+        model.zero_grad()
+        model.train()
+        memory = model.compute_memory_update(ids, mask, model.initial_memory_tensor(2, "zeros"))
+        loss = model(input_ids=ids, attention_mask=mask, stm=memory, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    hook = model.decoder.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    loss, grads = loss_and_grads()
+    assert len(calls) == 1
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in layers)
+    calls.clear()
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert len(calls) == 1  # hooks stay outside the checkpoint ...
+    hook.remove()
+    recomputed = []
+    model.decoder.layers[0].attention.register_forward_pre_hook(lambda *args: recomputed.append(1))
+    loss_and_grads()
+    assert len(recomputed) == 2  # ... while the layer's insides run again in the backward pass
+    assert torch.equal(loss_ckpt, loss)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_refuses_an_fp32_memory_before_decoding(dtype):
+    model = tiny_model().to(dtype)
+    ids = torch.tensor([[2, 5, 30, 31, 6]])
+    fp32 = STMCache(torch.randn(1, 2, 8, 32))
+    decoded = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda *args: decoded.append(1))
+    message = f"the STM is torch.float32 .* model (is|computes in) {dtype}.*stm.to\\(device=model.device, dtype=model.dtype\\)"
+    for call in (lambda: model(input_ids=ids, stm=fp32),
+                 lambda: model.generate(ids, stm=fp32, max_new_tokens=3, memory_update="sync"),
+                 lambda: model.generate(ids, stm=fp32, max_new_tokens=3, memory_update="none"),
+                 lambda: model.update_memory(torch.tensor([[2, 5, 30, 6, 40, 3]]), stm=fp32)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert decoded == [] and fp32.memory.dtype == torch.float32
+    good = fp32.to(dtype=dtype)  # the documented fix
+    model.generate(ids, stm=good, max_new_tokens=3, memory_update="sync")
+    assert decoded and good.memory.dtype == dtype and torch.isfinite(good.memory.float()).all()
+
+
+# ------------------------------------------------------------------------------------------- base model / Auto classes
+OLD_CHECKPOINT = os.path.join(os.path.dirname(__file__), "fixtures", "rxt-main-5f01f82")
+
+
+def test_a_checkpoint_saved_before_the_base_model_existed_loads_with_identical_numbers(tmp_path):
+    """tests/fixtures/rxt-main-5f01f82: saved by the code of commit 5f01f82 (flat keys, LM head `decoder.head.*`)."""
+    old_keys = load_file(os.path.join(OLD_CHECKPOINT, "model.safetensors"))
+    assert "decoder.head.weight" in old_keys and "embed_tokens.weight" in old_keys
+    expected = load_file(os.path.join(OLD_CHECKPOINT, "expected.safetensors"))
+    ids, mask = expected["input_ids"], expected["attention_mask"]
+
+    def check(model):
+        stm = STMCache(expected["stm"].clone())
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+            model.update_memory(ids, mask, stm)
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(stm.memory, expected["new_stm"], rtol=0, atol=0)
+
+    model = AutoModelForCausalLM.from_pretrained(OLD_CHECKPOINT)
+    assert type(model) is RxTForConversationalGeneration
+    check(model)
+    # re-saved under today's names, and loaded again
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert {"lm_head.weight", "lm_head.bias", "rxt.embed_tokens.weight"} <= keys
+    assert all(k.startswith(("rxt.", "lm_head.")) for k in keys)
+    check(RxTForConversationalGeneration.from_pretrained(tmp_path))
+    # the base model loads from either, without the head
+    for path in (OLD_CHECKPOINT, tmp_path):
+        base = AutoModel.from_pretrained(path)
+        assert type(base) is RxTModel and not hasattr(base, "lm_head")
+        with torch.no_grad():
+            hidden = base(input_ids=ids, attention_mask=mask, stm=STMCache(expected["stm"].clone())).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), expected["logits"], rtol=0, atol=0)
+
+
+def test_base_model_is_the_decoder_encoder_and_memory_attention_without_the_lm_head(tmp_path):
+    model = _perturb(tiny_model(decoder=ATTENTION["stateless"]))
+    assert model.base_model_prefix == "rxt" and model.base_model is model.rxt
+    assert isinstance(model.rxt, RxTModel) and model.rxt.get_output_embeddings() is None
+    assert (model.embed_tokens, model.decoder, model.encoder, model.memory_attention) == (
+        model.rxt.embed_tokens, model.rxt.decoder, model.rxt.encoder, model.rxt.memory_attention)
+    assert sum(p.numel() for p in model.parameters()) == (sum(p.numel() for p in model.rxt.parameters())
+                                                         + sum(p.numel() for p in model.lm_head.parameters()))
+    assert type(AutoModel.from_config(model.config)) is RxTModel
+    assert type(AutoModelForCausalLM.from_config(model.config)) is RxTForConversationalGeneration
+    ids, mask = interaction_batch(vocab=model.config.vocab_size)
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, stm=stm, output_hidden_states=True)
+        base_out = base(input_ids=ids, attention_mask=mask, stm=stm, output_hidden_states=True)
+        # the base model keeps the memory methods: same update as the LM model
+        other = STMCache(stm.memory.clone())
+        base.update_memory(ids, mask, other)
+        model.update_memory(ids, mask, stm)
+    torch.testing.assert_close(base_out.last_hidden_state, out.hidden_states[-1], rtol=0, atol=0)
+    assert len(base_out.hidden_states) == len(out.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(other.memory, stm.memory, rtol=0, atol=0)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_rxt.RxTModel"

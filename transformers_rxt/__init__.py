@@ -12,6 +12,8 @@ from .modeling_rxt import (
     RxTForConversationalGeneration,
     RxTMemoryAttention,
     RxTMLMHead,
+    RxTModel,
+    RxTModelOutput,
     RxTOutput,
     rxlm_config_to_rxt,
 )
@@ -44,7 +46,7 @@ __version__ = "0.1.0"
 
 AutoConfig.register("rxt", RxTConfig, exist_ok=True)
 AutoConfig.register("rxt_memory_attention", RxTMemoryAttentionConfig, exist_ok=True)
-AutoModel.register(RxTConfig, RxTForConversationalGeneration, exist_ok=True)
+AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
 AutoModelForCausalLM.register(RxTConfig, RxTForConversationalGeneration, exist_ok=True)
 AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
 register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-style models
@@ -74,6 +76,8 @@ __all__ = [
     "RxTConfig",
     "RxTForConversationalGeneration",
     "RxTMLMHead",
+    "RxTModel",
+    "RxTModelOutput",
     "RxTMemoryAttention",
     "RxTMemoryAttentionConfig",
     "RxTMemoryAttentionOptions",

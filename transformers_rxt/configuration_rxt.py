@@ -423,6 +423,14 @@ class RxTConfig(PretrainedConfig):
         require_every_option(cls, config_dict)
         return super().from_dict(config_dict, **kwargs)
 
+    def __setattr__(self, key, value):
+        # The decoder and encoder share one embedding: a new `vocab_size` (`resize_token_embeddings` sets it) is
+        # written into both component configs, so that the saved config rebuilds the resized model.
+        if key == "vocab_size" and "decoder_config" in self.__dict__ and value is not None:
+            self.decoder_config["vocab_size"] = value
+            self.encoder_config["vocab_size"] = value
+        super().__setattr__(key, value)
+
     # ----------------------------------------------------------------------------------------- views
     # Not named `decoder`/`encoder`: transformers' get_text_config() would take them for nested HF configs.
     @property

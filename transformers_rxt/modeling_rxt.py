@@ -26,10 +26,13 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import ModelOutput
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
 from .cache_rxt import STMCache, init_memory_tensor
@@ -380,8 +383,12 @@ class RxTMoeFeedForward(nn.Module):
 
 
 # ============================================================================================= decoder / encoder
-class RxTLayer(nn.Module):
-    """Pre-norm block: self-attention, optional memory cross-attention, FFN or MoE."""
+class RxTLayer(GradientCheckpointingLayer):
+    """Pre-norm block: self-attention, optional memory cross-attention, FFN or MoE.
+
+    A `GradientCheckpointingLayer`: with `model.gradient_checkpointing_enable()` its activations are recomputed in
+    the backward pass (training only; the KV cache is then dropped, as for every transformers layer).
+    """
 
     def __init__(self, cfg: RxTComponentConfig, *, causal: bool, cross_attention: bool, ffn: str = "main"):
         super().__init__()
@@ -416,9 +423,12 @@ class RxTLayer(nn.Module):
         """Cross-attention keys/values of one STM layer [B, S, D] (computed once per turn)."""
         return self.memory_cross_attention.project_kv(self.stm_norm(stm_layer))
 
-    def forward(self, x, *, positions, self_mask, is_causal, pad=None, memory_kv=None, cache=None, cache_layer=None):
+    def forward(self, x, *, positions, self_mask, is_causal, pad=None, memory_kv=None, past_key_values=None,
+                cache_layer=None):
+        # `x` stays positional: the checkpointing wrapper recomputes from positional inputs; `past_key_values` is
+        # the name it drops under checkpointing.
         h = x + self.attention(self.norm1(x), positions=positions, mask=self_mask, is_causal=is_causal,
-                               cache=cache, cache_layer=cache_layer)
+                               cache=past_key_values, cache_layer=cache_layer)
         if self.memory_cross_attention is not None and memory_kv is not None:
             query = self.norm2(h)
             if pad is not None:
@@ -432,13 +442,13 @@ class RxTLayer(nn.Module):
 
 
 class RxTDecoder(nn.Module):
-    """Stateless layers, memory layers (layer i reads STM layer i), final stateless layers, head norm, LM head."""
+    """Stateless layers, memory layers (layer i reads STM layer i), final stateless layers, head norm (the LM head
+    is `RxTForConversationalGeneration.lm_head`)."""
 
     def __init__(self, cfg: RxTComponentConfig):
         super().__init__()
         self.config = cfg
         self.layers = nn.ModuleList(RxTLayer(cfg, causal=True, cross_attention=True) for _ in range(cfg.num_layers))
-        self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=True)
         if cfg.use_head_norm:
             self.head_norm = (nn.LayerNorm(cfg.embed_dim, eps=1e-5) if cfg.head_norm_type == "layer_norm"
                               else RxTRMSNorm(cfg.embed_dim))
@@ -467,19 +477,27 @@ class RxTDecoder(nn.Module):
         """Cross-attention K/V for every memory layer from an STM [B, L, S, D]."""
         return [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
 
-    def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None):
+    def forward(self, hidden, *, positions, self_mask, is_causal, pad, memory_kv, cache=None,
+                output_hidden_states: bool = False):
+        """The final hidden states (after the head norm), the MoE aux losses, and, with `output_hidden_states`,
+        transformers' per-layer tuple: the embeddings, then every layer's output (the last one head-normed)."""
         aux_losses = []
+        all_hidden = [hidden] if output_hidden_states else None
         if not self.config.use_nope:
             positions = rope_tables(positions, self.layers[0].attention.inv_freq, hidden.dtype)
         for slot, (layer, mem_idx) in enumerate(self.ordered_layers()):
             hidden, aux = layer(hidden, positions=positions, self_mask=self_mask, is_causal=is_causal, pad=pad,
                                 memory_kv=None if mem_idx is None else memory_kv[mem_idx],
-                                cache=cache, cache_layer=slot)
+                                past_key_values=cache, cache_layer=slot)
             if aux is not None:
                 aux_losses.append(aux)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
         if self.head_norm is not None:
             hidden = self.head_norm(hidden)
-        return hidden, aux_losses
+        if all_hidden is not None:
+            all_hidden[-1] = hidden
+        return hidden, aux_losses, None if all_hidden is None else tuple(all_hidden)
 
 
 class RxTEncoder(nn.Module):
@@ -626,7 +644,7 @@ class RxTResidualGate(nn.Module):
 
 class RxTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rxt"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["RxTLayer"]
@@ -637,6 +655,8 @@ class RxTPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(self._rxt_auto_map)
+        # Save under today's names (`rxt.*`, `lm_head.*`); the renaming of older checkpoints is for loading only.
+        kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -842,6 +862,39 @@ class RxTMemoryAttention(RxTPreTrainedModel):
 
 
 # ============================================================================================= full model
+# Checkpoints saved before the base model existed (state-dict keys `embed_tokens.*`, `decoder.*`, `encoder.*`,
+# `memory_attention.*`) load unchanged: transformers adds the `rxt.` base-model prefix itself, and this renaming
+# moves the LM head from `decoder.head.*` to `lm_head.*`.
+register_checkpoint_conversion_mapping(
+    "RxTForConversationalGeneration", [WeightRenaming(source_patterns="decoder.head", target_patterns="lm_head")],
+    overwrite=True)
+
+
+def flat_rxt_key(name: str) -> str:
+    """A parameter name of `RxTForConversationalGeneration` or `RxTModel` (also under a wrapper's `rxt.` prefix)
+    in the component layout `embed_tokens.*`, `decoder.*` (LM head: `decoder.head.*`), `encoder.*`,
+    `memory_attention.*`; the layout of rxlm's mapping and of the per-component training options."""
+    while name.startswith("rxt.") and name[len("rxt."):].split(".", 1)[0] in _RXT_TOP_LEVEL:
+        name = name[len("rxt."):]
+    return "decoder.head." + name[len("lm_head."):] if name.startswith("lm_head.") else name
+
+
+def model_rxt_key(name: str) -> str:
+    """The inverse of `flat_rxt_key` for `RxTForConversationalGeneration`."""
+    return "lm_head." + name[len("decoder.head."):] if name.startswith("decoder.head.") else "rxt." + name
+
+
+_RXT_TOP_LEVEL = ("rxt", "lm_head", "embed_tokens", "decoder", "encoder", "memory_attention")
+
+
+@dataclass
+class RxTModelOutput(BaseModelOutputWithPast):
+    """Output of [`RxTModel`]: the decoder's last hidden state (head-normed), the KV cache, the per-layer hidden
+    states (`output_hidden_states`) and the MoE aux loss (mean over MoE layers) when the decoder has MoE layers."""
+
+    aux_loss: Optional[torch.Tensor] = None
+
+
 @dataclass
 class RxTOutput(ModelOutput):
     """Output of [`RxTForConversationalGeneration`]: the LM loss (+ weighted MoE aux loss), logits and the KV cache."""
@@ -851,48 +904,17 @@ class RxTOutput(ModelOutput):
     past_key_values: Optional[Cache] = None
     lm_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
-    hidden_states: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
 
 
-class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
-    """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
-    attention that write each finished interaction into that memory.
+_RXT_AUTO_MAP = {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
+                 "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
 
-    The model holds no conversation state. Pass an `STMCache` (from `init_memory`) to `forward`, `generate`
-    and `update_memory`; one model serves any number of conversations.
-    """
 
-    config_class = RxTConfig
-    _auto_class = "AutoModelForCausalLM"
-    _rxt_auto_map = {"AutoConfig": "configuration_rxt.RxTConfig",
-                     "AutoModel": "modeling_rxt.RxTForConversationalGeneration",
-                     "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
-    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
-
-    def __init__(self, config: RxTConfig):
-        super().__init__(config)
-        dec, enc = config.decoder_options, config.encoder_options
-        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
-        self.decoder = RxTDecoder(dec)
-        self.encoder = RxTEncoder(enc)
-        self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
-            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
-        self.loss_type = "ForCausalLM"
-        self.post_init()
-        self._sync_attn_implementation()
-
-    # -------------------------------------------------------------- HF plumbing
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.decoder.head
-
-    def set_output_embeddings(self, value):
-        self.decoder.head = value
+class RxTMemoryMixin:
+    """What the base model and the LM model share: the STM (creation, checks), input checks, the encoder pass,
+    the memory update and the attention kernel switch. Both reach the components as `self.embed_tokens`,
+    `self.decoder`, `self.encoder` and `self.memory_attention`."""
 
     def _sync_attn_implementation(self) -> None:
         """Our attention modules dispatch themselves; tell them which kernel the config asks for."""
@@ -1122,76 +1144,6 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         diag[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
         return mask | diag[None, None]
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        stm: Optional[Union[STMCache, torch.Tensor]] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep: Union[int, torch.Tensor] = 0,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        encoder_memory: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> RxTOutput:
-        """Decoder pass conditioned on the memory.
-
-        Args:
-            input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
-            attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
-            stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
-            labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
-            encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
-                the memory cross-attention in place of the STM (any number of slots T').
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, length = hidden.shape[:2]
-        if encoder_memory is not None:
-            memory = self._check_encoder_memory(encoder_memory, batch)
-        elif stm is None:
-            raise ValueError("RxT decodes conditioned on a memory: pass stm=model.init_memory(batch_size) "
-                             "(or the STMCache of the conversation).")
-        else:
-            self.check_stm(stm, batch)
-            memory = stm.memory if isinstance(stm, STMCache) else stm
-        if memory.dtype != hidden.dtype:
-            memory = memory.to(hidden.dtype)
-        use_cache = use_cache if use_cache is not None else (past_key_values is not None)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self._check_length(past + length, self.config.decoder_config["seq_len"], "the interaction")
-        if attention_mask is not None and attention_mask.shape[-1] != past + length:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new = {past + length}")
-        positions = position_ids if position_ids is not None else self._positions(attention_mask, length, past,
-                                                                                   hidden.device)
-        self_mask = self._self_attention_mask(attention_mask, length, past, hidden.device)
-        pad = None
-        if attention_mask is not None:
-            pad = attention_mask[:, -length:, None].to(hidden.dtype)
-        memory_kv = self._memory_kv(memory, past_key_values, batch)
-        hidden, aux_losses = self.decoder(hidden, positions=positions, self_mask=self_mask,
-                                          is_causal=self_mask is None and length > 1, pad=pad,
-                                          memory_kv=memory_kv, cache=past_key_values if use_cache else None)
-        slice_from = -logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else 0
-        kept = hidden[:, slice_from:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
-        logits = self.decoder.head(kept)
-
-        loss = lm_loss = aux_loss = None
-        if aux_losses:
-            aux_loss = torch.stack(aux_losses).mean()
-        if labels is not None:
-            lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
-        return RxTOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                         lm_loss=lm_loss, aux_loss=aux_loss, hidden_states=hidden if output_hidden_states else None)
-
     def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
         layers, dim = self.config.num_memory_layers, self.config.hidden_size
         if memory.dim() != 4 or memory.shape[1] != layers or memory.shape[3] != dim or memory.shape[0] not in (1, batch):
@@ -1210,6 +1162,200 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         if cache is not None:
             cache.rxt_memory_kv = memory_kv
         return memory_kv
+
+
+
+class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
+    """The bare Reactive Transformer: the shared embedding, the memory-conditioned decoder (with its head norm, no
+    LM head), the encoder and the memory attention. `forward` returns the decoder's hidden states; `init_memory`,
+    `update_memory` and `compute_memory_update` work as on [`RxTForConversationalGeneration`]."""
+
+    config_class = RxTConfig
+    _auto_class = "AutoModel"
+    _rxt_auto_map = _RXT_AUTO_MAP
+    # A checkpoint of the LM model loads into the base model without its head.
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^lm_head\.", r"^decoder\.head\."]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        dec, enc = config.decoder_options, config.encoder_options
+        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.decoder = RxTDecoder(dec)
+        self.encoder = RxTEncoder(enc)
+        self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
+            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
+        self.post_init()
+        self._sync_attn_implementation()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        stm: Optional[Union[STMCache, torch.Tensor]] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoder_memory: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> Union[RxTModelOutput, tuple]:
+        """Decoder pass conditioned on the memory (no LM head).
+
+        Args:
+            input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
+            attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
+            stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
+            encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
+                the memory cross-attention in place of the STM (any number of slots T').
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        if encoder_memory is not None:
+            memory = self._check_encoder_memory(encoder_memory, batch)
+        elif stm is None:
+            raise ValueError("RxT decodes conditioned on a memory: pass stm=model.init_memory(batch_size) "
+                             "(or the STMCache of the conversation).")
+        else:
+            self.check_stm(stm, batch)
+            memory = stm.memory if isinstance(stm, STMCache) else stm
+            if memory.dtype != hidden.dtype:
+                # Refused, not cast: the memory update writes the model's dtype back into this STM, so a cast
+                # here would only move the failure to after the answer (generate and update_memory refuse too).
+                raise ValueError(f"the STM is {memory.dtype} but the model computes in {hidden.dtype}: move it with "
+                                 "stm = stm.to(device=model.device, dtype=model.dtype)")
+        if memory.dtype != hidden.dtype:  # encoder_memory: activations of the encoder (e.g. under autocast)
+            memory = memory.to(hidden.dtype)
+        use_cache = use_cache if use_cache is not None else (past_key_values is not None)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_length(past + length, self.config.decoder_config["seq_len"], "the interaction")
+        if attention_mask is not None and attention_mask.shape[-1] != past + length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new = {past + length}")
+        positions = position_ids if position_ids is not None else self._positions(attention_mask, length, past,
+                                                                                   hidden.device)
+        self_mask = self._self_attention_mask(attention_mask, length, past, hidden.device)
+        pad = None
+        if attention_mask is not None:
+            pad = attention_mask[:, -length:, None].to(hidden.dtype)
+        memory_kv = self._memory_kv(memory, past_key_values, batch)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden, aux_losses, all_hidden = self.decoder(
+            hidden, positions=positions, self_mask=self_mask, is_causal=self_mask is None and length > 1, pad=pad,
+            memory_kv=memory_kv, cache=past_key_values if use_cache else None,
+            output_hidden_states=bool(output_hidden_states))
+        output = RxTModelOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+                                hidden_states=all_hidden,
+                                aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
+        return output if return_dict else output.to_tuple()
+
+
+
+class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
+    """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
+    attention that write each finished interaction into that memory; [`RxTModel`] (`self.rxt`) and the LM head.
+
+    The model holds no conversation state. Pass an `STMCache` (from `init_memory`) to `forward`, `generate`
+    and `update_memory`; one model serves any number of conversations.
+    """
+
+    config_class = RxTConfig
+    _auto_class = "AutoModelForCausalLM"
+    _rxt_auto_map = _RXT_AUTO_MAP
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.rxt = RxTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.loss_type = "ForCausalLM"
+        self.post_init()
+        self._sync_attn_implementation()
+
+    # The components, as on the base model (the memory methods of RxTMemoryMixin use these names).
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.rxt.embed_tokens
+
+    @property
+    def decoder(self) -> RxTDecoder:
+        return self.rxt.decoder
+
+    @property
+    def encoder(self) -> RxTEncoder:
+        return self.rxt.encoder
+
+    @property
+    def memory_attention(self) -> "RxTMemoryAttention":
+        return self.rxt.memory_attention
+
+    def get_input_embeddings(self):
+        return self.rxt.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.rxt.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        stm: Optional[Union[STMCache, torch.Tensor]] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoder_memory: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> Union[RxTOutput, tuple]:
+        """Decoder pass conditioned on the memory, then the LM head.
+
+        Args:
+            input_ids: `[B, T]` token ids (e.g. `[BOS][Q]query[A]answer[EOS]` for teacher forcing).
+            attention_mask: `[B, past + T]`, 1 for real tokens (left or right padding).
+            stm: the conversation memory (`STMCache` or a `[B or 1, L, S, D]` tensor). Required.
+            labels: `[B, T]`; shifted inside, -100 ignored. The loss adds `router_aux_loss_coef` x MoE aux loss.
+            encoder_memory: joint pre-training (stages 1-2) only: per-layer encoder states `[B, L, T', D]` read by
+                the memory cross-attention in place of the STM (any number of slots T').
+        """
+        base = self.rxt(input_ids=input_ids, attention_mask=attention_mask, stm=stm, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                        output_hidden_states=output_hidden_states, return_dict=True, encoder_memory=encoder_memory)
+        hidden = base.last_hidden_state
+        slice_from = -logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else 0
+        kept = hidden[:, slice_from:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+        logits = self.lm_head(kept)
+
+        loss = lm_loss = None
+        aux_loss = base.aux_loss
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = RxTOutput(loss=loss, logits=logits, past_key_values=base.past_key_values, lm_loss=lm_loss,
+                           aux_loss=aux_loss, hidden_states=base.hidden_states)
+        return output if return_dict else output.to_tuple()
 
     # -------------------------------------------------------------- generation
     MEMORY_UPDATE_MODES = ("async", "sync", "none")
@@ -1257,12 +1403,16 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         memory = stm.memory
         if memory_update == "none":
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
+        # The answer ends where this call's generation config says (its eos and pad ids), resolved as generate does.
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "generation_config"}
+        call_config, _ = self._prepare_generation_config(kwargs.get("generation_config"), **call_kwargs)
         stm.reserve()  # from here on, readers of stm wait for this interaction's update
         try:
             output = super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             group = sequences.shape[0] // batch
-            ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask)
+            ids, mask = self.interactions_from_generation(sequences[::group], prompt_len, attention_mask,
+                                                          generation_config=call_config)
         except BaseException:
             stm.release()  # no answer, no update: the memory stays as it was
             raise
@@ -1284,21 +1434,27 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
             )
 
     def interactions_from_generation(self, sequences: torch.LongTensor, prompt_len: int,
-                                     prompt_mask: Optional[torch.Tensor] = None):
+                                     prompt_mask: Optional[torch.Tensor] = None, *,
+                                     generation_config: Optional[GenerationConfig] = None):
         """Right-padded `[BOS][Q]query[A]answer[EOS]` per row from `generate` output.
 
         Drops the prompt's left padding and everything after each row's first EOS or first pad id (the padding
         `generate` adds to finished rows). A row cut by a length limit keeps its answer without EOS, as generated.
+        `generation_config` is the one generation ran with (default: the model's): its EOS ids (one, a list, or
+        None: no EOS) end the answer, and, as in `generate`, its pad id (else the first EOS) fills finished rows.
         """
         device = sequences.device
         if prompt_mask is None:
             prompt_mask = torch.ones(sequences.shape[0], prompt_len, dtype=torch.bool, device=device)
         generated = sequences[:, prompt_len:]
-        eos_ids = self.generation_config.eos_token_id
-        eos_ids = torch.as_tensor(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids], device=device)
-        is_eos = torch.isin(generated, eos_ids).long()
-        # `generate` fills rows that stopped early (EOS, or a per-row stopping criterion) with the pad id.
-        is_pad = (generated == self.config.pad_token_id).long()
+        config = generation_config or self.generation_config
+        eos = config.eos_token_id
+        eos_ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids or [None])[0]
+        is_eos = torch.isin(generated, torch.as_tensor(eos_ids, dtype=generated.dtype, device=device)).long()
+        # With an EOS, `generate` fills rows that stopped early (EOS, or a per-row stopping criterion) with the pad
+        # id; without one it pads nothing, and a pad id in the answer is a generated token.
+        is_pad = (generated == pad_token_id).long() if eos_ids else torch.zeros_like(generated)
         answer = ((is_eos.cumsum(-1) - is_eos) == 0) & (is_pad.cumsum(-1) == 0)
         keep = torch.cat([prompt_mask.bool(), answer], dim=1)
         # Stable sort moves kept tokens to the front of each row in order: a loop-free right-padding.
@@ -1322,7 +1478,8 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
         raw_config, weights = _rxlm_load_files(path, **kwargs)
         config = rxlm_config_to_rxt(raw_config, weights)
         model = cls(config)
-        _load_exact(model, _rxlm_map_full_model(weights, config), source=path)
+        _load_exact(model, {model_rxt_key(k): v for k, v in _rxlm_map_full_model(weights, config).items()},
+                    source=path)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model.eval()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionOptions
-from ..modeling_rxt import RxTForConversationalGeneration, rope_inv_freq
+from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key, rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -86,6 +86,7 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
                          "save it with save_pretrained instead.")
     state = {}
     for key, value in model.state_dict().items():
+        key = flat_rxt_key(key)
         if key.endswith("inv_freq"):
             continue
         if key == "embed_tokens.weight":

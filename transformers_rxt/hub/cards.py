@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from torch import nn
 from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = [
@@ -222,7 +223,8 @@ def count_parameters(model: Any) -> dict[str, dict[str, int]]:
         module = _meta_model(config)
     parts = {
         "embedding": module.embed_tokens,
-        "decoder": module.decoder,
+        # the LM head is the LM model's `lm_head`, outside the decoder module (a base RxTModel has none)
+        "decoder": nn.ModuleList([module.decoder] + ([module.lm_head] if hasattr(module, "lm_head") else [])),
         "encoder": module.encoder,
         "memory_attention": module.memory_attention,
     }

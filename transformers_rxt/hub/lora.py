@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from ..modeling_rxt import flat_rxt_key
+
 __all__ = ["RXT_LORA_PARTS", "rxt_lora_target_modules", "rxt_lora_target_parameters"]
 
 _PROJ = r"(?:q_proj|k_proj|v_proj|out_proj)"
@@ -78,7 +80,8 @@ def rxt_lora_target_modules(parts: Sequence[str] = ("decoder_self_attention", "d
                              f"{sorted(RXT_LORA_PARTS) + sorted(_FFN_PARTS)}")
     if not patterns:
         raise ValueError("choose at least one LoRA part")
-    return "|".join(f"(?:{p})" for p in patterns)
+    # `rxt.` is the base model's attribute in RxTForConversationalGeneration; RxTModel's names lack it.
+    return "|".join(rf"(?:rxt\.)?(?:{p})" for p in patterns)
 
 
 def rxt_lora_target_parameters(model: Any, component: str = "decoder") -> list[str]:
@@ -88,6 +91,6 @@ def rxt_lora_target_parameters(model: Any, component: str = "decoder") -> list[s
         raise ValueError("component must be 'decoder' or 'encoder'")
     names = []
     for name, _ in model.named_parameters():
-        if name.startswith(f"{component}.") and (name.endswith(".ff.w1") or name.endswith(".ff.w2")):
+        if flat_rxt_key(name).startswith(f"{component}.") and (name.endswith(".ff.w1") or name.endswith(".ff.w2")):
             names.append(name)
     return names

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from ..data import DataCollatorForRxTEpisodes
-from ..modeling_rxt import RxTForConversationalGeneration
+from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
 from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
 
 __all__ = ["DMPOConfig", "DMPOModule", "DMPOTrainer", "DataCollatorForDMPO", "dmpo_loss", "make_dmpo_records",
@@ -168,7 +168,7 @@ class DMPOTrainer(RxTStageTrainer):
         rxt.train()
         if args.train_only_decoder:
             for name, p in rxt.named_parameters():
-                if not name.startswith("decoder."):
+                if not flat_rxt_key(name).startswith("decoder."):  # the LM head included
                     p.requires_grad_(False)
         if ref_model is None:
             ref_model = copy.deepcopy(rxt)

@@ -60,7 +60,7 @@ from transformers import TrainingArguments
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
 from ..metrics import tensorbleu_reward
-from ..modeling_rxt import RxTForConversationalGeneration
+from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
 from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
 
 try:  # TRL helpers (TRL is a dependency of the training extra)
@@ -189,9 +189,8 @@ def parse_unfreeze_schedule(spec: str) -> list[tuple[int, str]]:
 def trainable_by_mode(name: str, mode: str) -> bool:
     """Is parameter ``name`` (of an RxT model, optional ``rxt.`` prefix) trained in freezing ``mode``
     (training.md §5.9)? Parameters outside the RxT model (the critic) are always trained."""
-    if name.startswith("rxt."):
-        name = name[4:]
-    elif not name.startswith(("decoder.", "encoder.", "memory_attention.", "embed_tokens")):
+    name = flat_rxt_key(name)
+    if not name.startswith(("decoder.", "encoder.", "memory_attention.", "embed_tokens")):
         return True
     if mode == "all":
         return True

@@ -29,7 +29,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from ..hub.trainer import RxTHubTrainerMixin
-from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
+from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead, flat_rxt_key
 
 logger = logging.get_logger(__name__)
 
@@ -52,9 +52,7 @@ COMPONENTS: tuple[str, ...] = ("embedding", "decoder", "memory_attention", "enco
 def component_of(name: str) -> str:
     """The component a parameter of an RxT model (or of a stage module, ``rxt.`` prefix) belongs to; names of
     stage-only heads (e.g. ``mlm_head.*``) map to their first segment."""
-    if name.startswith("rxt."):
-        name = name[len("rxt.") :]
-    head = name.split(".", 1)[0]
+    head = flat_rxt_key(name).split(".", 1)[0]
     if head == "embed_tokens":
         return "embedding"
     return head
