@@ -17,6 +17,7 @@ from .modeling_rxt import (
 )
 
 from .sqa import (
+    SQAAttention,
     convert_to_sqa,
     register_sqa_attention,
     sqa_attention_forward,
@@ -50,6 +51,7 @@ AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
 register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-style models
 
 __all__ = [
+    "SQAAttention",
     "convert_to_sqa",
     "register_sqa_attention",
     "sqa_attention_forward",
