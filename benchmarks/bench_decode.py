@@ -345,6 +345,7 @@ def main() -> None:
                           med(batch[name], "tokens_per_s") / med(batch[base], "tokens_per_s")))
         if compiled is not None:
             print(f"threads {threads}: ours, static cache + torch.compile, decode: {compiled}", flush=True)
+        print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
     print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "
           f"| decode vs {base} | update speed vs {base} | batch vs {base} |")
