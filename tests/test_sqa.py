@@ -8,6 +8,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from transformers_rxt.sqa import (
     SQA_VARIANTS,
+    SQAAttention,
     convert_to_sqa,
     register_sqa_attention,
     sqa_attention_forward,
@@ -412,3 +413,81 @@ def test_torch_compile_traces_without_graph_breaks():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- SQAAttention
+
+
+def swap_in_sqa_attention(model):
+    """Every decoder layer's stock attention module replaced by an SQAAttention holding its weights."""
+    for layer in model.model.layers:
+        layer.self_attn = SQAAttention.from_attention(layer.self_attn)
+    return model
+
+
+def padded_batch():
+    x = ids(2, 9)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding in row 1
+    return x, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("variant", ["sqa", "xsqa", "reverse"])
+def test_sqa_attention_module_equals_convert_to_sqa(arch, variant):
+    """convert_to_sqa + attn_implementation="sqa" on stock modules == SQAAttention swapped into the model."""
+    import copy
+
+    base = build(tiny_config(arch, kv_heads=8, attention_bias=True) if arch == "llama" else tiny_config(arch, kv_heads=8),
+                 "sdpa")
+    if variant == "reverse":  # H_q=2 < H_kv=4: only the "sqa" kernel runs it
+        stock = build(sqa_config(base.config, "sqa", 2, 4, allow_reverse=True), "sqa", seed=3)
+    else:
+        stock = convert_to_sqa(copy.deepcopy(base), variant)
+    swapped = swap_in_sqa_attention(copy.deepcopy(stock))
+    attn = swapped.model.layers[1].self_attn
+    assert isinstance(attn, SQAAttention) and attn.num_heads == stock.config.num_attention_heads
+    assert attn.num_key_value_heads == stock.config.num_key_value_heads
+    assert (attn.q_proj.bias is not None) == (arch != "mistral") and (attn.o_proj.bias is not None) == (arch == "llama")
+    if arch == "qwen2":
+        assert [m.self_attn.sliding_window for m in swapped.model.layers] == [None, 4]
+    x, mask = padded_batch()
+    with torch.no_grad():
+        want = stock(x, attention_mask=mask).logits
+        got = swapped(x, attention_mask=mask).logits
+        assert torch.equal(got, want)
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(swapped.generate(x, attention_mask=mask, **gen), stock.generate(x, attention_mask=mask, **gen))
+
+
+def test_sqa_attention_trains_and_generates_with_cache():
+    cfg = sqa_config(tiny_config("llama"), "sqa")
+    model = swap_in_sqa_attention(build(cfg, "sqa")).train()
+    x = ids(2, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(x, use_cache=True, **gen), model.generate(x, use_cache=False, **gen))
+
+
+def test_sqa_attention_errors():
+    model = build(tiny_config("llama"), "sdpa")
+    with pytest.raises(ValueError, match="no q_proj/k_proj/v_proj/o_proj"):
+        SQAAttention.from_attention(model.model.layers[0].mlp)
+    attn = SQAAttention(model.config, 0)
+    hidden = torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match="needs the 4-D mask"):
+        attn(hidden, attention_mask=torch.ones(1, 3))
+    bad = sqa_config(tiny_config("llama"), "sqa")  # 4 query heads, 2 K/V heads
+    with pytest.raises(RuntimeError, match="size mismatch for q_proj.weight"):
+        SQAAttention.from_attention(model.model.layers[0].self_attn, bad)

@@ -19,6 +19,7 @@ from .modeling_rxt import (
 )
 
 from .sqa import (
+    SQAAttention,
     convert_to_sqa,
     register_sqa_attention,
     sqa_attention_forward,
@@ -52,6 +53,7 @@ AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
 register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-style models
 
 __all__ = [
+    "SQAAttention",
     "convert_to_sqa",
     "register_sqa_attention",
     "sqa_attention_forward",

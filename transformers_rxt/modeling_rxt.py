@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
@@ -264,16 +265,28 @@ class RxTRouter(nn.Module):
 
 
 class RxTMoeFeedForward(nn.Module):
-    """Vectorized mixture of experts with optional shared experts (the reference's stacked layout).
+    """Mixture of experts with optional shared experts (the reference's stacked layout).
 
     Routed expert weights are stored in-by-out (`w1` [E, D, 2F or F], `w2` [E, F, D]). Routing: softmax
     over all experts, top-k, renormalise. Output = sum_k w_k expert_k(x) + global bias + shared expert(s).
+
+    The routed experts run through transformers' experts functions (`transformers.integrations.moe`): tokens
+    sorted by expert and two grouped matmuls (`"grouped_mm"`, the default), or each (token, expert) pair's
+    weights gathered for a batched matmul (`"batched_mm"`). Neither loops over experts in Python nor reads the
+    routing back to the host. The attributes below (`has_gate`, `is_transposed`, `gate_up_proj`, ...) are the
+    interface those functions read.
     """
+
+    experts_implementations = ("grouped_mm", "batched_mm")
+    is_transposed = True  # w1/w2 are [E, in, out]
+    has_post_expert_norm = False
+    _is_expert_parallel = False
 
     def __init__(self, cfg: RxTComponentConfig):
         super().__init__()
         dim, hidden, experts = cfg.embed_dim, cfg.ff_dim, cfg.num_experts
         self.num_experts, self.top_k, self.gated = experts, cfg.moe_top_k, cfg.use_gated
+        self.has_gate = cfg.use_gated
         self.num_shared = cfg.num_shared_experts
         self.weighted_shared = cfg.moe_use_weighted_shared_experts
         self.router_dtype = getattr(torch, cfg.router_dtype) if cfg.router_amp else None
@@ -284,11 +297,13 @@ class RxTMoeFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(experts, dim, in_width))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
         self.bias_mode = cfg.moe_bias_mode
+        self.has_bias = self.bias_mode == "local"
         if self.bias_mode == "global":
             self.global_bias = nn.Parameter(torch.zeros(dim))
         elif self.bias_mode == "local":
             self.b1 = nn.Parameter(torch.zeros(experts, in_width))
             self.b2 = nn.Parameter(torch.zeros(experts, dim))
+        self.experts_implementation = "grouped_mm"
         shared_hidden = cfg.shared_expert_dim or hidden
         shared_bias = cfg.moe_shared_experts_bias_mode
         if self.num_shared == 1:
@@ -305,16 +320,46 @@ class RxTMoeFeedForward(nn.Module):
         if self.num_shared >= 1 and shared_bias == "global":
             self.shared_experts_bias = nn.Parameter(torch.zeros(dim))
 
+    # --- the names transformers' experts functions read (views of the stored parameters, no copies)
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return self.w1
+
+    up_proj = gate_up_proj
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return self.w2
+
+    @property
+    def gate_up_proj_bias(self) -> Optional[torch.Tensor]:
+        return self.b1 if self.has_bias else None
+
+    up_proj_bias = gate_up_proj_bias
+
+    @property
+    def down_proj_bias(self) -> Optional[torch.Tensor]:
+        return self.b2 if self.has_bias else None
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        lin, gate = h.chunk(2, dim=-1)  # the reference's order: linear half first, gate second
+        return self.dropout(lin * self.act(gate))
+
+    def act_fn(self, h: torch.Tensor) -> torch.Tensor:  # the ungated expert's activation (+ dropout)
+        return self.dropout(self.act(h))
+
+    def set_experts_implementation(self, name: str) -> None:
+        if name not in self.experts_implementations:
+            raise ValueError(f"Unknown experts implementation {name!r}; choose one of {self.experts_implementations}.")
+        self.experts_implementation = name
+
     def _expert(self, x, w1, w2, b1=None, b2=None):
+        """One dense expert (the stacked shared experts)."""
         h = x @ w1
         if b1 is not None:
             h = h + b1
-        if self.gated:
-            lin, gate = h.chunk(2, dim=-1)
-            h = lin * self.act(gate)
-        else:
-            h = self.act(h)
-        out = self.dropout(h) @ w2
+        h = self._apply_gate(h) if self.gated else self.act_fn(h)
+        out = h @ w2
         return out if b2 is None else out + b2
 
     def route(self, x: torch.Tensor):
@@ -332,21 +377,7 @@ class RxTMoeFeedForward(nn.Module):
         probs, top_w, top_idx = self.route(flat)
         if self.num_shared and self.weighted_shared:
             top_w = top_w * (self.top_k / (self.top_k + self.num_shared))
-        out = torch.zeros_like(flat)
-        local = self.bias_mode == "local"
-        # Tokens are grouped by expert, so each selected expert runs one dense matmul over its tokens. A token
-        # picks an expert at most once, so the indexed add below never sees a repeated row (and, unlike
-        # index_add_, is fast on CPU).
-        if flat.shape[0] == 1:  # one token (batch-1 decoding): no grouping needed
-            for slot, expert in enumerate(top_idx[0].tolist()):
-                y = self._expert(flat, self.w1[expert], self.w2[expert],
-                                 self.b1[expert] if local else None, self.b2[expert] if local else None)
-                out = out + y * top_w[:, slot, None]
-        for expert in top_idx.unique().tolist() if flat.shape[0] > 1 else ():
-            token_idx, slot = (top_idx == expert).nonzero(as_tuple=True)
-            y = self._expert(flat[token_idx], self.w1[expert], self.w2[expert],
-                             self.b1[expert] if local else None, self.b2[expert] if local else None)
-            out[token_idx] += y * top_w[token_idx, slot, None]
+        out = ALL_EXPERTS_FUNCTIONS[self.experts_implementation](self, flat, top_idx, top_w)
         if self.bias_mode == "global":
             out = out + self.global_bias
         shared_gate_loss = None

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
@@ -249,6 +251,114 @@ def register_sqa_attention(name: str = SQA_ATTN_IMPLEMENTATION) -> None:
     """
     AttentionInterface.register(name, sqa_attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention module
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _default_biases(config: Any) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias) of the stock attention module of ``config``'s model type."""
+    if getattr(config, "model_type", None) == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))  # Llama: one flag for all four; Mistral: none
+    return bias, bias
+
+
+class SQAAttention(nn.Module):
+    """Sparse Query Attention module, a drop-in for Llama/Qwen2/Mistral's attention modules.
+
+    Same constructor (``config, layer_idx``), parameters (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, so
+    checkpoints load either way), forward signature and return value as ``LlamaAttention``; ``H_q =
+    config.num_attention_heads`` query heads and ``H_kv = config.num_key_value_heads`` key/value heads of width
+    ``config.head_dim``, any geometry :func:`sqa_attention_forward` takes, reverse SQA (``H_q < H_kv``)
+    included. The attention itself always runs through the registered ``"sqa"`` kernel, so this module,
+    ``attn_implementation="sqa"`` on a stock model and :func:`convert_to_sqa` compute the same thing.
+
+    The model builds the attention mask for its own ``attn_implementation``: use ``"sqa"`` (or ``"sdpa"`` /
+    ``"eager"``, whose 4-D masks the kernel also takes), not a flash implementation's 2-D padding mask.
+
+    Args:
+        config: the decoder config, usually from :func:`sqa_config` (which sets the head counts and
+            ``head_dim``).
+        layer_idx: index of the layer (KV-cache slot, and Qwen2's per-layer sliding window).
+        qkv_bias, o_proj_bias: projection biases; by default those of the stock module of the config's model
+            type (Qwen2: q/k/v only; Llama: ``attention_bias``; Mistral: none).
+    """
+
+    def __init__(self, config: Any, layer_idx: int, qkv_bias: bool | None = None, o_proj_bias: bool | None = None):
+        super().__init__()
+        default_qkv, default_o = _default_biases(config)
+        qkv_bias = default_qkv if qkv_bias is None else qkv_bias
+        o_proj_bias = default_o if o_proj_bias is None else o_proj_bias
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = _head_dim(config)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_key_value_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        sqa_head_counts(self.num_heads, "sqa", self.num_heads, self.num_key_value_heads, allow_reverse=True)
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0))
+        self.is_causal = True
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:  # Qwen2: a window only on "sliding_attention" layers
+            self.sliding_window = config.sliding_window if layer_types[layer_idx] == "sliding_attention" else None
+        else:  # Mistral: every layer; Llama: no window
+            self.sliding_window = getattr(config, "sliding_window", None)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_proj_bias)
+        register_sqa_attention()
+
+    @classmethod
+    def from_attention(cls, module: nn.Module, config: Any | None = None) -> "SQAAttention":
+        """An ``SQAAttention`` holding ``module``'s weights (same geometry), for swapping it in place.
+
+        ``config`` defaults to ``module.config``; the biases, device and dtype follow ``module``.
+        """
+        if not _is_attention_module(module):
+            raise ValueError(f"{type(module).__name__} has no q_proj/k_proj/v_proj/o_proj linears to take over.")
+        config = config if config is not None else module.config
+        new = cls(config, module.layer_idx, qkv_bias=module.q_proj.bias is not None,
+                  o_proj_bias=module.o_proj.bias is not None)
+        new.to(device=module.q_proj.weight.device, dtype=module.q_proj.weight.dtype)
+        new.load_state_dict(module.state_dict())  # strict: a geometry mismatch is an error naming the tensors
+        return new.train(module.training)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """``LlamaAttention.forward``'s contract: ``hidden_states [B, T, hidden]`` -> ``([B, T, hidden], None)``."""
+        if attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError(
+                f"SQAAttention got a {attention_mask.dim()}-D attention mask; it needs the 4-D mask that "
+                "transformers builds for attn_implementation='sqa' (or 'sdpa'/'eager'). Call "
+                "model.set_attn_implementation('sqa') first."
+            )
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        kwargs.setdefault("sliding_window", self.sliding_window)
+        out, weights = ALL_ATTENTION_FUNCTIONS[SQA_ATTN_IMPLEMENTATION](
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -587,6 +697,7 @@ def convert_to_sqa(
 __all__ = [
     "SQA_ATTN_IMPLEMENTATION",
     "SQA_VARIANTS",
+    "SQAAttention",
     "convert_to_sqa",
     "register_sqa_attention",
     "sqa_attention_forward",

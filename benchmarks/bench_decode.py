@@ -1,0 +1,358 @@
+"""Decode speed and memory-update time of RxT vs the reference (rxlm 0.3.80 `interact()`), same weights.
+
+    python -m venv /tmp/rxlm_venv && /tmp/rxlm_venv/bin/pip install torch==2.13.0 "transformers>=4.51,<5" \\
+        "huggingface-hub>=0.33.5,<0.34" "tokenizers>=0.21,<0.22" numpy safetensors
+    /tmp/rxlm_venv/bin/pip install --no-deps rxlm==0.3.80     # never a dependency of this package
+    python benchmarks/bench_decode.py --rxlm-python /tmp/rxlm_venv/bin/python [--before /tmp/rxt_before]
+
+1. The reference builds an RxT-Alpha-Mini-shaped RxTAlpha (seed 0; dim 256, 12 layers, 16 heads, SQA 8/8,
+   MoE 16 experts top-2 + 1 shared expert, vocab 20000, 256 STM slots, self-interlayer memory attention) and
+   saves it (the [EOS] logit pushed down so that every turn decodes the same number of tokens); `rxt
+   convert-rxlm` turns that directory into ours.
+2. Worker processes (the reference in its own environment, ours, and optionally ours at an older commit via
+   `--before`, a source tree put first on PYTHONPATH) wait on stdin; the driver asks them in turn, alternating
+   the order every round, so that load drift on a shared machine hits all alike. Medians over the rounds.
+   * decode tokens/s, batch 1: a 32-token query, `--new-tokens` tokens; the time from the first to the last
+     generated token. Reference: `interact(temperature=1.0, top_k=1)` (greedy); ours: `generate(do_sample=False)`.
+   * memory update: reference: the time between the -1 and -2 markers of `interact()` (encoder + memory
+     attention on query + answer); ours: `update_memory` on the same-length interaction.
+   * batch-16 throughput: 16 queries, `--batch-tokens` new tokens each, memory update excluded. Reference:
+     `batch_interact` up to its -1 marker; ours: `generate(memory_update="none")`. Tokens/s = 16 x new / wall.
+   * a check that the weights are the same: the first generated token of every contender is printed (the
+     reference's later steps use positions one too far, so only the first is comparable).
+   * ours only, `--compile`: `generate(cache_implementation="static")` with `torch.compile` of the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+QUERY_LEN = 32  # [BOS][Q] + 30 tokens; [A] is appended by interact() / is part of our prompt
+EOS, BOS, Q, A, PAD = 3, 2, 5, 6, 0
+
+
+def rxlm_configs(seq_len: int) -> dict:
+    common = dict(num_layers=12, vocab_size=20000, embed_dim=256, att_heads=16, att_groups=8, att_query_groups=8,
+                  seq_len=seq_len, stm_size=256, use_flash_attention=False, use_gated=True, ff_activation="silu",
+                  ff_dropout=0.0, att_dropout=0.0, use_rms_norm=True, self_att_type="sqa", cross_att_type="sqa")
+    return dict(
+        decoder_config=dict(common, ff_dim=512, use_moe=True, num_experts=16, moe_top_k=2, num_shared_experts=1,
+                            cross_att_groups=8, cross_att_query_groups=8, use_head_norm=True,
+                            head_norm_type="layer_norm"),
+        encoder_config=dict(common, ff_dim=768, skip_memory_cross_attention=True),
+        memory_attention_config=dict(num_layers=12, embed_dim=256, att_heads=16, seq_len=seq_len, stm_size=256,
+                                     use_flash_attention=False, att_dropout=0.0, att_groups=8, att_type="sqa",
+                                     att_query_groups=8, interlayer_att_dropout=0.0, interlayer_att_groups=8,
+                                     interlayer_att_type="sqa", interlayer_att_query_groups=8,
+                                     norm_type="classic-rms", use_gated_residual=True, residual_per_slot_gate=True,
+                                     residual_gate_type="linear", residual_gate_slot_status_type="mean",
+                                     use_tanh_residual_gate=False, residual_gate_init=3.0),
+        tokenizer_config=dict(bos_token_id=BOS, eos_token_id=EOS, query_token_id=Q, answer_token_id=A,
+                              pad_token_id=PAD),
+        memory_attention_variant="interlayer",
+    )
+
+
+def shared_stm(model_path: str):
+    """The fixed initial memory both sides start every run from, [layers, batch, slots, dim] (rxlm's layout)."""
+    import torch
+
+    return torch.load(os.path.join(os.path.dirname(model_path), "stm.pt"))
+
+
+def query_ids(batch: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    body = torch.randint(13, 20000, (batch, QUERY_LEN - 2), generator=g)
+    return torch.cat([torch.tensor([[BOS, Q]]).expand(batch, 2), body], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ reference side
+
+
+def rxlm_build(path: str, seq_len: int) -> None:
+    import torch
+    from rxlm.rxt.models import RxTAlpha
+
+    torch.manual_seed(0)
+    model = RxTAlpha(**rxlm_configs(seq_len)).eval()
+    with torch.no_grad():
+        model.decoder.model.head.bias[EOS] = -1e4  # never stop early: every run decodes the same tokens
+        # Equal-valued copies of what share_components() ties, so that both loaders see the same values.
+        model.decoder.model.embedding.weight.copy_(model.encoder.model.embedding.weight)
+    model.save_pretrained(path)
+
+
+class RxlmWorker:
+    def __init__(self, path: str):
+        import torch
+        from torch import nn
+        from rxlm.rxt.models import RxTAlpha
+
+        self.torch = torch
+        model = RxTAlpha.from_pretrained(path).eval()
+        model.share_components()
+        # The reference's interact()/batch_interact() do not run as released; numerically neutral shims (the
+        # same ones the parity fixtures list): an empty stateless-layer list, split_kv_head taking a 4th
+        # argument, and the two attributes batch_interact() reads.
+        if model.decoder.model.stateless_layers is None:
+            model.decoder.model.stateless_layers = nn.ModuleList()
+        for layer in model.decoder.model.layers:
+            attn = layer.memory_cross_attention
+            split = attn.split_kv_head
+            attn.split_kv_head = lambda projected, b, t, d=None, _split=split: _split(projected, b, t)
+        model.device = torch.device("cpu")
+        model.end_token_id = model.eos_token_id
+        self.model = model
+        self.stm = shared_stm(path)
+
+    def decode(self, new_tokens: int) -> dict:
+        torch, model = self.torch, self.model
+        if model.batch_size != 1:
+            model.set_batch_mode(False)
+        model.load_stm_state(self.stm[:, :1].clone())
+        ids = query_ids(1)
+        stamps, update, tokens = [], {}, []
+        for token in model.interact(ids, torch.ones_like(ids), temperature=1.0, top_k=1,
+                                    max_seq_len=QUERY_LEN + 1 + new_tokens):
+            now = time.perf_counter()
+            if token == -1:
+                update["start"] = now
+            elif token == -2:
+                update["end"] = now
+            else:
+                stamps.append(now)
+                tokens.append(token)
+        assert len(stamps) == new_tokens, len(stamps)
+        return {"tps": (new_tokens - 1) / (stamps[-1] - stamps[0]),
+                "update_ms": 1e3 * (update["end"] - update["start"]), "first": tokens[0]}
+
+    def batch(self, batch: int, new_tokens: int) -> dict:
+        torch, model = self.torch, self.model
+        if model.batch_size != batch:
+            model.set_batch_mode(True, batch)
+        model.load_stm_state(self.stm[:, :batch].clone())
+        ids = torch.cat([query_ids(batch), torch.zeros(batch, new_tokens + 1, dtype=torch.long)], dim=1)
+        mask = (ids != 0).long()
+        start = time.perf_counter()
+        steps = 0
+        for row in model.batch_interact(ids, mask, temperature=1.0, top_k=1,
+                                        max_seq_len=QUERY_LEN + 1 + new_tokens):
+            if int(row[0]) == -1:
+                break
+            steps += 1
+        wall = time.perf_counter() - start
+        return {"tokens_per_s": batch * steps / wall, "steps": steps}
+
+
+# ------------------------------------------------------------------------------------------------ our side
+
+
+class OursWorker:
+    def __init__(self, path: str):
+        import torch
+        import transformers_rxt
+        from transformers_rxt import RxTForConversationalGeneration
+
+        self.torch = torch
+        self.source = os.path.dirname(transformers_rxt.__file__)
+        self.model = RxTForConversationalGeneration.from_pretrained(path).eval()
+        self.stm = shared_stm(path)
+
+    def _stm(self, batch: int):
+        from transformers_rxt import STMCache
+
+        return STMCache(self.stm[:, :batch].transpose(0, 1).contiguous(), self.model.model_signature)
+
+    def decode(self, new_tokens: int) -> dict:
+        torch, model = self.torch, self.model
+        prompt = torch.cat([query_ids(1), torch.tensor([[A]])], dim=1)
+        stamps = []
+
+        class Streamer:
+            seen_prompt = False
+
+            def put(self, value):
+                if self.seen_prompt:
+                    stamps.append(time.perf_counter())
+                self.seen_prompt = True
+
+            def end(self):
+                pass
+
+        stm = self._stm(1)
+        out = model.generate(prompt, stm=stm, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, streamer=Streamer(), memory_update="none")
+        assert len(stamps) == new_tokens, len(stamps)
+        start = time.perf_counter()
+        model.update_memory(input_ids=out[:, : QUERY_LEN + 1 + new_tokens], stm=stm)
+        update = time.perf_counter() - start
+        return {"tps": (new_tokens - 1) / (stamps[-1] - stamps[0]), "update_ms": 1e3 * update,
+                "first": int(out[0, QUERY_LEN + 1])}
+
+    def batch(self, batch: int, new_tokens: int) -> dict:
+        torch, model = self.torch, self.model
+        prompt = torch.cat([query_ids(batch), torch.full((batch, 1), A)], dim=1)
+        stm = self._stm(batch)
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), stm=stm, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, memory_update="none")
+        return {"tokens_per_s": batch * new_tokens / (time.perf_counter() - start), "steps": new_tokens}
+
+    def compiled(self, new_tokens: int) -> dict:
+        torch, model = self.torch, self.model
+        prompt = torch.cat([query_ids(1), torch.tensor([[A]])], dim=1)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, memory_update="none",
+                      cache_implementation="static")
+        try:
+            model.generate(prompt, stm=self._stm(1), **kwargs)  # compiles
+            start = time.perf_counter()
+            model.generate(prompt, stm=self._stm(1), **kwargs)
+            return {"tps": new_tokens / (time.perf_counter() - start)}
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            return {"error": f"{type(err).__name__}: {err}".splitlines()[0][:200]}
+
+
+def serve(kind: str, path: str, threads: int) -> None:
+    """Worker loop: one JSON command per stdin line, one JSON answer per stdout line."""
+    import torch
+
+    torch.set_num_threads(threads)
+    protocol = os.fdopen(os.dup(1), "w")  # answers only; anything the libraries print goes to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    worker = RxlmWorker(path) if kind == "rxlm" else OursWorker(path)
+    print(json.dumps({"ready": True, "source": getattr(worker, "source", None)}), file=protocol, flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        result = getattr(worker, cmd.pop("op"))(**cmd)
+        print(json.dumps(result), file=protocol, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+class Client:
+    def __init__(self, name: str, python: str, kind: str, path: str, threads: int, pythonpath: str | None = None):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        self.name = name
+        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--serve", kind, path, str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} died (see its stderr above)")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def alternate(clients: list[Client], rounds: int, **cmd) -> dict[str, list[dict]]:
+    results = {c.name: [] for c in clients}
+    for r in range(rounds):
+        for c in clients if r % 2 == 0 else clients[::-1]:
+            results[c.name].append(c.ask(**cmd))
+    return results
+
+
+def med(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rxlm-python", help="python of an environment with rxlm 0.3.80 (see above)")
+    parser.add_argument("--before", help="a source tree of ours at another commit (e.g. git archive), measured too")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--compile", action="store_true", help="also time ours with a static cache + torch.compile")
+    parser.add_argument("--serve", nargs=3, metavar=("KIND", "PATH", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        kind, path, threads = args.serve
+        serve(kind, path, int(threads))
+        return
+    if not args.rxlm_python and not args.before:
+        parser.error("nothing to compare against: pass --rxlm-python and/or --before")
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    work = tempfile.mkdtemp(prefix="bench_decode_")
+    seq_len = QUERY_LEN + 1 + max(args.new_tokens, args.batch_tokens) + 8
+    ours_dir, rxlm_dir = os.path.join(work, "ours"), os.path.join(work, "rxlm")
+    if args.rxlm_python:
+        build = f"import sys; sys.path.insert(0, {here!r}); import bench_decode as b; b.rxlm_build({rxlm_dir!r}, {seq_len})"
+        subprocess.run([args.rxlm_python, "-c", build], check=True)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "rxt"), "convert-rxlm", rxlm_dir, ours_dir], check=True)
+    else:  # ours vs ours-before only: our own Mini-shaped model
+        sys.path.insert(0, here)
+        import torch
+        from bench_inference import mini_config
+        from transformers_rxt import RxTForConversationalGeneration
+
+        torch.manual_seed(0)
+        RxTForConversationalGeneration(mini_config(seq_len)).save_pretrained(ours_dir)
+
+    import torch
+
+    torch.save(torch.randn(12, args.batch, 256, 256, generator=torch.Generator().manual_seed(0)),
+               os.path.join(work, "stm.pt"))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+          f"{args.rounds} alternating rounds, {args.new_tokens} new tokens (batch 1), "
+          f"{args.batch} x {args.batch_tokens} (batch)\n", flush=True)
+    table = []
+    base = "rxlm" if args.rxlm_python else "ours-before"
+    for threads in args.threads:
+        clients = [Client("ours", sys.executable, "ours", ours_dir, threads)]
+        if args.before:
+            clients.append(Client("ours-before", sys.executable, "ours", ours_dir, threads, pythonpath=args.before))
+            assert clients[-1].hello["source"].startswith(os.path.abspath(args.before)), clients[-1].hello
+        if args.rxlm_python:
+            clients.append(Client("rxlm", args.rxlm_python, "rxlm", rxlm_dir, threads))
+        decode = alternate(clients, args.rounds, op="decode", new_tokens=args.new_tokens)
+        batch = alternate(clients, max(3, args.rounds // 2), op="batch", batch=args.batch,
+                          new_tokens=args.batch_tokens)
+        compiled = clients[0].ask(op="compiled", new_tokens=args.new_tokens) if args.compile else None
+        for c in clients:
+            c.close()
+        firsts = {name: rows[0]["first"] for name, rows in decode.items()}
+        print(f"threads {threads}: first generated token (same weights => same token): {firsts}", flush=True)
+        for name in decode:
+            table.append((threads, name, med(decode[name], "tps"), med(decode[name], "update_ms"),
+                          med(batch[name], "tokens_per_s"), med(decode[name], "tps") / med(decode[base], "tps"),
+                          med(decode[base], "update_ms") / med(decode[name], "update_ms"),
+                          med(batch[name], "tokens_per_s") / med(batch[base], "tokens_per_s")))
+        if compiled is not None:
+            print(f"threads {threads}: ours, static cache + torch.compile, decode: {compiled}", flush=True)
+        print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
+    print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "
+          f"| decode vs {base} | update speed vs {base} | batch vs {base} |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for threads, name, tps, upd, btps, r1, r2, r3 in table:
+        print(f"| {threads} | {name} | {tps:.1f} | {upd:.1f} | {btps:.1f} | {r1:.2f}x | {r2:.2f}x | {r3:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
