@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from ..data import DataCollatorForRxTEpisodes
+from ..extras import require_extra
 from ..modeling_rxt import RxTForConversationalGeneration
 from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
 
@@ -231,7 +232,7 @@ def tokenize_dmpo_dataset(records: Sequence[Mapping[str, Any]], tokenizer, max_l
     """Spec-format DMPO records (``{"interactions": [{"query", "accepted", "rejected", "neutral"?}]}``,
     answers as text or ``{"answer": text}``) -> a ``datasets.Dataset`` with ``turn_input_ids``,
     ``rejected_turn_input_ids`` (and ``neutral_turn_input_ids``)."""
-    import datasets
+    datasets = require_extra("datasets")
 
     from ..data import tokenize_mrl_dataset
 

@@ -59,21 +59,16 @@ from transformers import TrainingArguments
 
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
+from ..extras import require_extra
 from ..metrics import tensorbleu_reward
 from ..modeling_rxt import RxTForConversationalGeneration
 from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
 
-try:  # TRL helpers (TRL is a dependency of the training extra)
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-except ImportError:  # pragma: no cover - fallback keeps the module importable without TRL
 
-    def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
-        logits = logits / temperature if temperature != 1.0 else logits
-        return torch.log_softmax(logits.float(), -1).gather(-1, index[..., None])[..., 0]
-
-    def entropy_from_logits(logits, chunk_size=128):
-        logp = torch.log_softmax(logits.float(), -1)
-        return -(logp.exp() * logp).sum(-1)
+def _trl_utils():
+    """TRL's token log-prob and entropy helpers (TRL is in the ``train`` extra; imported on first use so that
+    ``transformers_rxt.training`` imports without it)."""
+    return require_extra("trl.trainer.utils")
 
 
 __all__ = [
@@ -313,10 +308,10 @@ class IMPOModule(RxTStageModule):
             logits = self.rxt(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=memory,
                               logits_to_keep=width + 1).logits[:, :-1]
             logits = logits.float() / a.temperature
-            logp = selective_log_softmax(logits, comp)
+            logp = _trl_utils().selective_log_softmax(logits, comp)
             mask = cmask * s["row_valid"][:, None]
             policy, clip_frac = clipped_policy_loss(logp, s["old_logp"], s["advantages"], mask, a.epsilon)
-            entropy = masked_mean(entropy_from_logits(logits), mask)
+            entropy = masked_mean(_trl_utils().entropy_from_logits(logits), mask)
             kl_ref = reference_kl(logp, s["ref_logp"], mask)
             stm_diff = stm_difference_loss(memory, s["prev_memory"], k)
             terms = {"policy_loss": policy, "entropy": entropy, "kl_ref": kl_ref, "stm_diff": stm_diff,
@@ -389,7 +384,7 @@ def _teacher_forced_logp(model: RxTForConversationalGeneration, sequences, seque
                          temperature: float) -> torch.Tensor:
     logits = model(input_ids=sequences, attention_mask=sequence_mask, stm=memory,
                    logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
-    return selective_log_softmax(logits.float() / temperature, completion)
+    return _trl_utils().selective_log_softmax(logits.float() / temperature, completion)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
