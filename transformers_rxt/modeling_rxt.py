@@ -861,7 +861,9 @@ class RxTForConversationalGeneration(RxTPreTrainedModel, GenerationMixin, RxTInt
     _rxt_auto_map = {"AutoConfig": "configuration_rxt.RxTConfig",
                      "AutoModel": "modeling_rxt.RxTForConversationalGeneration",
                      "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
-    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
+    # the training heads of the curriculum's stage models (transformers_rxt.training) saved with the weights:
+    # a stage output loads as this model without them
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^(mlm_head|critic)\."]
 
     def __init__(self, config: RxTConfig):
         super().__init__(config)

@@ -30,8 +30,8 @@ How a training step works
    Old log-probs are recomputed teacher-forced with the rollout weights (the reference's
    ``log_probs_source="update"``: no sampler/temperature mismatch). Advantages: ``r - V(s)`` from the
    memory-less text critic, or a group/batch baseline, normalised over the batch.
-2. **Update**: everything trainable runs inside :class:`IMPOModule.forward` (the one module Trainer and DDP
-   wrap): for each step the memory is rebuilt *with gradient* from the detached pre-step memory and the
+2. **Update**: everything trainable runs inside :class:`RxTForIMPOTraining.forward` (the one model Trainer
+   and DDP wrap): for each step the memory is rebuilt *with gradient* from the detached pre-step memory and the
    previous interaction, the decoder is run teacher-forced on prompt + answer, and the loss terms are summed
    over steps; one backward, one optimizer step.
 
@@ -62,7 +62,7 @@ from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..metrics import tensorbleu_reward
 from ..modeling_rxt import RxTForConversationalGeneration
-from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
+from .utils import RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
 
 def _trl_utils():
@@ -74,7 +74,7 @@ def _trl_utils():
 __all__ = [
     "FREEZE_MODES",
     "IMPOConfig",
-    "IMPOModule",
+    "RxTForIMPOTraining",
     "IMPOStage",
     "IMPOTrainer",
     "RxTValueCritic",
@@ -280,33 +280,31 @@ class RxTValueCritic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- module
-class IMPOModule(RxTStageModule):
-    """Container of the actor (``rxt``) and the critic: its ``forward`` computes every trainable term of one
-    rollout batch (DDP-safe). The reference model is not part of it (frozen, its log-probs come with the
-    rollout)."""
+class RxTForIMPOTraining(RxTStageModel):
+    """Stage 5 (IMPO): the actor (this RxT model) and the critic (``critic``, optional): ``forward`` computes
+    every trainable term of one rollout batch (DDP-safe); the rollout generates with :meth:`as_rxt`. The
+    reference model is not part of it (frozen, its log-probs come with the rollout). ``stage_args`` is an
+    [`IMPOConfig`]."""
 
-    extra_modules = ("critic",)
-
-    def __init__(self, rxt: RxTForConversationalGeneration, critic: RxTValueCritic | None, args: IMPOConfig):
-        super().__init__(rxt)
-        self.critic = critic
-        self.args = args
+    def __init__(self, config, stage_args: Any = None):
+        super().__init__(config, stage_args)
+        self.critic: RxTValueCritic | None = None
 
     def forward(self, steps: Sequence[dict[str, torch.Tensor]], generator: torch.Generator | None = None,
-                **_: Any) -> dict[str, torch.Tensor]:
-        a = self.args
+                **_: Any) -> RxTStageOutput:
+        a = self.stage_args
         totals: dict[str, torch.Tensor] = {}
         loss = 0.0
         prev_logp_full = prev_mask = None
         for k, s in enumerate(steps, start=1):
-            memory = self.rxt.compute_memory_update(s["prev_ids"], s["prev_mask"], s["prev_memory"])
+            memory = self.compute_memory_update(s["prev_ids"], s["prev_mask"], s["prev_memory"])
             # rows whose previous turn was padding keep their memory
             keep = s["prev_valid"].bool()[:, None, None, None]
             memory = torch.where(keep, memory, s["prev_memory"])
             comp, cmask = s["completion_ids"], s["completion_mask"]
             width = comp.shape[1]
-            logits = self.rxt(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=memory,
-                              logits_to_keep=width + 1).logits[:, :-1]
+            logits = super().forward(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=memory,
+                                     logits_to_keep=width + 1).logits[:, :-1]
             logits = logits.float() / a.temperature
             logp = _trl_utils().selective_log_softmax(logits, comp)
             mask = cmask * s["row_valid"][:, None]
@@ -334,13 +332,13 @@ class IMPOModule(RxTStageModule):
                 totals[key] = totals.get(key, 0.0) + value.detach()
                 totals[f"{key}_step{k}"] = value.detach()
         n = len(steps)
-        out = {"loss": loss / n}
+        metrics = {}
         for key, value in totals.items():
             if "_step" in key:
-                out[key] = value
+                metrics[key] = value
             else:
-                out[key] = value / (n - 1 if key == "kl_interstep" else n)
-        return out
+                metrics[key] = value / (n - 1 if key == "kl_interstep" else n)
+        return RxTStageOutput(loss=loss / n, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -418,7 +416,8 @@ class IMPOTrainer(RxTStageTrainer):
         rxt.train()
         if critic is None and args.advantage_estimator == "critic":
             critic = RxTValueCritic(rxt, init_scale=args.critic_init_scale)
-        module = IMPOModule(rxt, critic if args.advantage_estimator == "critic" else None, args)
+        module = RxTForIMPOTraining.from_rxt(rxt, args)
+        module.critic = critic if args.advantage_estimator == "critic" else None
         if ref_model is None:
             ref_model = copy.deepcopy(rxt)
         ref_model.eval().requires_grad_(False)
@@ -441,6 +440,7 @@ class IMPOTrainer(RxTStageTrainer):
         super().__init__(model=module, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
         self.ref_model = ref_model.to(self.args.device)
+        self._actor_view: RxTForConversationalGeneration | None = None
         self._carried: dict[str, torch.Tensor] | None = None  # memories left by the previous batch
         self._buffer: dict[str, Any] | None = None
         self._buffer_uses = 0
@@ -480,7 +480,10 @@ class IMPOTrainer(RxTStageTrainer):
 
     # -------------------------------------------------------------- rollout
     def _actor(self) -> RxTForConversationalGeneration:
-        return self.accelerator.unwrap_model(self.model).rxt
+        """The policy as a plain RxT model (shared weights) for the rollout's generate and log-probs."""
+        if self._actor_view is None:
+            self._actor_view = self.accelerator.unwrap_model(self.model).as_rxt()
+        return self._actor_view
 
     def _critic(self) -> RxTValueCritic | None:
         return self.accelerator.unwrap_model(self.model).critic
@@ -549,7 +552,7 @@ class IMPOTrainer(RxTStageTrainer):
     @torch.no_grad()
     def collect_rollout(self, batch: dict[str, torch.Tensor], train: bool = True,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Roll out one batch of episodes; returns the per-step tensors :class:`IMPOModule` consumes plus
+        """Roll out one batch of episodes; returns the per-step tensors :class:`RxTForIMPOTraining` consumes plus
         ``metrics`` (rewards etc.)."""
         a = self.args
         actor, ref, critic = self._actor(), self.ref_model, self._critic()
