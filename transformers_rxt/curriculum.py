@@ -207,8 +207,8 @@ def run_curriculum(
         raise ValueError(f"algorithm must be 'impo' or 'dmpo', got {algorithm!r}")
     trainers = find_trainers_dir(trainers_dir)
     config_dir = Path(preset) if Path(preset).is_dir() else trainers / "configs" / preset
-    if not config_dir.is_dir():
-        presets = sorted(p.name for p in (trainers / "configs").iterdir() if p.is_dir())
+    if not (config_dir / "model.yaml").is_file():  # configs/accelerate holds accelerate configs, not a preset
+        presets = sorted(p.name for p in (trainers / "configs").iterdir() if (p / "model.yaml").is_file())
         raise ValueError(f"unknown preset {preset!r}: expected one of {presets} or a folder of stage YAML files")
     config_dir = config_dir.resolve()
 
