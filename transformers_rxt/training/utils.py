@@ -8,8 +8,8 @@ escapes gradient synchronisation and sharding). Every stage needs more than the 
 ``BertForPreTraining`` is a BERT) whose ``forward`` computes the whole loss of one batch and returns the
 stage's ``ModelOutput``.
 
-What is saved: ``Trainer``'s own code saves, loads and resumes it (``save_pretrained`` / ``model.safetensors``,
-FSDP and DeepSpeed state dicts included). Its weights are the RxT model's, under the same names, plus the
+What is saved: ``Trainer``'s own code saves, loads and resumes it (``save_pretrained`` / ``model.safetensors``;
+its FSDP and DeepSpeed paths are the same code, not run here: no GPU). Its weights are the RxT model's, under the same names, plus the
 stage-only heads (e.g. ``mlm_head.*``), so a stage output loads with
 ``RxTForConversationalGeneration.from_pretrained(dir)`` (the heads are left out) and with the next stage's
 model (heads included). The directory is written as an RxT model directory: ``config.json`` names
