@@ -44,9 +44,9 @@ def main() -> None:
                            reward_weights=[1.0], logging_steps=5, save_strategy="no")
     impo = IMPOTrainer(args.stage4, impo_args, processing_class=tokenizer, reward_funcs=[fact_recall_reward],
                        train_dataset=tokenize_mrl_dataset(episodes, tokenizer, 64, truncation=True))
-    before = recall(impo.model.rxt, tokenizer)
+    before = recall(impo.model.as_rxt(), tokenizer)
     impo.train()
-    print(f"IMPO: held-out recall {before:.3f} -> {recall(impo.model.rxt, tokenizer):.3f}")
+    print(f"IMPO: held-out recall {before:.3f} -> {recall(impo.model.as_rxt(), tokenizer):.3f}")
 
     # DMPO: per turn, DPO between the accepted and a rejected answer, both scored on the memory built from the
     # ACCEPTED history; the memory is updated with the accepted interaction only after scoring.
@@ -56,7 +56,7 @@ def main() -> None:
     preferences = tokenize_dmpo_dataset(make_dmpo_records(episodes), tokenizer, 64)
     dmpo = DMPOTrainer(args.stage4, dmpo_args, train_dataset=preferences, processing_class=tokenizer)
     dmpo.train()
-    print(f"DMPO: held-out recall {before:.3f} -> {recall(dmpo.model.rxt, tokenizer):.3f}")
+    print(f"DMPO: held-out recall {before:.3f} -> {recall(dmpo.model.as_rxt(), tokenizer):.3f}")
 
 
 if __name__ == "__main__":

@@ -619,22 +619,23 @@ def test_rxt_push_command(hub, moe_model, tokenizer, tmp_path, capsys):
     assert json.loads(files["rxt_training_stages.json"]) == STAGES
 
 
-def test_trainer_mixin_with_a_stage_container_and_logged_tokens(moe_model, tmp_path):
+def test_trainer_mixin_with_a_stage_model_and_logged_tokens(moe_model, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from transformers_rxt.hub import RxTHubTrainerMixin
-    from transformers_rxt.training import utils
+    from transformers_rxt.training import RxTForJointLMTraining
 
     class StageTrainer(RxTHubTrainerMixin, Trainer):
         rxt_stage = "joint-sft"
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
-    trainer = StageTrainer(model=utils.RxTStageModule(moe_model), args=args)
+    trainer = StageTrainer(model=RxTForJointLMTraining.from_rxt(moe_model), args=args)
     trainer.state.global_step = 5
     trainer.state.log_history = [{"loss": 2.0, "step": 5}, {"train_runtime": 1.0, "train_tokens": 4096}]
     trainer.create_model_card()
     card = validate_model_card(tmp_path / "out" / "README.md")
     assert "| 1 | joint-sft | - | 5 | - | 4,096 | 2.0 |" in card.text
+    # the card describes the RxT model, without the stage's MLM head
     assert f"| **Total** | {count_parameters(moe_model)['total']['total']:,} (" in card.text
 
 

@@ -232,11 +232,11 @@ def test_dmpo_accepted_answer_not_in_memory_while_scoring(tmp_path):
     module = trainer.model
     with torch.no_grad():
         out = module(**rows)
-        s_a = _episode_scores(module.rxt, batch, inputs["init_memory"], ["", "rejected_"], True)
-        s_b = _episode_scores(module.rxt, changed, inputs["init_memory"], ["", "rejected_"], True)
+        s_a = _episode_scores(module, batch, inputs["init_memory"], ["", "rejected_"], True)
+        s_b = _episode_scores(module, changed, inputs["init_memory"], ["", "rejected_"], True)
     assert torch.equal(s_a["rejected_"][:, :2], s_b["rejected_"][:, :2])
     assert not torch.equal(s_a["rejected_"][0, 2], s_b["rejected_"][0, 2])  # written after scoring turn 1
-    assert out["loss"].isfinite()
+    assert out.loss.isfinite()
 
 
 def test_dmpo_rpo_term_adds_alpha_times_accepted_nll(tmp_path):
@@ -250,11 +250,11 @@ def test_dmpo_rpo_term_adds_alpha_times_accepted_nll(tmp_path):
         inputs = trainer.prepare_stage_inputs(dict(batch), torch.Generator().manual_seed(0))
         with torch.no_grad():
             losses[alpha] = trainer.model(**dict(inputs))
-            scores = _episode_scores(trainer.model.rxt, batch, inputs["init_memory"], [""], True)[""]
+            scores = _episode_scores(trainer.model, batch, inputs["init_memory"], [""], True)[""]
     valid = batch["turn_mask"].float()
     nll = -(scores * valid).sum() / valid.sum()
-    assert losses[0.5]["nll_accepted"] == pytest.approx(float(nll), abs=1e-5)
-    assert float(losses[0.5]["loss"]) == pytest.approx(float(losses[None]["loss"]) + 0.5 * float(nll), abs=1e-5)
+    assert losses[0.5].metrics["nll_accepted"] == pytest.approx(float(nll), abs=1e-5)
+    assert float(losses[0.5].loss) == pytest.approx(float(losses[None].loss) + 0.5 * float(nll), abs=1e-5)
 
 
 def test_group_advantages_compare_the_samples_of_one_episode(tmp_path):

@@ -479,16 +479,16 @@ def test_learned_init_is_refused_for_a_model_without_one():
 
 
 def test_stage4_trains_the_learned_initial_memory():
-    from transformers_rxt.training.memory_aware import MemoryAwareConfig, MemoryAwareModule
+    from transformers_rxt.training.memory_aware import MemoryAwareConfig, RxTForMemoryAwareTraining
 
     model = tiny_model(stm_init_type="learned").train()
-    module = MemoryAwareModule(model, MemoryAwareConfig(output_dir="unused", backprop_turns=0, use_cpu=True,
-                                                        report_to="none"))
+    module = RxTForMemoryAwareTraining.from_rxt(model, MemoryAwareConfig(
+        output_dir="unused", backprop_turns=0, use_cpu=True, report_to="none"))
     ids, mask = interaction_batch(batch=2, length=12)
     labels = ids.masked_fill(mask == 0, -100)
     episode = dict(input_ids=torch.stack([ids, ids], 1), attention_mask=torch.stack([mask, mask], 1),
                    labels=torch.stack([labels, labels], 1), turn_mask=torch.ones(2, 2, dtype=torch.long))
-    module(**episode)["loss"].backward()
+    module(**episode).loss.backward()
     grad = model.memory_attention.initial_memory.grad
     assert grad is not None and float(grad.abs().sum()) > 0
 

@@ -1,5 +1,6 @@
 """Stage trainers (issue 5): losses go down, saving/loading, S != T in stage 3, gradual unfreezing, resume."""
 
+import json
 import math
 
 import pytest
@@ -23,10 +24,10 @@ from transformers_rxt.training import (
     MemoryAttentionConfig,
     MemoryAttentionTrainer,
     MemoryAwareConfig,
-    MemoryAwareModule,
     MemoryAwareTrainer,
+    RxTForJointLMTraining,
+    RxTForMemoryAwareTraining,
     evaluate_memory_retention,
-    load_mlm_head,
     segment_pooling,
 )
 from transformers_rxt.training.utils import component_of
@@ -105,15 +106,22 @@ def test_joint_sft_saves_hf_directory_that_next_stage_loads(tok, tmp_path):
     trainer.train()
     out = tmp_path / "stage"
     trainer.save_model(str(out))
-    loaded = RxTForConversationalGeneration.from_pretrained(out)
-    state = trainer.model.rxt.state_dict()
+    loaded = RxTForConversationalGeneration.from_pretrained(out)  # the RxT model, without the MLM head
+    state = trainer.model.state_dict()
+    assert set(state) - set(loaded.state_dict()) == {k for k in state if k.startswith("mlm_head.")} != set()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-    head = load_mlm_head(out, loaded.config.hidden_size, loaded.config.vocab_size)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["RxTForConversationalGeneration"]
+    assert (out / "modeling_rxt.py").is_file() and not (out / "joint.py").exists()  # the RxT model's code
+    head = RxTForJointLMTraining.from_pretrained(out).mlm_head
     assert torch.equal(head.decoder.weight, trainer.model.mlm_head.decoder.weight)
     # The next stage takes the directory itself (model + MLM head + tokenizer).
     nxt = JointLMTrainer(str(out), JointLMConfig(**common_args(tmp_path, max_steps=1)))
     assert torch.equal(nxt.model.mlm_head.dense.weight, trainer.model.mlm_head.dense.weight)
     assert (out / "tokenizer.json").is_file()
+    # A plain RxT directory (no head) gives the joint model a fresh head instead of failing.
+    loaded.save_pretrained(tmp_path / "plain")
+    fresh = RxTForJointLMTraining.from_pretrained(tmp_path / "plain")
+    assert fresh.mlm_head.dense.weight.shape == head.dense.weight.shape
 
 
 # ------------------------------------------------------------------------------------------------- stage 3
@@ -179,10 +187,11 @@ def test_backprop_turns_changes_gradients_not_losses(tok, episodes):
     grads = {}
     for turns in (1, 0):
         model = make_model(tok, seed=3)
-        module = MemoryAwareModule(model, MemoryAwareConfig(output_dir="x", backprop_turns=turns, use_cpu=True))
+        module = RxTForMemoryAwareTraining.from_rxt(
+            model, MemoryAwareConfig(output_dir="x", backprop_turns=turns, use_cpu=True))
         out = module(**batch, generator=torch.Generator().manual_seed(0))
-        out["loss"].backward()
-        grads[turns] = (float(out["loss"].detach()), torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
+        out.loss.backward()
+        grads[turns] = (float(out.loss.detach()), torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
     assert grads[1][0] == pytest.approx(grads[0][0], abs=1e-6)  # same forward
     assert not torch.allclose(grads[1][1], grads[0][1])  # full-episode BPTT reaches earlier updates
 
@@ -193,9 +202,9 @@ def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
     features[1]["turn_input_ids"] = features[1]["turn_input_ids"][:2]  # a shorter episode
     features[1]["turn_labels"] = features[1]["turn_labels"][:2]
     batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)(features)
-    module = MemoryAwareModule(make_model(tok), MemoryAwareConfig(output_dir="x", use_cpu=True))
+    module = RxTForMemoryAwareTraining.from_rxt(make_model(tok), MemoryAwareConfig(output_dir="x", use_cpu=True))
     out = module(**batch, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(out.loss)
     stm = torch.randn(2, 2, SLOTS, 32)
     valid = torch.tensor([True, False])
     new = module._update(stm, batch["input_ids"][:, 3], batch["attention_mask"][:, 3], valid)

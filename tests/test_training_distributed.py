@@ -1,4 +1,5 @@
-"""Stages 1 and 4 under a real 2-process `accelerate launch` on CPU (gloo DDP), as the stage scripts run."""
+"""Stages 1, 4 and 5 under a real 2-process `accelerate launch` on CPU (gloo DDP, with the shipped
+trainers/configs/accelerate/ddp.yaml), as the stage scripts run; stage 4 resumed from a checkpoint."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
@@ -44,7 +46,8 @@ def launch(script: str, tmp_path: Path, *args: str) -> None:
         TOKENIZERS_PARALLELISM="false",
         CUDA_VISIBLE_DEVICES="",
     )
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / "trainers/configs/accelerate/ddp.yaml"),
+           "--num_processes", "2",
            "--main_process_port", str(free_port()), str(REPO / "trainers" / script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -66,14 +69,21 @@ def test_stages_1_and_4_complete_on_two_processes(tmp_path):
     assert report["world_size"] == 2 and report["steps"] == 2
     assert report["train_tokens"] > 0  # summed over both processes
 
-    launch("stage4_memory_aware.py", tmp_path, "--config", "trainers/configs/tiny/stage4.yaml",
-           "--init_from", str(tmp_path / "stage1"), "--output_dir", str(tmp_path / "stage4"),
-           "--curriculum_turns", "2", "3", "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2",
-           "--retention_dialogues", "0", "--unfreeze_encoder_step", "1", *common)
+    stage4 = ["--config", "trainers/configs/tiny/stage4.yaml", "--init_from", str(tmp_path / "stage1"),
+              "--curriculum_turns", "2", "3", "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2",
+              "--retention_dialogues", "0", "--unfreeze_encoder_step", "1", "--save_strategy", "steps",
+              "--save_steps", "1", "--save_total_limit", "2", *common]
+    launch("stage4_memory_aware.py", tmp_path, "--output_dir", str(tmp_path / "stage4"), *stage4)
     report = json.loads((tmp_path / "stage4" / "stage_report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 2
     assert "loss_turn_1" in report["last_log"]
-    RxTForConversationalGeneration.from_pretrained(tmp_path / "stage4")  # a loadable HF model directory
+    full = RxTForConversationalGeneration.from_pretrained(tmp_path / "stage4")  # a loadable HF model directory
+    # Trainer's own resume (no private override): from checkpoint-1 to the same weights as the whole run
+    launch("stage4_memory_aware.py", tmp_path, "--output_dir", str(tmp_path / "stage4_resumed"),
+           "--resume_from_checkpoint", str(tmp_path / "stage4" / "checkpoint-1"), *stage4)
+    resumed = RxTForConversationalGeneration.from_pretrained(tmp_path / "stage4_resumed").state_dict()
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
 
     # stage 5 from the mini (realistic) presets, with the Hub dataset replaced by a local file in the same format
     # (records without recall probes, as on the Hub): IMPO, then DMPO, each two updates on two processes.

@@ -47,9 +47,10 @@ def parse(*dataclass_types):
     seed python/numpy/torch from the training arguments' ``seed``: models and heads are built before the Trainer
     (which seeds only in its own ``__init__``), and their initial weights must not depend on what ran before."""
     from transformers import TrainingArguments, set_seed
-    from trl import TrlParser
 
-    parsed = TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
+    from transformers_rxt.extras import require_extra
+
+    parsed = require_extra("trl").TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
     seeds = [p.seed for p in parsed if isinstance(p, TrainingArguments)]
     if seeds:
         set_seed(seeds[0])

@@ -6,7 +6,7 @@
 
 Builds a fresh model from ``model_config`` (RxTConfig keyword arguments in YAML/JSON; vocabulary size and
 special-token ids come from the stage-0 tokenizer), or continues from ``init_from``. Writes an HF model
-directory (+ ``mlm_head.safetensors`` and the tokenizer) to ``output_dir``.
+directory (the MLM head's weights included, ``mlm_head.*``) and the tokenizer to ``output_dir``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ class ModelArguments:
 
 
 def build_model(model_args: ModelArguments, tokenizer):
-    """A fresh model from ``model_config`` or the model of ``init_from``, plus its MLM head (or None)."""
+    """A fresh model from ``model_config``, or the directory ``init_from`` (the trainer loads it, MLM head
+    included)."""
     from transformers_rxt import RxTConfig, RxTForConversationalGeneration, rxt_token_ids
-    from transformers_rxt.training import load_mlm_head, load_rxt_model
 
     if model_args.init_from:
-        model = load_rxt_model(model_args.init_from)
-        return model, load_mlm_head(model_args.init_from, model.config.hidden_size, model.config.vocab_size)
+        return model_args.init_from
     if not model_args.model_config:
         raise ValueError("give model_config (a fresh model) or init_from (a previous stage's output)")
     import yaml
@@ -42,7 +41,7 @@ def build_model(model_args: ModelArguments, tokenizer):
     for part in ("decoder_config", "encoder_config"):
         kwargs.setdefault(part, {})["vocab_size"] = vocab
     kwargs.update(rxt_token_ids(tokenizer))
-    return RxTForConversationalGeneration(RxTConfig(**kwargs)), None
+    return RxTForConversationalGeneration(RxTConfig(**kwargs))
 
 
 def joint_datasets(data: DataArguments, tokenizer, kind: str, seed: int):
@@ -83,15 +82,14 @@ def run(stage: str, kind: str) -> None:
     model_args, data, args = parse(ModelArguments, DataArguments, JointLMConfig)
     started = time.time()
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
-    model, mlm_head = build_model(model_args, tokenizer)
+    model = build_model(model_args, tokenizer)
     with args.main_process_first(desc="tokenizing"):
         train, evals = joint_datasets(data, tokenizer, kind, args.seed)
-    trainer = JointLMTrainer(model, args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-                             mlm_head=mlm_head)
+    trainer = JointLMTrainer(model, args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     stage_report(trainer, args.output_dir, stage, started,
-                 {"parameters": sum(p.numel() for p in trainer.model.rxt.parameters())})
+                 {"parameters": sum(p.numel() for p in trainer.model.as_rxt().parameters())})
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main() -> None:
         from transformers_rxt.training import evaluate_heldout_retention, format_retention
 
         eval_started = time.time()
-        result = evaluate_heldout_retention(trainer.model.rxt, tokenizer, model_args.retention_dialogues,
+        result = evaluate_heldout_retention(trainer.model.as_rxt(), tokenizer, model_args.retention_dialogues,
                                             model_args.retention_max_distance, seed=data.corpus_seed + 2,
                                             batch_size=model_args.retention_batch_size)
         result["eval_time_s"] = round(time.time() - eval_started, 1)

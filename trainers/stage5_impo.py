@@ -39,7 +39,7 @@ class ModelArguments:
 def evaluate(trainer, model_args, data, tokenizer, heldout_tok):
     from transformers_rxt.training import evaluate_heldout_retention
 
-    rxt = trainer.accelerator.unwrap_model(trainer.model).rxt
+    rxt = trainer.accelerator.unwrap_model(trainer.model).as_rxt()
     out = {}
     res = evaluate_heldout_retention(rxt, tokenizer, model_args.retention_dialogues,
                                      model_args.retention_max_distance, seed=data.corpus_seed + 2, batch_size=64)

@@ -206,9 +206,11 @@ def run_curriculum(
     if algorithm not in ("impo", "dmpo"):
         raise ValueError(f"algorithm must be 'impo' or 'dmpo', got {algorithm!r}")
     trainers = find_trainers_dir(trainers_dir)
-    config_dir = Path(preset) if Path(preset).is_dir() else trainers / "configs" / preset
-    if not config_dir.is_dir():
-        presets = sorted(p.name for p in (trainers / "configs").iterdir() if p.is_dir())
+    given_folder = Path(preset).is_dir()
+    config_dir = Path(preset) if given_folder else trainers / "configs" / preset
+    # a named preset has a model.yaml (configs/accelerate holds accelerate configs, not a preset)
+    if not config_dir.is_dir() or (not given_folder and not (config_dir / "model.yaml").is_file()):
+        presets = sorted(p.name for p in (trainers / "configs").iterdir() if (p / "model.yaml").is_file())
         raise ValueError(f"unknown preset {preset!r}: expected one of {presets} or a folder of stage YAML files")
     config_dir = config_dir.resolve()
 

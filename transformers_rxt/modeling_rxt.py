@@ -1205,7 +1205,9 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
     _auto_class = "AutoModel"
     _rxt_auto_map = _RXT_AUTO_MAP
     # A checkpoint of the LM model loads into the base model without its head.
-    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^lm_head\.", r"^decoder\.head\."]
+    # (and the training heads of the curriculum's stage models, transformers_rxt.training, saved with the weights)
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^lm_head\.", r"^decoder\.head\.",
+                                          r"^(mlm_head|critic)\."]
 
     def __init__(self, config: RxTConfig):
         super().__init__(config)
@@ -1305,7 +1307,9 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
     config_class = RxTConfig
     _auto_class = "AutoModelForCausalLM"
     _rxt_auto_map = _RXT_AUTO_MAP
-    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory"]
+    # the training heads of the curriculum's stage models (transformers_rxt.training) saved with the weights: a
+    # stage output loads as this model without them
+    _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^(mlm_head|critic)\."]
 
     def __init__(self, config: RxTConfig):
         super().__init__(config)

@@ -1022,7 +1022,7 @@ def _iter_texts(source: Any, text_column: str, batch_size: int) -> Iterable[list
     """
     try:
         import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
+    except ImportError:  # datasets is optional (the train extra): plain iterables work without it
         datasets = None
     if datasets is not None and isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if "train" not in source:

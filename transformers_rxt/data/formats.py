@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..extras import require_extra
 from ..tokenization_rxt import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -149,7 +150,7 @@ def _raise_for_record(problem: str, where: str, episode: bool) -> None:
 def _check_records(ds: Any, source: str, episode: bool) -> None:
     """Refuse a loaded (normalised) dataset with an untrainable row, naming ``source`` and the 1-based row.
     Streaming datasets are checked while they are tokenized instead (reading them here would load them)."""
-    import datasets
+    datasets = require_extra("datasets")
 
     if not isinstance(ds, datasets.Dataset):
         return
@@ -203,7 +204,7 @@ def load_rxt_dataset(
     ``split=None`` returns the whole ``DatasetDict``. ``streaming=True`` gives an ``IterableDataset``. Extra
     ``load_kwargs`` go to ``load_dataset`` (e.g. ``revision``, ``token``, ``cache_dir``).
     """
-    import datasets
+    datasets = require_extra("datasets")
 
     path = Path(os.fspath(path_or_id))
     if path.is_file():
@@ -282,7 +283,7 @@ def load_sft_dataset(
 
 def _check_conversations(ds: Any, messages_field: str, source: str) -> None:
     """Chat conversations become several SFT rows, so they are checked (per conversation) before that."""
-    import datasets
+    datasets = require_extra("datasets")
 
     if not isinstance(ds, datasets.Dataset):
         return
@@ -339,7 +340,7 @@ def _columns(ds: Any) -> list[str] | None:
 
 def _map_splits(ds: Any, fn):
     """Apply ``fn`` to a Dataset/IterableDataset, or to every split of a DatasetDict."""
-    import datasets
+    datasets = require_extra("datasets")
 
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return type(ds)({k: fn(v) for k, v in ds.items()})
@@ -347,7 +348,7 @@ def _map_splits(ds: Any, fn):
 
 
 def _drop_empty_beta_columns(ds: Any):
-    import datasets
+    datasets = require_extra("datasets")
 
     if not isinstance(ds, datasets.Dataset):
         return ds

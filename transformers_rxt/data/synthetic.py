@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..extras import require_extra
+
 __all__ = [
     "PEOPLE",
     "OBJECTS",
@@ -414,14 +416,14 @@ def memory_dialogues(
 
 def build_pretraining_dataset(n: int = 20_000, seed: int = 0):
     """``datasets.Dataset`` with a ``text`` column of ``n`` paragraphs (train-split facts only)."""
-    import datasets
+    datasets = require_extra("datasets")
 
     return datasets.Dataset.from_dict({"text": pretraining_texts(n, seed)})
 
 
 def build_sft_dataset(n: int = 20_000, seed: int = 0, split: Split = "train"):
     """``datasets.Dataset`` with ``query``/``answer`` columns (the reference's SFT record format)."""
-    import datasets
+    datasets = require_extra("datasets")
 
     return datasets.Dataset.from_list(sft_pairs(n, seed, split))
 
@@ -438,7 +440,7 @@ def build_memory_dialogues(
 ):
     """``datasets.Dataset`` of :func:`memory_dialogues` episodes (columns ``query``, ``answer``,
     ``interactions``, ``probes``). ``split="heldout"`` uses only held-out fact combinations."""
-    import datasets
+    datasets = require_extra("datasets")
 
     return datasets.Dataset.from_list(
         memory_dialogues(
@@ -459,7 +461,7 @@ def build_memory_corpus(
     """Everything at once: ``{"pretrain": Dataset, "sft": Dataset, "dialogues": DatasetDict(train,
     heldout)}``.
     """
-    import datasets
+    datasets = require_extra("datasets")
 
     return {
         "pretrain": build_pretraining_dataset(n_pretrain, seed),

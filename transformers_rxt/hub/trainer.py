@@ -124,7 +124,8 @@ class RxTHubTrainerMixin:
 
     def _rxt_model(self) -> Any:
         model = self.accelerator.unwrap_model(self.model)
-        model = getattr(model, "rxt", model)  # the stage trainers' container module holds the model as `rxt`
+        if hasattr(model, "as_rxt"):  # a stage model (transformers_rxt.training): the RxT model without its heads
+            model = model.as_rxt()
         if hasattr(model, "get_base_model"):  # a peft wrapper: describe the base model
             model = model.get_base_model()
         return model

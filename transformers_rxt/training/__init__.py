@@ -8,10 +8,13 @@
   :class:`DMPOTrainer` / :class:`DMPOConfig` (memory-aware preference optimisation);
 - :func:`evaluate_memory_retention`: fact recall per distance, memory carried vs reset.
 
-Every stage reads and writes HF model directories (``RxTForConversationalGeneration.from_pretrained``).
+Each stage trains a ``PreTrainedModel`` (:class:`RxTStageModel` subclasses: :class:`RxTForJointLMTraining`,
+:class:`RxTForMemoryAttentionTraining`, :class:`RxTForMemoryAwareTraining`, :class:`RxTForIMPOTraining`,
+:class:`RxTForDMPOTraining`) that ``Trainer`` saves, loads and resumes itself; every stage output is an HF model
+directory that loads with ``RxTForConversationalGeneration.from_pretrained``.
 """
 
-from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, make_dmpo_records, tokenize_dmpo_dataset
+from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, RxTForDMPOTraining, make_dmpo_records, tokenize_dmpo_dataset
 from .evaluation import (
     compare_retention,
     describe_retention,
@@ -20,23 +23,32 @@ from .evaluation import (
     forced_choice_recall,
     format_retention,
 )
-from .impo import IMPOConfig, IMPOModule, IMPOStage, IMPOTrainer, RxTValueCritic, exponential_schedule, run_impo_curriculum
-from .joint import JointLMConfig, JointLMModule, JointLMTrainer
+from .impo import (
+    IMPOConfig,
+    IMPOStage,
+    IMPOTrainer,
+    RxTForIMPOTraining,
+    RxTValueCritic,
+    exponential_schedule,
+    run_impo_curriculum,
+)
+from .joint import JointLMConfig, JointLMOutput, JointLMTrainer, RxTForJointLMTraining
 from .memory_attention import (
     MemoryAttentionConfig,
-    MemoryAttentionModule,
     MemoryAttentionTrainer,
+    RxTForMemoryAttentionTraining,
     segment_pooling,
 )
-from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwareModule, MemoryAwareTrainer
-from .utils import COMPONENTS, RxTStageModule, RxTStageTrainer, load_mlm_head, load_rxt_model
+from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwareTrainer, RxTForMemoryAwareTraining
+from .utils import COMPONENTS, RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
 __all__ = [
     "DMPOConfig",
     "DMPOTrainer",
     "DataCollatorForDMPO",
     "IMPOConfig",
-    "IMPOModule",
+    "RxTForIMPOTraining",
+    "RxTForDMPOTraining",
     "IMPOStage",
     "IMPOTrainer",
     "RxTValueCritic",
@@ -47,15 +59,17 @@ __all__ = [
     "COMPONENTS",
     "GradualUnfreezeCallback",
     "JointLMConfig",
-    "JointLMModule",
+    "JointLMOutput",
+    "RxTForJointLMTraining",
     "JointLMTrainer",
     "MemoryAttentionConfig",
-    "MemoryAttentionModule",
+    "RxTForMemoryAttentionTraining",
     "MemoryAttentionTrainer",
     "MemoryAwareConfig",
-    "MemoryAwareModule",
+    "RxTForMemoryAwareTraining",
     "MemoryAwareTrainer",
-    "RxTStageModule",
+    "RxTStageModel",
+    "RxTStageOutput",
     "RxTStageTrainer",
     "evaluate_heldout_retention",
     "forced_choice_recall",
@@ -63,7 +77,6 @@ __all__ = [
     "format_retention",
     "compare_retention",
     "describe_retention",
-    "load_mlm_head",
     "load_rxt_model",
     "segment_pooling",
 ]

@@ -15,7 +15,7 @@ Loss per turn: ``z = beta * ((s_pi(acc) - s_pi(rej)) - (s_ref(acc) - s_ref(rej))
 
 Gradient: the policy's decoder, and the encoder/memory attention through the memory update of the previous
 turn (the memory is detached before each update, so one update is back-propagated, like SMAT's
-``backprop_turns=1``). Everything trainable runs inside :class:`DMPOModule.forward` (DDP-safe).
+``backprop_turns=1``). Everything trainable runs inside :class:`RxTForDMPOTraining.forward` (DDP-safe).
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from ..data import DataCollatorForRxTEpisodes
+from ..extras import require_extra
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
-from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
+from .utils import RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
-__all__ = ["DMPOConfig", "DMPOModule", "DMPOTrainer", "DataCollatorForDMPO", "dmpo_loss", "make_dmpo_records",
+__all__ = ["DMPOConfig", "DMPOTrainer", "RxTForDMPOTraining", "DataCollatorForDMPO", "dmpo_loss", "make_dmpo_records",
            "sequence_scores", "tokenize_dmpo_dataset"]
 
 
@@ -62,7 +63,9 @@ def dmpo_loss(pi_acc, pi_rej, ref_acc, ref_rej, beta: float, label_smoothing: fl
 def sequence_scores(model: RxTForConversationalGeneration, ids, mask, prompt_lengths, memory) -> torch.Tensor:
     """Mean log-prob of the answer tokens (positions >= prompt length, incl. [EOS]) of right-padded full
     interactions, conditioned on ``memory``."""
-    logits = model(input_ids=ids, attention_mask=mask, stm=memory).logits[:, :-1].float()
+    # the RxT model's own forward: `model` may be a stage model, whose forward is its training loss
+    logits = RxTForConversationalGeneration.forward(model, input_ids=ids, attention_mask=mask, stm=memory)
+    logits = logits.logits[:, :-1].float()
     targets = ids[:, 1:]
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
@@ -94,15 +97,17 @@ def _episode_scores(model, batch, memory, prefixes, detach_between: bool):
     return {p: torch.stack(v, 1) for p, v in scores.items()}
 
 
-class DMPOModule(RxTStageModule):
-    def __init__(self, rxt: RxTForConversationalGeneration, args: DMPOConfig):
-        super().__init__(rxt)
-        self.args = args
+class RxTForDMPOTraining(RxTStageModel):
+    """Stage 5 (DMPO): the policy; ``forward`` takes a preference batch with the reference's scores and the
+    initial memory and returns the DPO loss. ``stage_args`` is a [`DMPOConfig`] (required)."""
 
-    def forward(self, init_memory, ref_scores: Mapping[str, torch.Tensor], generator=None, **batch):
-        a = self.args
+    def forward(self, init_memory, ref_scores: Mapping[str, torch.Tensor], generator=None,
+                **batch) -> RxTStageOutput:
+        a = self.stage_args
+        if not isinstance(a, DMPOConfig):
+            raise TypeError(f"RxTForDMPOTraining needs stage_args=DMPOConfig(...), got {type(a).__name__}")
         prefixes = ["", "rejected_"] + (["neutral_"] if a.use_anchored else [])
-        pi = _episode_scores(self.rxt, batch, init_memory, prefixes, detach_between=True)
+        pi = _episode_scores(self, batch, init_memory, prefixes, detach_between=True)
         valid = batch["turn_mask"].float()
         losses = dmpo_loss(pi[""], pi["rejected_"], ref_scores[""], ref_scores["rejected_"], a.beta,
                            a.label_smoothing)
@@ -120,7 +125,6 @@ class DMPOModule(RxTStageModule):
         ref_margin = ref_scores[""] - ref_scores["rejected_"]
         n = valid.sum().clamp(min=1)
         out.update({
-            "loss": loss,
             "dpo_loss": ((losses * valid).sum() / n).detach(),
             "reward_margin": ((margin * valid).sum() / n),
             "rewards_accuracy": ((((margin - ref_margin) > 0).float() * valid).sum() / n),
@@ -128,7 +132,7 @@ class DMPOModule(RxTStageModule):
             "score_accepted": ((pi[""].detach() * valid).sum() / n),
             "score_rejected": ((pi["rejected_"].detach() * valid).sum() / n),
         })
-        return out
+        return RxTStageOutput(loss=loss, metrics=out)
 
 
 @dataclass
@@ -178,7 +182,7 @@ class DMPOTrainer(RxTStageTrainer):
                     else DataCollatorForRxTEpisodes(pad_token_id=rxt.config.pad_token_id,
                                                     answer_marker_ids=(rxt.config.answer_token_id,)))
             data_collator = DataCollatorForDMPO(base)
-        super().__init__(model=DMPOModule(rxt, args), args=args, data_collator=data_collator,
+        super().__init__(model=RxTForDMPOTraining.from_rxt(rxt, args), args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks)
         self.ref_model = ref_model.to(self.args.device)
@@ -187,7 +191,7 @@ class DMPOTrainer(RxTStageTrainer):
         return int(inputs["attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
 
     def prepare_stage_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        rxt = self.accelerator.unwrap_model(self.model).rxt
+        rxt = self.accelerator.unwrap_model(self.model)
         bsz = inputs["input_ids"].shape[0]
         init = rxt.init_memory(bsz, generator=generator).memory
         prefixes = ["", "rejected_"] + (["neutral_"] if self.args.use_anchored else [])
@@ -231,7 +235,7 @@ def tokenize_dmpo_dataset(records: Sequence[Mapping[str, Any]], tokenizer, max_l
     """Spec-format DMPO records (``{"interactions": [{"query", "accepted", "rejected", "neutral"?}]}``,
     answers as text or ``{"answer": text}``) -> a ``datasets.Dataset`` with ``turn_input_ids``,
     ``rejected_turn_input_ids`` (and ``neutral_turn_input_ids``)."""
-    import datasets
+    datasets = require_extra("datasets")
 
     from ..data import tokenize_mrl_dataset
 

@@ -30,8 +30,8 @@ How a training step works
    Old log-probs are recomputed teacher-forced with the rollout weights (the reference's
    ``log_probs_source="update"``: no sampler/temperature mismatch). Advantages: ``r - V(s)`` from the
    memory-less text critic, or a group/batch baseline, normalised over the batch.
-2. **Update**: everything trainable runs inside :class:`IMPOModule.forward` (the one module Trainer and DDP
-   wrap): for each step the memory is rebuilt *with gradient* from the detached pre-step memory and the
+2. **Update**: everything trainable runs inside :class:`RxTForIMPOTraining.forward` (the one model Trainer
+   and DDP wrap): for each step the memory is rebuilt *with gradient* from the detached pre-step memory and the
    previous interaction, the decoder is run teacher-forced on prompt + answer, and the loss terms are summed
    over steps; one backward, one optimizer step.
 
@@ -59,27 +59,22 @@ from transformers import TrainingArguments
 
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
+from ..extras import require_extra
 from ..metrics import tensorbleu_reward
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
-from .utils import RxTStageModule, RxTStageTrainer, load_rxt_model
+from .utils import RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
-try:  # TRL helpers (TRL is a dependency of the training extra)
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-except ImportError:  # pragma: no cover - fallback keeps the module importable without TRL
 
-    def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
-        logits = logits / temperature if temperature != 1.0 else logits
-        return torch.log_softmax(logits.float(), -1).gather(-1, index[..., None])[..., 0]
-
-    def entropy_from_logits(logits, chunk_size=128):
-        logp = torch.log_softmax(logits.float(), -1)
-        return -(logp.exp() * logp).sum(-1)
+def _trl_utils():
+    """TRL's token log-prob and entropy helpers (TRL is in the ``train`` extra; imported on first use so that
+    ``transformers_rxt.training`` imports without it)."""
+    return require_extra("trl.trainer.utils")
 
 
 __all__ = [
     "FREEZE_MODES",
     "IMPOConfig",
-    "IMPOModule",
+    "RxTForIMPOTraining",
     "IMPOStage",
     "IMPOTrainer",
     "RxTValueCritic",
@@ -284,38 +279,36 @@ class RxTValueCritic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- module
-class IMPOModule(RxTStageModule):
-    """Container of the actor (``rxt``) and the critic: its ``forward`` computes every trainable term of one
-    rollout batch (DDP-safe). The reference model is not part of it (frozen, its log-probs come with the
-    rollout)."""
+class RxTForIMPOTraining(RxTStageModel):
+    """Stage 5 (IMPO): the actor (this RxT model) and the critic (``critic``, optional): ``forward`` computes
+    every trainable term of one rollout batch (DDP-safe); the rollout generates with :meth:`as_rxt`. The
+    reference model is not part of it (frozen, its log-probs come with the rollout). ``stage_args`` is an
+    [`IMPOConfig`]."""
 
-    extra_modules = ("critic",)
-
-    def __init__(self, rxt: RxTForConversationalGeneration, critic: RxTValueCritic | None, args: IMPOConfig):
-        super().__init__(rxt)
-        self.critic = critic
-        self.args = args
+    def __init__(self, config, stage_args: Any = None):
+        super().__init__(config, stage_args)
+        self.critic: RxTValueCritic | None = None
 
     def forward(self, steps: Sequence[dict[str, torch.Tensor]], generator: torch.Generator | None = None,
-                **_: Any) -> dict[str, torch.Tensor]:
-        a = self.args
+                **_: Any) -> RxTStageOutput:
+        a = self.stage_args
         totals: dict[str, torch.Tensor] = {}
         loss = 0.0
         prev_logp_full = prev_mask = None
         for k, s in enumerate(steps, start=1):
-            memory = self.rxt.compute_memory_update(s["prev_ids"], s["prev_mask"], s["prev_memory"])
+            memory = self.compute_memory_update(s["prev_ids"], s["prev_mask"], s["prev_memory"])
             # rows whose previous turn was padding keep their memory
             keep = s["prev_valid"].bool()[:, None, None, None]
             memory = torch.where(keep, memory, s["prev_memory"])
             comp, cmask = s["completion_ids"], s["completion_mask"]
             width = comp.shape[1]
-            logits = self.rxt(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=memory,
-                              logits_to_keep=width + 1).logits[:, :-1]
+            logits = super().forward(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=memory,
+                                     logits_to_keep=width + 1).logits[:, :-1]
             logits = logits.float() / a.temperature
-            logp = selective_log_softmax(logits, comp)
+            logp = _trl_utils().selective_log_softmax(logits, comp)
             mask = cmask * s["row_valid"][:, None]
             policy, clip_frac = clipped_policy_loss(logp, s["old_logp"], s["advantages"], mask, a.epsilon)
-            entropy = masked_mean(entropy_from_logits(logits), mask)
+            entropy = masked_mean(_trl_utils().entropy_from_logits(logits), mask)
             kl_ref = reference_kl(logp, s["ref_logp"], mask)
             stm_diff = stm_difference_loss(memory, s["prev_memory"], k)
             terms = {"policy_loss": policy, "entropy": entropy, "kl_ref": kl_ref, "stm_diff": stm_diff,
@@ -338,13 +331,13 @@ class IMPOModule(RxTStageModule):
                 totals[key] = totals.get(key, 0.0) + value.detach()
                 totals[f"{key}_step{k}"] = value.detach()
         n = len(steps)
-        out = {"loss": loss / n}
+        metrics = {}
         for key, value in totals.items():
             if "_step" in key:
-                out[key] = value
+                metrics[key] = value
             else:
-                out[key] = value / (n - 1 if key == "kl_interstep" else n)
-        return out
+                metrics[key] = value / (n - 1 if key == "kl_interstep" else n)
+        return RxTStageOutput(loss=loss / n, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -388,7 +381,7 @@ def _teacher_forced_logp(model: RxTForConversationalGeneration, sequences, seque
                          temperature: float) -> torch.Tensor:
     logits = model(input_ids=sequences, attention_mask=sequence_mask, stm=memory,
                    logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
-    return selective_log_softmax(logits.float() / temperature, completion)
+    return _trl_utils().selective_log_softmax(logits.float() / temperature, completion)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -422,7 +415,8 @@ class IMPOTrainer(RxTStageTrainer):
         rxt.train()
         if critic is None and args.advantage_estimator == "critic":
             critic = RxTValueCritic(rxt, init_scale=args.critic_init_scale)
-        module = IMPOModule(rxt, critic if args.advantage_estimator == "critic" else None, args)
+        module = RxTForIMPOTraining.from_rxt(rxt, args)
+        module.critic = critic if args.advantage_estimator == "critic" else None
         if ref_model is None:
             ref_model = copy.deepcopy(rxt)
         ref_model.eval().requires_grad_(False)
@@ -445,6 +439,7 @@ class IMPOTrainer(RxTStageTrainer):
         super().__init__(model=module, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
         self.ref_model = ref_model.to(self.args.device)
+        self._actor_view: RxTForConversationalGeneration | None = None
         self._carried: dict[str, torch.Tensor] | None = None  # memories left by the previous batch
         self._buffer: dict[str, Any] | None = None
         self._buffer_uses = 0
@@ -484,7 +479,10 @@ class IMPOTrainer(RxTStageTrainer):
 
     # -------------------------------------------------------------- rollout
     def _actor(self) -> RxTForConversationalGeneration:
-        return self.accelerator.unwrap_model(self.model).rxt
+        """The policy as a plain RxT model (shared weights) for the rollout's generate and log-probs."""
+        if self._actor_view is None:
+            self._actor_view = self.accelerator.unwrap_model(self.model).as_rxt()
+        return self._actor_view
 
     def _critic(self) -> RxTValueCritic | None:
         return self.accelerator.unwrap_model(self.model).critic
@@ -553,7 +551,7 @@ class IMPOTrainer(RxTStageTrainer):
     @torch.no_grad()
     def collect_rollout(self, batch: dict[str, torch.Tensor], train: bool = True,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Roll out one batch of episodes; returns the per-step tensors :class:`IMPOModule` consumes plus
+        """Roll out one batch of episodes; returns the per-step tensors :class:`RxTForIMPOTraining` consumes plus
         ``metrics`` (rewards etc.)."""
         a = self.args
         actor, ref, critic = self._actor(), self.ref_model, self._critic()

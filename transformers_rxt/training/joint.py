@@ -23,22 +23,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from ..data.collators import DataCollatorForRxTDecoder, DataCollatorForRxTMLM
 from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead
-from .utils import (
-    RxTStageModule,
-    RxTStageTrainer,
-    load_mlm_head,
-    load_rxt_model,
-    masked_token_accuracy,
-    resolve_stage_args,
-)
+from .utils import RxTStageModel, RxTStageOutput, RxTStageTrainer, masked_token_accuracy, resolve_stage_args
 
-__all__ = ["JointLMConfig", "JointLMModule", "JointLMTrainer"]
+__all__ = ["JointLMConfig", "JointLMOutput", "JointLMTrainer", "RxTForJointLMTraining"]
 
 
 @dataclass
@@ -74,41 +68,54 @@ class JointLMConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
 
-class JointLMModule(RxTStageModule):
-    """Encoder (+ MLM head) and decoder on one batch; ``forward`` returns the weighted loss and its parts."""
+@dataclass
+class JointLMOutput(RxTStageOutput):
+    """Output of [`RxTForJointLMTraining`]: the weighted loss, its two parts and the logits of both heads.
 
-    extra_modules = ("mlm_head",)
+    Args:
+        mlm_loss: the encoder's masked-LM loss (over the masked positions).
+        lm_loss: the decoder's autoregressive loss.
+        mlm_logits: the MLM head's logits `[B, T, V]`.
+        logits: the decoder's logits `[B, T, V]`.
+    """
 
-    def __init__(
-        self,
-        rxt: RxTForConversationalGeneration,
-        mlm_head: RxTMLMHead | None = None,
-        *,
-        encoder_loss_weight: float = 1.0,
-        decoder_loss_weight: float = 1.0,
-        moe_aux_loss_weight: float | None = None,
-        memory_noise: float = 0.0,
-        memory_dropout: float = 0.0,
-    ):
-        super().__init__(rxt)
-        cfg = rxt.config
-        self.mlm_head = mlm_head if mlm_head is not None else RxTMLMHead(cfg.hidden_size, cfg.vocab_size)
-        self.encoder_loss_weight = encoder_loss_weight
-        self.decoder_loss_weight = decoder_loss_weight
-        self.moe_aux_loss_weight = cfg.router_aux_loss_coef if moe_aux_loss_weight is None else moe_aux_loss_weight
-        self.memory_noise = memory_noise
-        self.memory_dropout = memory_dropout
+    mlm_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class RxTForJointLMTraining(RxTStageModel):
+    """Stages 1-2: the RxT model plus the encoder's MLM head (``mlm_head``); ``forward`` trains the encoder
+    (MLM) and the decoder (autoregressive, reading the encoder's detached states) on one batch.
+
+    Loss weights, memory noise and dropout come from ``stage_args`` (a [`JointLMConfig`]; defaults without).
+    """
+
+    stage_heads = ("mlm_head",)
+    # a plain RxT directory (e.g. a converted checkpoint) has no MLM head: it starts fresh
+    _keys_to_ignore_on_load_missing = [r"^mlm_head\."]
+
+    def __init__(self, config, stage_args: JointLMConfig | None = None):
+        super().__init__(config, stage_args)
+        self.mlm_head = self.new_stage_head("mlm_head")
+
+    def new_stage_head(self, name: str) -> RxTMLMHead:
+        if name != "mlm_head":
+            return super().new_stage_head(name)
+        return RxTMLMHead(self.config.hidden_size, self.config.vocab_size)
 
     def fake_memory(self, encoded: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The decoder's memory: the detached encoder states with slot dropout and noise (training only)."""
         memory = encoded.detach()
-        if self.training and self.memory_dropout > 0:
+        dropout, noise_std = self.stage_arg("memory_dropout", 0.0), self.stage_arg("memory_noise", 0.0)
+        if self.training and dropout > 0:
             shape = memory.shape[:-1] + (1,)
-            keep = torch.rand(shape, generator=generator, device=memory.device) >= self.memory_dropout
+            keep = torch.rand(shape, generator=generator, device=memory.device) >= dropout
             memory = memory * keep.to(memory.dtype)
-        if self.training and self.memory_noise > 0:
+        if self.training and noise_std > 0:
             noise = torch.randn(memory.shape, generator=generator, device=memory.device, dtype=memory.dtype)
-            memory = memory + self.memory_noise * noise
+            memory = memory + noise_std * noise
         return memory
 
     def forward(
@@ -120,14 +127,14 @@ class JointLMModule(RxTStageModule):
         attention_mask: torch.Tensor,
         generator: torch.Generator | None = None,
         **kwargs: Any,
-    ) -> dict[str, Any]:
-        encoded, encoder_aux = self.rxt.encode(encoder_input_ids, attention_mask)
+    ) -> JointLMOutput:
+        encoded, encoder_aux = self.encode(encoder_input_ids, attention_mask)
         mlm_logits = self.mlm_head(encoded[:, -1])
         if bool((encoder_labels != -100).any()):
             mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), encoder_labels.flatten(), ignore_index=-100)
         else:  # nothing masked in this batch: keep the head in the graph with a zero loss
             mlm_loss = mlm_logits.sum() * 0.0
-        out = self.rxt(
+        out = super().forward(  # the decoder pass of the RxT model itself
             input_ids=decoder_input_ids,
             attention_mask=attention_mask,
             encoder_memory=self.fake_memory(encoded, generator),
@@ -135,9 +142,10 @@ class JointLMModule(RxTStageModule):
         )
         aux_terms = ([out.aux_loss] if out.aux_loss is not None else []) + list(encoder_aux)
         aux = torch.stack([a.float() for a in aux_terms]).mean() if aux_terms else None
-        loss = self.encoder_loss_weight * mlm_loss + self.decoder_loss_weight * out.lm_loss
+        loss = (self.stage_arg("encoder_loss_weight", 1.0) * mlm_loss
+                + self.stage_arg("decoder_loss_weight", 1.0) * out.lm_loss)
         if aux is not None and self.training:
-            loss = loss + self.moe_aux_loss_weight * aux
+            loss = loss + self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef) * aux
         with torch.no_grad():
             metrics = {
                 "mlm_loss": mlm_loss.detach(),
@@ -147,15 +155,16 @@ class JointLMModule(RxTStageModule):
             }
             if aux is not None:
                 metrics["aux_loss"] = aux.detach()
-        return {"loss": loss, **metrics}
+        return JointLMOutput(loss=loss, metrics=metrics, mlm_loss=mlm_loss, lm_loss=out.lm_loss,
+                             mlm_logits=mlm_logits, logits=out.logits)
 
 
 class JointLMTrainer(RxTStageTrainer):
     """Stages 1-2 trainer (joint LM pre-training / joint interaction SFT).
 
     Args:
-        model: an `RxTForConversationalGeneration`, or a path/Hub id to load (its `mlm_head.safetensors`, if
-            any, becomes the MLM head).
+        model: an `RxTForConversationalGeneration` (trained in place, see `RxTStageModel.from_rxt`), or a
+            path/Hub id (a previous stage's output: its MLM head, if any, is loaded too).
         args: a [`JointLMConfig`].
         mlm_head: the MLM head to train (default: loaded with `model` when it is a path, else a fresh one).
         train_dataset / eval_dataset: tokenized rows with `input_ids` (and `labels` for interactions, from
@@ -183,20 +192,15 @@ class JointLMTrainer(RxTStageTrainer):
     ):
         args = resolve_stage_args(args, JointLMConfig, "rxt-output-joint")
         if isinstance(model, (str, os.PathLike)):
-            path = model
-            model = load_rxt_model(path)
-            if mlm_head is None:
-                mlm_head = load_mlm_head(path, model.config.hidden_size, model.config.vocab_size)
-        module = JointLMModule(
-            model,
-            mlm_head,
-            encoder_loss_weight=args.encoder_loss_weight,
-            decoder_loss_weight=args.decoder_loss_weight,
-            moe_aux_loss_weight=args.moe_aux_loss_weight,
-            memory_noise=args.memory_noise,
-            memory_dropout=args.memory_dropout,
-        )
-        cfg = model.config
+            stage_model = RxTForJointLMTraining.from_pretrained(model).train()
+            stage_model.stage_args = args
+            if mlm_head is not None:
+                stage_model.mlm_head = mlm_head
+            else:
+                _load_legacy_mlm_head(stage_model, model)
+        else:
+            stage_model = RxTForJointLMTraining.from_rxt(model, args, mlm_head=mlm_head)
+        cfg = stage_model.config
         masking = {
             "mlm_probability": args.mlm_probability,
             "mask_replace_prob": args.mask_replace_prob,
@@ -211,7 +215,7 @@ class JointLMTrainer(RxTStageTrainer):
         if data_collator is None:
             data_collator = DataCollatorForRxTDecoder(pad_token_id=cfg.pad_token_id)
         super().__init__(
-            model=module,
+            model=stage_model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -238,3 +242,11 @@ class JointLMTrainer(RxTStageTrainer):
             "decoder_labels": labels,
             "attention_mask": mask,
         }
+
+
+def _load_legacy_mlm_head(model: RxTForJointLMTraining, path: str | os.PathLike) -> None:
+    """Stage outputs written before the stage models were `PreTrainedModel`s kept the MLM head in
+    ``mlm_head.safetensors`` next to the model (now it is in ``model.safetensors``): load it from there."""
+    file = os.path.join(path, "mlm_head.safetensors")
+    if os.path.isfile(file):
+        model.mlm_head.load_state_dict(safetensors.torch.load_file(file, device=str(model.device)), strict=True)

@@ -54,7 +54,8 @@ from transformers import TrainingArguments
 
 from ..modeling_rxt import RxTForConversationalGeneration
 from .utils import (
-    RxTStageModule,
+    RxTStageModel,
+    RxTStageOutput,
     RxTStageTrainer,
     cosine,
     episode_collator,
@@ -63,7 +64,7 @@ from .utils import (
     set_component_trainable,
 )
 
-__all__ = ["MemoryAttentionConfig", "MemoryAttentionModule", "MemoryAttentionTrainer", "segment_pooling"]
+__all__ = ["MemoryAttentionConfig", "MemoryAttentionTrainer", "RxTForMemoryAttentionTraining", "segment_pooling"]
 
 
 @dataclass
@@ -154,19 +155,18 @@ def _unit_rms(x: torch.Tensor) -> torch.Tensor:
     return x / x.float().pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=1e-6).to(x.dtype)
 
 
-class MemoryAttentionModule(RxTStageModule):
-    """Frozen encoder + trainable memory attention over an episode; ``forward`` returns the mean per-turn
-    negative cosine loss and per-turn cosine/RMSE metrics."""
+class RxTForMemoryAttentionTraining(RxTStageModel):
+    """Stage 3: frozen encoder + trainable memory attention over an episode; ``forward`` returns the mean
+    per-turn negative cosine loss and per-turn cosine/RMSE metrics. ``stage_args`` is a
+    [`MemoryAttentionConfig`] (required: it holds the label schedule)."""
 
-    def __init__(self, rxt: RxTForConversationalGeneration, args: MemoryAttentionConfig):
-        super().__init__(rxt)
-        self.args = args
-        # Only the memory attention learns here; the frozen parts stay out of DDP's reducer.
+    def freeze_all_but_memory_attention(self) -> None:
+        """Only the memory attention learns here; the frozen parts stay out of DDP's reducer."""
         set_component_trainable(self, ("embedding", "decoder", "encoder"), False)
         set_component_trainable(self, ("memory_attention",), True)
 
     def label_source(self, encoded: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
-        if self.args.slot_alignment == "segment":
+        if self.stage_args.slot_alignment == "segment":
             return segment_pooling(encoded, mask, slots)
         length = encoded.shape[2]
         if length > slots:
@@ -183,11 +183,14 @@ class MemoryAttentionModule(RxTStageModule):
         turn_mask: torch.Tensor,
         generator: torch.Generator | None = None,
         **kwargs: Any,
-    ) -> dict[str, Any]:
-        args = self.args
+    ) -> RxTStageOutput:
+        args = self.stage_args
+        if not isinstance(args, MemoryAttentionConfig):
+            raise TypeError("RxTForMemoryAttentionTraining needs stage_args=MemoryAttentionConfig(...) (its label "
+                            f"schedule), got {type(args).__name__}")
         batch, turns, _ = input_ids.shape
         noisy = self.training
-        stm = self.rxt.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
+        stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         losses, metrics = [], {}
         for k in range(turns):
             valid = turn_mask[:, k].bool()
@@ -197,7 +200,7 @@ class MemoryAttentionModule(RxTStageModule):
             used = max(int(mask_k.sum(dim=1).max()), 1)
             ids_k, mask_k = input_ids[:, k, :used], mask_k[:, :used]
             with torch.no_grad():
-                encoded, _ = self.rxt.encode(ids_k, mask_k)
+                encoded, _ = self.encode(ids_k, mask_k)
             old = stm.detach()
             w_new = torch.full((batch,), args.new_data_weight(k), device=old.device)
             if noisy and args.label_weights_random_factor > 0:
@@ -210,7 +213,7 @@ class MemoryAttentionModule(RxTStageModule):
                 inputs = encoded + args.input_noise * torch.randn(
                     encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
                 )
-            new = self.rxt.memory_attention(old, inputs, mask_k)
+            new = self.memory_attention(old, inputs, mask_k)
             source = self.label_source(encoded, mask_k, old.shape[2])
             if args.label_normalization == "rms":
                 label = (1 - w_new) * _unit_rms(old) + w_new * _unit_rms(source)
@@ -236,7 +239,7 @@ class MemoryAttentionModule(RxTStageModule):
             cosines = [v for k, v in metrics.items() if k.startswith("cosine_turn_")]
             rmses = [v for k, v in metrics.items() if k.startswith("memory_rmse_turn_")]
             summary = {"cosine": torch.stack(cosines).mean(), "memory_rmse": torch.stack(rmses).mean()}
-        return {"loss": loss, **summary, **metrics}
+        return RxTStageOutput(loss=loss, metrics={**summary, **metrics})
 
 
 class MemoryAttentionTrainer(RxTStageTrainer):
@@ -269,8 +272,10 @@ class MemoryAttentionTrainer(RxTStageTrainer):
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
         data_collator = episode_collator(data_collator, processing_class, model)
+        stage_model = RxTForMemoryAttentionTraining.from_rxt(model, args)
+        stage_model.freeze_all_but_memory_attention()
         super().__init__(
-            model=MemoryAttentionModule(model, args),
+            model=stage_model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,

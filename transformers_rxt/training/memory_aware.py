@@ -36,7 +36,8 @@ from transformers import TrainerCallback, TrainingArguments
 from ..modeling_rxt import RxTForConversationalGeneration
 from .utils import (
     COMPONENTS,
-    RxTStageModule,
+    RxTStageModel,
+    RxTStageOutput,
     RxTStageTrainer,
     component_of,
     episode_collator,
@@ -45,7 +46,7 @@ from .utils import (
     set_component_trainable,
 )
 
-__all__ = ["GradualUnfreezeCallback", "MemoryAwareConfig", "MemoryAwareModule", "MemoryAwareTrainer"]
+__all__ = ["GradualUnfreezeCallback", "MemoryAwareConfig", "MemoryAwareTrainer", "RxTForMemoryAwareTraining"]
 
 
 @dataclass
@@ -106,24 +107,19 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
-class MemoryAwareModule(RxTStageModule):
-    """The full RxT model over a batch of episodes; ``forward`` returns the mean per-turn answer loss."""
-
-    def __init__(self, rxt: RxTForConversationalGeneration, args: MemoryAwareConfig):
-        super().__init__(rxt)
-        self.args = args
-        cfg = rxt.config
-        weight = args.moe_aux_loss_weight
-        self.moe_aux_loss_weight = cfg.router_aux_loss_coef if weight is None else weight
+class RxTForMemoryAwareTraining(RxTStageModel):
+    """Stage 4: the full RxT model over a batch of episodes; ``forward`` returns the mean per-turn answer loss.
+    ``stage_args`` (a [`MemoryAwareConfig`]) sets ``backprop_turns``, ``train_first_turn`` and the MoE weight
+    (defaults without)."""
 
     def _update(self, stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write one interaction per valid row into the memory; rows without one keep their memory."""
         used = max(int(mask.sum(dim=1).max()), 1)
         ids, mask = ids[:, :used], mask[:, :used]
         if bool(valid.all()):
-            return self.rxt.compute_memory_update(ids, mask, stm)
+            return self.compute_memory_update(ids, mask, stm)
         rows = valid.nonzero().flatten()
-        new = self.rxt.compute_memory_update(ids[rows], mask[rows], stm[rows])
+        new = self.compute_memory_update(ids[rows], mask[rows], stm[rows])
         return stm.index_copy(0, rows, new)
 
     def forward(
@@ -137,10 +133,12 @@ class MemoryAwareModule(RxTStageModule):
         system_attention_mask: torch.Tensor | None = None,
         has_system: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> dict[str, Any]:
+    ) -> RxTStageOutput:
         batch, turns, _ = input_ids.shape
-        backprop = self.args.backprop_turns
-        stm = self.rxt.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
+        backprop = self.stage_arg("backprop_turns", 1)
+        train_first_turn = self.stage_arg("train_first_turn", True)
+        aux_weight = self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef)
+        stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         if system_input_ids is not None and has_system is not None and bool(has_system.any()):
             stm = self._update(stm, system_input_ids, system_attention_mask, has_system.bool())
         losses, metrics, hits, count = [], {}, 0.0, 0
@@ -152,14 +150,14 @@ class MemoryAwareModule(RxTStageModule):
                 if backprop > 0 and (k - 1) % backprop == 0:
                     stm = stm.detach()
                 stm = self._update(stm, input_ids[:, k - 1], attention_mask[:, k - 1], turn_mask[:, k - 1].bool())
-            if k == 0 and not self.args.train_first_turn:
+            if k == 0 and not train_first_turn:
                 continue
             labels_k = labels[:, k]
             if not bool((labels_k != -100).any()):
                 continue
             rows = None if bool(valid.all()) else valid.nonzero().flatten()
             used = max(int(attention_mask[:, k].sum(dim=1).max()), 1)
-            out = self.rxt(
+            out = super().forward(  # the decoder pass of the RxT model itself
                 input_ids=_take_rows(input_ids[:, k, :used], rows),
                 attention_mask=_take_rows(attention_mask[:, k, :used], rows),
                 stm=_take_rows(stm, rows),
@@ -167,7 +165,7 @@ class MemoryAwareModule(RxTStageModule):
             )
             loss_k = out.lm_loss
             if out.aux_loss is not None and self.training:
-                loss_k = loss_k + self.moe_aux_loss_weight * out.aux_loss
+                loss_k = loss_k + aux_weight * out.aux_loss
             losses.append(loss_k)
             with torch.no_grad():
                 lab = _take_rows(labels_k[:, :used], rows)[:, 1:]
@@ -179,7 +177,7 @@ class MemoryAwareModule(RxTStageModule):
             raise ValueError("no turn of this batch has answer labels to train on")
         loss = torch.stack(losses).mean()
         metrics["answer_accuracy"] = hits / max(count, 1)
-        return {"loss": loss, **metrics}
+        return RxTStageOutput(loss=loss, metrics=metrics)
 
 
 class GradualUnfreezeCallback(TrainerCallback):
@@ -189,7 +187,8 @@ class GradualUnfreezeCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.apply_unfreeze_schedule()
+        # FSDP replaces the parameters when it wraps the model: collect the frozen ones again
+        self.trainer.apply_unfreeze_schedule(refresh=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.apply_unfreeze_schedule()
@@ -226,7 +225,7 @@ class MemoryAwareTrainer(RxTStageTrainer):
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
         data_collator = episode_collator(data_collator, processing_class, model)
-        module = MemoryAwareModule(model, args)
+        module = RxTForMemoryAwareTraining.from_rxt(model, args)
         # Components that are never trained are frozen for good (also under DDP, before wrapping).
         never = set(COMPONENTS) - args.trainable_components(step=10**18, epoch=float("inf"))
         set_component_trainable(module, COMPONENTS, True)
@@ -257,17 +256,18 @@ class MemoryAwareTrainer(RxTStageTrainer):
     def _distributed(self) -> bool:
         return self.args.world_size > 1
 
-    def apply_unfreeze_schedule(self) -> set[str]:
-        """Freeze/unfreeze components for the current step; returns the trainable components."""
+    def apply_unfreeze_schedule(self, refresh: bool = False) -> set[str]:
+        """Freeze/unfreeze components for the current step; returns the trainable components. ``refresh``
+        re-applies the current schedule (after the model's parameters were replaced, e.g. by FSDP)."""
         wanted = self.args.trainable_components(self.state.global_step, self.state.epoch or 0.0)
-        if wanted == self.trainable_components:
+        if wanted == self.trainable_components and not refresh:
             return wanted
         frozen = set(COMPONENTS) - wanted
         if not self._distributed:
             set_component_trainable(self.model, wanted, True)
             set_component_trainable(self.model, frozen, False)
         self._frozen_params = [p for n, p in self.model.named_parameters() if component_of(n) in frozen]
-        if self.trainable_components and self.is_world_process_zero():
+        if self.trainable_components and wanted != self.trainable_components and self.is_world_process_zero():
             added = sorted(wanted - self.trainable_components)
             print(f"[MemoryAwareTrainer] step {self.state.global_step}: unfreezing {', '.join(added) or '-'}; "
                   f"training {', '.join(sorted(wanted))}")

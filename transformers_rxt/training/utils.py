@@ -1,15 +1,19 @@
-"""Pieces shared by the stage trainers: the container module, the base trainer, parameter groups and freezing.
+"""Pieces shared by the stage trainers: the stage model base, the base trainer, parameter groups and freezing.
 
-Why a container module: ``Trainer`` (and DDP under ``accelerate launch``) drives exactly one ``nn.Module``.
-Every stage needs more than the RxT model's own ``forward`` (an MLM head in stages 1-2, a loop over the turns
-of an episode in stages 3-4), and DDP requires all trainable computation of a step to happen inside the
-wrapped module's ``forward`` (calling a sub-module directly outside of it breaks gradient synchronisation).
-So each stage defines an :class:`RxTStageModule` whose ``forward`` computes the whole loss of one batch.
+Why a stage model: ``Trainer`` (and DDP/FSDP under ``accelerate launch``) drives exactly one module, and all
+trainable computation of a step must run inside that module's ``forward`` (a sub-module called outside of it
+escapes gradient synchronisation and sharding). Every stage needs more than the RxT model's own ``forward``
+(an MLM head in stages 1-2, a loop over the turns of an episode in stages 3-4), so each stage defines an
+:class:`RxTStageModel`: an ``RxTForConversationalGeneration`` subclass (a ``PreTrainedModel``, like
+``BertForPreTraining`` is a BERT) whose ``forward`` computes the whole loss of one batch and returns the
+stage's ``ModelOutput``.
 
-What is saved: checkpoints and the final output of every stage are HF model directories. The RxT model is
-written with ``save_pretrained`` (``config.json``, ``model.safetensors``, the remote-code files) and loads with
-``RxTForConversationalGeneration.from_pretrained(dir)``; stage-only heads (the MLM head) go next to it as
-``<name>.safetensors``. The next stage loads the previous stage's directory.
+What is saved: ``Trainer``'s own code saves, loads and resumes it (``save_pretrained`` / ``model.safetensors``;
+its FSDP and DeepSpeed paths are the same code, not run here: no GPU). Its weights are the RxT model's, under the same names, plus the
+stage-only heads (e.g. ``mlm_head.*``), so a stage output loads with
+``RxTForConversationalGeneration.from_pretrained(dir)`` (the heads are left out) and with the next stage's
+model (heads included). The directory is written as an RxT model directory: ``config.json`` names
+``RxTForConversationalGeneration`` and the remote-code files are copied.
 """
 
 from __future__ import annotations
@@ -18,28 +22,26 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import safetensors.torch
 import torch
 from accelerate.utils import gather_object
 from torch import nn
-from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.utils import logging
+from transformers import Trainer, TrainerCallback
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.modeling_outputs import ModelOutput
 
 from ..hub.trainer import RxTHubTrainerMixin
-from ..modeling_rxt import RxTForConversationalGeneration, RxTMLMHead, flat_rxt_key
-
-logger = logging.get_logger(__name__)
+from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
 
 __all__ = [
     "COMPONENTS",
-    "RxTStageModule",
+    "RxTStageModel",
+    "RxTStageOutput",
     "RxTStageTrainer",
     "component_of",
     "load_rxt_model",
-    "load_mlm_head",
     "masked_token_accuracy",
     "set_component_trainable",
 ]
@@ -50,8 +52,8 @@ COMPONENTS: tuple[str, ...] = ("embedding", "decoder", "memory_attention", "enco
 
 
 def component_of(name: str) -> str:
-    """The component a parameter of an RxT model (or of a stage module, ``rxt.`` prefix) belongs to; names of
-    stage-only heads (e.g. ``mlm_head.*``) map to their first segment."""
+    """The component a parameter of an RxT (or stage) model belongs to; names of stage-only heads (e.g.
+    ``mlm_head.*``) map to their first segment."""
     head = flat_rxt_key(name).split(".", 1)[0]
     if head == "embed_tokens":
         return "embedding"
@@ -100,62 +102,89 @@ def load_rxt_model(path: str | os.PathLike, **kwargs: Any) -> RxTForConversation
     return RxTForConversationalGeneration.from_pretrained(path, **kwargs).train()
 
 
-def load_mlm_head(path: str | os.PathLike, embed_dim: int, vocab_size: int) -> RxTMLMHead | None:
-    """The MLM head saved next to a stage-1/2 model (``mlm_head.safetensors``), or None if there is none."""
-    file = os.path.join(path, "mlm_head.safetensors")
-    if not os.path.isfile(file):
-        return None
-    head = RxTMLMHead(embed_dim, vocab_size)
-    head.load_state_dict(safetensors.torch.load_file(file))
-    return head
+@dataclass
+class RxTStageOutput(ModelOutput):
+    """Output of a stage model's ``forward``: the loss of the batch and the float metrics the trainer logs.
 
-
-class RxTStageModule(nn.Module):
-    """Container of an RxT model (``rxt``) and optional stage-only heads; ``forward`` returns a dict with the
-    batch's ``loss`` and float metrics (anything else the stage wants to log).
-
-    Subclasses implement ``forward(**batch, generator=None)``. ``generator`` is the step-seeded random
-    generator the trainer passes in, so that every random draw of a step (memory init, noise, masking) is a
-    function of (seed, step, process) and resuming from a checkpoint repeats it exactly.
+    Args:
+        loss: the scalar the optimizer minimises.
+        metrics: name -> detached scalar (tensor or float); names may vary from batch to batch (per-turn ones).
     """
 
+    loss: torch.Tensor | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class RxTStageModel(RxTForConversationalGeneration):
+    """Base of the stage models: an RxT model whose ``forward(**batch, generator=None)`` returns the
+    :class:`RxTStageOutput` of one batch.
+
+    ``stage_args`` holds the stage's configuration (its ``TrainingArguments`` subclass, e.g.
+    :class:`~transformers_rxt.training.JointLMConfig`): the loss weights and schedules ``forward`` reads.
+    ``generator`` is the step-seeded random generator the trainer passes in, so that every random draw of a
+    step (memory init, noise, masking) is a function of (seed, step, process) and a resumed run repeats it.
+
+    Build one with ``from_pretrained`` (a stage output, or any RxT directory: missing stage heads start fresh)
+    or with :meth:`from_rxt` around an existing RxT model.
+    """
+
+    # The saved code and auto_map are the RxT model's (see save_pretrained), not this training class's.
+    _auto_class = None
     # Trainer must not inject `num_items_in_batch` into forward: our losses are per-batch means.
     accepts_loss_kwargs = False
-    main_input_name = "input_ids"
-    #: stage-only heads saved as `<name>.safetensors` next to the RxT model
-    extra_modules: tuple[str, ...] = ()
+    #: stage-only modules (not part of the RxT model), saved under their own names next to its weights
+    stage_heads: tuple[str, ...] = ()
 
-    def __init__(self, rxt: RxTForConversationalGeneration):
-        super().__init__()
-        self.rxt = rxt
+    def __init__(self, config, stage_args: Any = None):
+        super().__init__(config)
+        self.stage_args = stage_args
 
-    @property
-    def config(self):
-        return self.rxt.config
+    @classmethod
+    def from_rxt(cls, model: RxTForConversationalGeneration, stage_args: Any = None, **heads: nn.Module):
+        """The stage model around ``model``: it *shares* ``model``'s modules (training it trains ``model``);
+        stage heads are taken from ``heads`` or built fresh."""
+        if not isinstance(model, RxTForConversationalGeneration):
+            raise TypeError(f"{cls.__name__}.from_rxt takes an RxTForConversationalGeneration, got "
+                            f"{type(model).__name__}")
+        with torch.device("meta"):  # the modules built here are all replaced below: allocate nothing
+            stage = cls(model.config, stage_args)
+        for name, child in model.named_children():
+            setattr(stage, name, child)
+        for name in cls.stage_heads:
+            head = heads.get(name)
+            setattr(stage, name, head if head is not None else stage.new_stage_head(name).to(model.device))
+        stage.generation_config = model.generation_config
+        stage.name_or_path = model.name_or_path
+        return stage.train(model.training)
 
-    # ------------------------------------------------------------------ saving / loading
-    def save_stage(self, output_dir: str | os.PathLike, is_main_process: bool = True) -> None:
-        """Write the RxT model (HF directory with remote code) and the stage heads into ``output_dir``."""
-        self.rxt.save_pretrained(output_dir, is_main_process=is_main_process)
-        if not is_main_process:
-            return
-        for name in self.extra_modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                safetensors.torch.save_file(state, os.path.join(output_dir, f"{name}.safetensors"))
+    def as_rxt(self) -> RxTForConversationalGeneration:
+        """A plain RxT model sharing this stage model's modules, without the stage heads: for generation and
+        evaluation during training (its ``forward`` is the RxT model's, not the stage loss)."""
+        with torch.device("meta"):
+            view = RxTForConversationalGeneration(self.config)
+        for name, _ in list(view.named_children()):
+            setattr(view, name, getattr(self, name))
+        view.generation_config = self.generation_config
+        view.name_or_path = self.name_or_path
+        return view.train(self.training)
 
-    def load_stage(self, path: str | os.PathLike) -> None:
-        """Load weights written by :meth:`save_stage` into this module, strictly (same architecture)."""
-        loaded = RxTForConversationalGeneration.from_pretrained(path)
-        self.rxt.load_state_dict(loaded.state_dict(), strict=True)
-        for name in self.extra_modules:
-            module = getattr(self, name, None)
-            file = os.path.join(path, f"{name}.safetensors")
-            if module is not None:
-                if not os.path.isfile(file):
-                    raise FileNotFoundError(f"{path} has no {name}.safetensors, which this stage needs")
-                module.load_state_dict(safetensors.torch.load_file(file), strict=True)
+    def stage_arg(self, name: str, default: Any) -> Any:
+        """``stage_args.<name>``, or ``default`` when there are no stage args or the value is None."""
+        value = getattr(self.stage_args, name, None)
+        return default if value is None else value
+
+    def new_stage_head(self, name: str) -> nn.Module:
+        """A freshly initialised stage head ``name`` (subclasses with heads implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no stage head {name!r}")
+
+    def save_pretrained(self, save_directory, *args: Any, is_main_process: bool = True, **kwargs: Any):
+        """Save as an RxT model directory: the weights (stage heads included) through transformers, then the
+        RxT model's code files and a ``config.json`` naming ``RxTForConversationalGeneration``."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            custom_object_save(RxTForConversationalGeneration, save_directory)
+            self.config.architectures = [RxTForConversationalGeneration.__name__]
+            self.config.save_pretrained(save_directory)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -176,14 +205,15 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.model, RxTStageModule):
-            raise TypeError(f"{type(self).__name__} trains an RxTStageModule, got {type(self.model).__name__}")
+        if not isinstance(self.accelerator.unwrap_model(self.model), RxTStageModel):
+            raise TypeError(f"{type(self).__name__} trains an RxTStageModel, got {type(self.model).__name__}")
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._rng_step, self._rng_micro, self._eval_batches = -1, 0, 0
         self._tokens_unsynced = 0  # tokens this process trained on since the last _sync_tokens
         self._tokens_interval = 0  # tokens of all processes since the last training log
         self._tokens_session = 0  # tokens of all processes in this train() call
         self._interval_start = time.perf_counter()
+        self.add_callback(_SyncTokensBeforeSave(self))
 
     # ------------------------------------------------------------------ randomness
     def step_generator(self, device: torch.device) -> torch.Generator:
@@ -222,12 +252,12 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
         inputs = self.prepare_stage_inputs(dict(inputs), generator)
         outputs = model(**inputs, generator=generator)
         mode = "train" if self.model.training else "eval"
-        for key, value in outputs.items():
-            if key != "loss" and value is not None:
+        for key, value in (outputs.metrics or {}).items():
+            if value is not None:
                 self._metrics[mode][key].append(float(value))
         if mode == "train":
             self._tokens_unsynced += self.count_tokens(inputs)
-        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -265,10 +295,6 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
         self._tokens_session += tokens
         if self.args.include_num_input_tokens_seen in (False, None, "no"):
             self.state.num_input_tokens_seen += tokens
-
-    def _save_checkpoint(self, model, trial) -> None:
-        self._sync_tokens()  # the checkpoint's state must hold every token of the steps it covers
-        return super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if any(k.startswith("eval_") for k in logs):
@@ -331,26 +357,21 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    # ------------------------------------------------------------------ saving / loading
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save an HF model directory (RxT model + stage heads + tokenizer), not the container's state dict."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        module = self.accelerator.unwrap_model(self.model)
-        module.save_stage(output_dir, is_main_process=True)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        module = self.accelerator.unwrap_model(self.model if model is None else model)
-        logger.info(f"Loading stage weights from {resume_from_checkpoint}")
-        module.load_stage(resume_from_checkpoint)
 
-    def _load_best_model(self) -> None:
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+class _SyncTokensBeforeSave(TrainerCallback):
+    """Before a checkpoint is written, add every process's tokens to ``state.num_input_tokens_seen``, so that
+    the checkpoint's state holds all tokens of the steps it covers (runs after ``DefaultFlowCallback`` has
+    decided to save, on every process: the sync is collective)."""
+
+    def __init__(self, trainer: RxTStageTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.trainer._sync_tokens()
+
+    on_epoch_end = on_step_end
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
