@@ -203,7 +203,9 @@ def check_tensorbleu(device, batch, length) -> list[Row]:
                 f"({t_ours * 1e3:.1f} vs {t_nltk * 1e3:.0f} ms)", "<= 1e-06", time.perf_counter() - start)]
 
 
-def check_sqa_long(device, dtype, lengths, reference_limit) -> list[Row]:
+def check_sqa_long(device, dtype, lengths, reference_limit, gate_speed=True) -> list[Row]:
+    """``gate_speed=False`` (the CPU dry run): the speed-ups are reported, not required; short CPU runs on a
+    shared machine time the load as much as the kernel."""
     rows = []
     module = torch.nn.Module()
     module.is_causal = True
@@ -231,10 +233,12 @@ def check_sqa_long(device, dtype, lengths, reference_limit) -> list[Row]:
                 err = relative_error(got, ref.transpose(1, 2))
             del q, k, v
         speed_sqa, speed_xsqa = times["gqa"] / times["sqa"], times["gqa"] / times["xsqa"]
-        ok = speed_sqa > 1.2 and speed_xsqa > speed_sqa * 1.2 and (i > 0 or err <= reference_limit)
+        fast = speed_sqa > 1.2 and speed_xsqa > speed_sqa * 1.2
+        ok = (fast or not gate_speed) and (i > 0 or err <= reference_limit)
         measured = (f"GQA {times['gqa'] * 1e3:.1f} ms, SQA {speed_sqa:.2f}x, xSQA {speed_xsqa:.2f}x faster"
                     + (f"; rel. err {err:.1e}" if i == 0 else ""))
-        limit = "SQA > 1.2x, xSQA > 1.2x SQA" + (f", err <= {reference_limit:g}" if i == 0 else "")
+        limit = ("SQA > 1.2x, xSQA > 1.2x SQA" if gate_speed else "speed reported only") + (
+            f", err <= {reference_limit:g}" if i == 0 else "")
         rows.append(Row(f"sqa-long-{length // 1024}k" if length >= 1024 else f"sqa-long-{length}",
                         "PASS" if ok else "FAIL", measured, limit, time.perf_counter() - start))
     return rows
@@ -256,7 +260,7 @@ def run_checks(cpu: bool) -> list[Row]:
         "async-vs-sync-update": lambda: check_async_update(device),
         "tensorbleu-vs-nltk": lambda: check_tensorbleu(device, *((32, 64) if cpu else (512, 1024))),
         "sqa-long": lambda: check_sqa_long(device, dtype, [1024, 2048] if cpu else [32768, 65536, 131072],
-                                           reference_limit=0.02),
+                                           reference_limit=0.02, gate_speed=not cpu),
     }
     for name, step in steps.items():
         try:
