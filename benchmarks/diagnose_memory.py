@@ -174,14 +174,14 @@ def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0,
     """One stage-4 loss on 6-turn episodes: gradient norm per component and dL/dSTM_j for each update j."""
     from transformers_rxt.data import tokenize_mrl_dataset
     from transformers_rxt.data.collators import DataCollatorForRxTEpisodes
-    from transformers_rxt.training.memory_aware import MemoryAwareConfig, MemoryAwareModule
+    from transformers_rxt.training.memory_aware import MemoryAwareConfig, RxTForMemoryAwareTraining
     from transformers_rxt.training.utils import component_of
 
     torch.manual_seed(seed)
     model = RxTForConversationalGeneration.from_pretrained(model_dir).train()
     args = MemoryAwareConfig(output_dir="/tmp/rxt-diagnose", backprop_turns=backprop_turns, report_to="none",
                              use_cpu=True)
-    module = MemoryAwareModule(model, args)
+    module = RxTForMemoryAwareTraining.from_rxt(model, args)
     records = build_memory_dialogues(batch, 5, seed=seed + 11, split="train", num_turns=6)
     data = tokenize_mrl_dataset(records, tokenizer, 64, truncation=True)
     collate = DataCollatorForRxTEpisodes.from_tokenizer(tokenizer)
