@@ -93,3 +93,18 @@ def test_bench_memory_end_to_end(bench, rxt_dir, tmp_path, capsys):
                         "--long-dialogues", "0", "--cost-dialogues", "0", "--context", "128"])
     assert again["stateless"][bench.SHAPE]["training"] == out["stateless"][bench.SHAPE]["training"]
     assert list(again["settings"]) == ["9 turns"] and again["cost"] is None
+
+
+def test_diagnose_memory_gradient_flow_reaches_every_memory_update(rxt_dir):
+    """benchmarks/diagnose_memory.py's gradient measure on the stage-4 training model (it once broke silently
+    when the stage models changed): one loss over 6-turn episodes reaches all five written memories and the
+    writer's components."""
+    spec = importlib.util.spec_from_file_location("diagnose_memory", BENCH.parent / "diagnose_memory.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    folder, tokenizer = rxt_dir
+    flow = diagnose.gradient_flow(str(folder), tokenizer, backprop_turns=0, batch=4)
+    assert torch.isfinite(torch.tensor(flow["loss"]))
+    assert len(flow["stm_grad_norm"]) == 5 and all(g > 0 for g in flow["stm_grad_norm"]), flow
+    assert {"decoder", "encoder", "memory_attention"} <= set(flow["component_grad_norm"]), flow
+    assert flow["component_grad_norm"]["memory_attention"] > 0 and flow["component_grad_norm"]["encoder"] > 0
