@@ -26,7 +26,9 @@ Never part of CI: CI has no GPU. ``--cpu`` runs the same code at small sizes and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -35,9 +37,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from transformers_rxt import RxTConfig, RxTForConversationalGeneration, STMCache
+from transformers_rxt import RxTForConversationalGeneration, STMCache
 from transformers_rxt.metrics import tensor_sentence_bleu
 from transformers_rxt.sqa import sqa_attention_forward, sqa_config
+
+# RxT-Alpha-Mini's shape: the one the inference benchmarks use
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_inference import mini_config  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -47,20 +53,6 @@ class Row:
     measured: str
     limit: str
     seconds: float = 0.0
-
-
-def mini_config() -> RxTConfig:
-    """RxT-Alpha-Mini's shape (as benchmarks/bench_inference.py)."""
-    common = dict(num_layers=12, vocab_size=20000, embed_dim=256, att_heads=16, att_groups=8, att_query_groups=8,
-                  seq_len=1024, stm_size=256)
-    return RxTConfig(
-        decoder_config=dict(common, ff_dim=512, use_moe=True, num_experts=16, moe_top_k=2, cross_att_groups=8,
-                            cross_att_query_groups=8),
-        encoder_config=dict(common, ff_dim=768),
-        memory_attention_config=dict(num_layers=12, embed_dim=256, att_heads=16, att_groups=8, att_query_groups=8,
-                                     interlayer_att_groups=8, interlayer_att_query_groups=8, stm_size=256,
-                                     seq_len=1024),
-    )
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -100,14 +92,12 @@ def timed(fn, sync, repeats: int = 3) -> float:
 
 def check_rxt_attention(device, dtype, limit, length) -> list[Row]:
     torch.manual_seed(0)
-    ref_model = RxTForConversationalGeneration(mini_config()).eval()
+    ref_model = RxTForConversationalGeneration(mini_config(1024)).eval()
     stm = ref_model.init_memory(2, generator=torch.Generator().manual_seed(0))
     batches = {padded: interaction_ids(2, length, ref_model.config.vocab_size, padded) for padded in (False, True)}
     with torch.no_grad():
         want = {p: ref_model(ids, attention_mask=mask, stm=stm.memory).logits for p, (ids, mask) in batches.items()}
-    model = RxTForConversationalGeneration(mini_config()).eval()
-    model.load_state_dict(ref_model.state_dict())
-    model.to(device=device, dtype=dtype)
+    model = copy.deepcopy(ref_model).to(device=device, dtype=dtype)
     memory = stm.memory.to(device=device, dtype=dtype)
     rows = []
     for impl in ("sdpa", "flash_attention_2"):
@@ -159,7 +149,7 @@ def check_sqa_kernel(device, dtype, limit) -> list[Row]:
 def check_async_update(device) -> list[Row]:
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = RxTForConversationalGeneration(mini_config()).eval().to(device)
+    model = RxTForConversationalGeneration(mini_config(1024)).eval().to(device)
     initial = torch.randn(1, 12, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
     stms = {mode: STMCache(initial.clone(), model.model_signature) for mode in ("async", "sync")}
     worst = 0.0
