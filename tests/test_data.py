@@ -448,3 +448,46 @@ def test_episode_collator(tok, dialogues):
     assert short["input_ids"].shape[1] == 5
     with pytest.raises(InputTooLongError):
         coll.__class__(max_length=8)(feats)
+
+
+def test_reviews_ask_an_earlier_fact_at_every_turn_and_leave_the_dialogues_unchanged():
+    plain = memory_dialogues(40, max_distance=5, seed=3, num_turns=6, fact_rate=0.5)
+    reviewed = memory_dialogues(40, max_distance=5, seed=3, num_turns=6, fact_rate=0.5, reviews=True)
+    assert [{k: v for k, v in r.items() if k != "reviews"} for r in reviewed] == plain
+    asked = 0
+    for record in reviewed:
+        turns = episode_turns(record)
+        # a statement turn acknowledges its fact in the canonical form; probes and small talk are questions
+        stated = {k: _facts_in(t["answer"]) for k, t in enumerate(turns) if not t["query"].endswith("?")}
+        stated = {k: f for k, f in stated.items() if f}
+        expected_turns = [k for k in range(1, len(turns) + 1) if any(s < k for s in stated)]
+        assert [r["turn"] for r in record["reviews"]] == expected_turns
+        for r in record["reviews"]:
+            # about a fact stated before the review's turn (the memory then holds turns 0 .. k-1)
+            earlier = set().union(*(f for s, f in stated.items() if s < r["turn"]))
+            assert any(f.question() == r["query"] and f.answer() == r["answer"] for f in earlier), r
+            asked += 1
+    assert asked > 60
+
+
+def test_reviews_are_tokenized_and_collated_per_turn_boundary(tok):
+    records = memory_dialogues(3, max_distance=3, seed=1, num_turns=4, fact_rate=1.0, reviews=True)
+    ds = tokenize_mrl_dataset(datasets.Dataset.from_list(records), tok, 64)
+    assert [len(x) for x in ds["review_input_ids"]] == [5, 5, 5]  # num_turns + 1 slots
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)([ds[i] for i in range(3)])
+    assert batch["review_input_ids"].shape[:2] == (3, 5)
+    for i, record in enumerate(records):
+        by_turn = {r["turn"]: r for r in record["reviews"]}
+        assert batch["review_mask"][i].tolist() == [int(k in by_turn) for k in range(5)]
+        for k, r in by_turn.items():
+            enc = tokenize_interaction(tok, r["query"], r["answer"], return_labels=True)
+            ids, labels = enc["input_ids"], enc["labels"]
+            n = len(ids)
+            assert batch["review_input_ids"][i, k, :n].tolist() == ids
+            assert batch["review_labels"][i, k, :n].tolist() == labels
+            assert int(batch["review_attention_mask"][i, k].sum()) == n
+    cut = DataCollatorForRxTEpisodes.from_tokenizer(tok, max_turns=2)([ds[i] for i in range(3)])
+    assert cut["review_input_ids"].shape[:2] == (3, 3)  # reviews after turns 0 and 1 stay valid
+    bad_records = [{**records[0], "reviews": [{"turn": 5, "query": "Q?", "answer": "A."}]}]
+    with pytest.raises(ValueError, match=r"a review's turn must be in 1..4 \(the episode has 4 turns\), got 5"):
+        tokenize_mrl_dataset(datasets.Dataset.from_list(bad_records), tok, 64)

@@ -64,6 +64,9 @@ GATES = {
     "elementwise-pair-status": dict(use_gated_residual=True, residual_gate_type="elementwise",
                                     residual_gate_slot_status_type="pair", use_tanh_residual_gate=False),
     "linear-sigmoid": dict(use_gated_residual=True, residual_gate_type="linear", use_tanh_residual_gate=False),
+    "elementwise-write-budget": dict(use_gated_residual=True, residual_gate_type="elementwise",
+                                     residual_gate_slot_status_type="linear", use_tanh_residual_gate=False,
+                                     residual_gate_write_budget=2.0),
     "linear-global": dict(use_gated_residual=True, residual_gate_type="linear", residual_per_slot_gate=False),
 }
 
@@ -118,6 +121,9 @@ def test_memory_attention_options_run_and_round_trip(variant, norm, gate, tmp_pa
     if opts.get("residual_gate_slot_status_type") == "pair":
         with pytest.raises(ValueError, match="residual_gate_slot_status_type='pair'.*save_pretrained instead"):
             save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
+    elif opts.get("residual_gate_write_budget") is not None:
+        with pytest.raises(ValueError, match="residual_gate_write_budget.*save_pretrained instead"):
+            save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
     elif opts["variant"] in ("self-interlayer", "grouped-self-interlayer"):
         save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
         loaded = RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path / "rxlm"))
@@ -160,6 +166,41 @@ def test_pair_slot_status_sees_the_old_slot_and_the_update_separately():
     torch.testing.assert_close(gate(old, new), g * new + (1 - g) * old)
     # a 'linear' status of old + new could not be a function of the old slot alone
     torch.testing.assert_close(gate(old, new * 3), g * 3 * new + (1 - g) * old)
+
+
+def test_write_budget_makes_slots_compete_for_one_write():
+    opts = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+                use_tanh_residual_gate=False)
+    model = _perturb(tiny_model(memory={**opts, "residual_gate_write_budget": 2.0}))
+    gate = model.memory_attention.residual_gate_layers[0]
+    old, new = torch.randn(3, 8, 32), torch.randn(3, 8, 32)
+    logits = gate.gate * gate.slot_status(old + new)
+    g = torch.clamp(2.0 * torch.softmax(logits, dim=-2), max=1.0)
+    torch.testing.assert_close(gate(old, new), g * new + (1 - g) * old)
+    assert float(g.detach().sum(dim=-2).max()) <= 2.0 + 1e-6  # at most two slots' worth replaced per write and layer
+    # only the write of the new interaction competes; the inter-layer mixing keeps independent gates
+    assert model.memory_attention.mean_residual_gate_layers[0].write_budget is None
+    for bad, message in [(0.0, r"must be in \(0, stm_size=8\] slots, got 0.0"),
+                         (9.0, r"must be in \(0, stm_size=8\] slots, got 9.0")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_model(memory={**opts, "residual_gate_write_budget": bad})
+    with pytest.raises(ValueError, match="residual_gate_write_budget needs per-slot sigmoid gates"):
+        tiny_model(memory={**opts, "use_tanh_residual_gate": True, "residual_gate_write_budget": 2.0})
+
+
+def test_saved_configs_without_the_write_budget_still_load(tmp_path):
+    model = _perturb(tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="elementwise")))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["memory_attention_config"]["residual_gate_write_budget"]  # saved before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = RxTForConversationalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.memory_attention_config["residual_gate_write_budget"] is None
+    torch.testing.assert_close(_run_turn(loaded)[1], _run_turn(model)[1], rtol=0, atol=0)
+    del config["memory_attention_config"]["residual_gate_type"]  # any other missing option is still refused
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks \['memory_attention_config.residual_gate_type'\]"):
+        RxTForConversationalGeneration.from_pretrained(tmp_path)
 
 
 def test_reference_checkpoint_refuses_options_the_reference_lacks(tmp_path):

@@ -336,3 +336,54 @@ def test_retention_tables_say_what_they_measured_and_call_noise_noise():
     assert compare_retention(_retention(0.36, 5000), _retention(0.30, 5000)).endswith("a loss)")
     with pytest.raises(ValueError, match="cannot compare retention on different dialogues"):
         compare_retention(_retention(0.3, 100, count=64), _retention(0.3, 100))
+
+
+def test_review_loss_reads_the_memory_of_the_earlier_turns_and_trains_its_writes(tok):
+    records = build_memory_dialogues(4, max_distance=3, seed=2, num_turns=4, fact_rate=1.0, reviews=True)
+    ds = tokenize_mrl_dataset(records, tok, 64)
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)([ds[i] for i in range(4)])
+    model = make_model(tok, seed=5)
+    plain_batch = {k: v for k, v in batch.items() if not k.startswith("review_")}
+    outputs = {}
+    for weight in (0.0, 0.5):
+        module = RxTForMemoryAwareTraining.from_rxt(
+            model, MemoryAwareConfig(output_dir="x", use_cpu=True, backprop_turns=0, review_loss_weight=weight))
+        outputs[weight] = module(**batch, generator=torch.Generator().manual_seed(0))
+    plain = module(**plain_batch, generator=torch.Generator().manual_seed(0))
+    assert float(outputs[0.0].loss.detach()) == float(plain.loss.detach())  # weight 0: the reviews are not read
+    # the review at turn k is answered from the memory after turns 0 .. k-1 were written, by hand:
+    with torch.no_grad():
+        stm, review_losses = model.initial_memory_tensor(4, generator=torch.Generator().manual_seed(0)), []
+        for k in range(1, 5):
+            stm = module._update(stm, batch["input_ids"][:, k - 1], batch["attention_mask"][:, k - 1],
+                                 batch["turn_mask"][:, k - 1].bool())
+            rows = batch["review_mask"][:, k].bool()
+            if rows.any():
+                out = model(input_ids=batch["review_input_ids"][rows, k], stm=stm[rows],
+                            attention_mask=batch["review_attention_mask"][rows, k],
+                            labels=batch["review_labels"][rows, k])
+                review_losses.append(out.loss)
+    expected_review = float(torch.stack(review_losses).mean())
+    assert float(outputs[0.5].metrics["review_loss"]) == pytest.approx(expected_review, rel=1e-5)
+    total = float(plain.loss.detach()) + 0.5 * expected_review
+    assert float(outputs[0.5].loss.detach()) == pytest.approx(total, rel=1e-5)
+    # With only turn 0 trained (it reads the initial memory), the memory attention gets a gradient only
+    # through the review after the last turn, which reads what every write of the episode left.
+    only_turn_0 = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    only_turn_0["labels"][:, 0] = batch["labels"][:, 0]
+    for review_at_end in (False, True):
+        mask = torch.zeros_like(batch["review_mask"])
+        if review_at_end:
+            mask[:, 4] = batch["review_mask"][:, 4]
+        model.zero_grad(set_to_none=True)
+        module(**{**only_turn_0, "review_mask": mask}, generator=torch.Generator().manual_seed(0)).loss.backward()
+        written = sum(float(p.grad.abs().sum()) for p in model.memory_attention.parameters() if p.grad is not None)
+        assert (written > 0) == review_at_end
+
+
+def test_review_loss_weight_without_reviews_is_refused_before_training(tok, episodes, tmp_path):
+    args = MemoryAwareConfig(**common_args(tmp_path, max_steps=1, review_loss_weight=1.0))
+    with pytest.raises(ValueError, match=r"review_loss_weight=1.0 but the training episodes have no reviews"):
+        MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
+    with pytest.raises(ValueError, match="review_loss_weight must be >= 0"):
+        MemoryAwareConfig(**common_args(tmp_path, review_loss_weight=-1.0))

@@ -30,8 +30,9 @@ class CurriculumArguments:
     curriculum_samples: list[int] = field(default_factory=list, metadata={"help": "Dialogues per phase."})
 
 
-def curriculum_dataset(curriculum: CurriculumArguments, data: DataArguments, tokenizer):
-    """Tokenized synthetic dialogues, phase after phase (short episodes first: dense distance-1 recall)."""
+def curriculum_dataset(curriculum: CurriculumArguments, data: DataArguments, tokenizer, reviews: bool = False):
+    """Tokenized synthetic dialogues, phase after phase (short episodes first: dense distance-1 recall), with a
+    review question per turn when ``reviews`` (for ``review_loss_weight``)."""
     import datasets
 
     from transformers_rxt.data import build_memory_dialogues, tokenize_mrl_dataset
@@ -43,7 +44,8 @@ def curriculum_dataset(curriculum: CurriculumArguments, data: DataArguments, tok
         lengths = [int(t) for t in str(spec).split(",")]
         parts = [
             build_memory_dialogues(n // len(lengths), min(t - 1, data.max_distance), data.corpus_seed + 97 * i + t,
-                                   "train", num_turns=t, fact_rate=data.fact_rate, probe_rate=data.probe_rate)
+                                   "train", num_turns=t, fact_rate=data.fact_rate, probe_rate=data.probe_rate,
+                                   reviews=reviews)
             for t in lengths
         ]
         phases.append(datasets.concatenate_datasets(parts).shuffle(seed=data.corpus_seed + i))
@@ -67,7 +69,7 @@ def main() -> None:
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
     with args.main_process_first(desc="tokenizing"):
         if curriculum.curriculum_turns and data.dataset == SYNTHETIC:
-            train, evals = curriculum_dataset(curriculum, data, tokenizer), None
+            train, evals = curriculum_dataset(curriculum, data, tokenizer, args.review_loss_weight > 0), None
         else:
             train, evals = episode_datasets(data, tokenizer)
     trainer = MemoryAwareTrainer(model_args.init_from, args, train_dataset=train, eval_dataset=evals,

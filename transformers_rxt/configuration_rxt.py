@@ -214,6 +214,9 @@ class RxTMemoryAttentionOptions:
     residual_gate_init: float = 3.0
     residual_gate_type: str = "static"
     residual_gate_slot_status_type: str = "mean"
+    # Not in the reference (None = its behaviour): the slots compete for each write, G = min(1, budget x
+    # softmax over slots of the gate logits), so one interaction replaces about `budget` slots' worth in all.
+    residual_gate_write_budget: Optional[float] = None
     use_tanh_residual_gate: bool = True
     rope_base: float = 10000.0
     # interlayer / self-interlayer / grouped
@@ -265,6 +268,17 @@ class RxTMemoryAttentionOptions:
             raise ValueError(f"{where}: a {self.residual_gate_slot_status_type!r} slot status needs "
                              "residual_per_slot_gate=True.")
 
+        if self.residual_gate_write_budget is not None:
+            budget = self.residual_gate_write_budget
+            if not 0 < budget <= self.stm_size:
+                raise ValueError(f"{where}: residual_gate_write_budget must be in (0, stm_size={self.stm_size}] slots, "
+                                 f"got {budget}.")
+            if not (self.use_gated_residual and self.residual_per_slot_gate and not self.use_tanh_residual_gate
+                    and self.residual_gate_type in ("elementwise", "linear")):
+                raise ValueError(f"{where}: residual_gate_write_budget needs per-slot sigmoid gates: "
+                                 "use_gated_residual=True, residual_per_slot_gate=True, use_tanh_residual_gate=False "
+                                 "and residual_gate_type 'elementwise' or 'linear'.")
+
     def heads(self, kind: str = "main") -> tuple[int, int]:
         prefix = {"main": "att", "interlayer": "interlayer_att", "self": "self_att"}[kind]
         return resolve_heads(getattr(self, f"{prefix}_type"), self.att_heads, getattr(self, f"{prefix}_groups"),
@@ -284,6 +298,11 @@ def _component_dict(value: Any, cls) -> dict:
     return dataclasses.asdict(cls(**value))
 
 
+# Options added after models were saved without them, whose default is the behaviour those models were trained
+# with: a config.json that lacks one of these loads with the default.
+OPTIONS_WITH_SAFE_DEFAULTS = frozenset({"memory_attention_config.residual_gate_write_budget"})
+
+
 def require_every_option(config_class, config_dict: dict) -> None:
     """Refuse a saved config (config.json) that lacks an option of `config_class`.
 
@@ -298,6 +317,7 @@ def require_every_option(config_class, config_dict: dict) -> None:
         component = config_dict.get(key)
         if isinstance(component, dict):
             missing += [f"{key}.{f.name}" for f in dataclasses.fields(options_class) if f.name not in component]
+    missing = [name for name in missing if name not in OPTIONS_WITH_SAFE_DEFAULTS]
     if missing:
         raise ValueError(
             f"the saved {config_class.__name__} (config.json) lacks {missing}: a default would silently build a "

@@ -625,9 +625,11 @@ class RxTResidualGate(nn.Module):
     (across slots) gate; tanh gates give (1 + G) new + (1 - G) old, sigmoid gates G new + (1 - G) old.
     """
 
-    def __init__(self, opts: RxTMemoryAttentionOptions, enabled: bool, disable_residual: bool = False):
+    def __init__(self, opts: RxTMemoryAttentionOptions, enabled: bool, disable_residual: bool = False,
+                 write_budget: Optional[float] = None):
         super().__init__()
         self.enabled, self.disable_residual = enabled, disable_residual
+        self.write_budget = write_budget
         self.gate_type, self.per_slot = opts.residual_gate_type, opts.residual_per_slot_gate
         self.use_tanh = opts.use_tanh_residual_gate
         self.init_value = opts.residual_gate_init
@@ -669,7 +671,12 @@ class RxTResidualGate(nn.Module):
         if self.use_tanh:
             g = torch.tanh(g)
             return (1 + g) * new + (1 - g) * old
-        g = torch.sigmoid(g)
+        if self.write_budget is not None:
+            # Independent sigmoids let one write replace a little of every slot, so facts pile up in the same
+            # slots; competing slots make the write choose where it goes (and what it leaves alone).
+            g = torch.clamp(self.write_budget * torch.softmax(g, dim=-2), max=1.0)
+        else:
+            g = torch.sigmoid(g)
         return g * new + (1 - g) * old
 
 
@@ -798,13 +805,15 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         def norms():
             return nn.ModuleList(make_memory_norm(opts) for _ in range(n))
 
-        def gates(enabled=opts.use_gated_residual, disable=False):
-            return nn.ModuleList(RxTResidualGate(opts, enabled, disable) for _ in range(n))
+        def gates(enabled=opts.use_gated_residual, disable=False, write_budget=None):
+            return nn.ModuleList(RxTResidualGate(opts, enabled, disable, write_budget) for _ in range(n))
 
         self.attention_layers = nn.ModuleList(attention("main", "k") for _ in range(n))
         self.memory_norm_layers = norms()
         self.memory_input_norm_layers = nn.ModuleList(RxTRMSNorm(dim) for _ in range(n))
-        self.residual_gate_layers = gates(disable=self.variant == "simple" and opts.disable_residual)
+        # The write budget applies where the new interaction is written, not to the inter-layer mixing.
+        self.residual_gate_layers = gates(disable=self.variant == "simple" and opts.disable_residual,
+                                          write_budget=opts.residual_gate_write_budget)
         if self.variant in ("interlayer", "self-interlayer", "grouped-self-interlayer"):
             self.mean_attention_layers = nn.ModuleList(attention("interlayer", None) for _ in range(n))
             self.mean_memory_norm_layers = norms()

@@ -80,6 +80,7 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
         ("stm_init_type='learned'", config.stm_init_type == "learned"),
         ("residual_gate_slot_status_type='pair'",
          config.memory_attention_config.get("residual_gate_slot_status_type") == "pair"),
+        ("residual_gate_write_budget", config.memory_attention_config.get("residual_gate_write_budget") is not None),
     ) if used]
     if not_in_reference:
         raise ValueError(f"this model uses {', '.join(not_in_reference)}, which the reference (rxlm) cannot hold; "

@@ -295,7 +295,11 @@ class DataCollatorForRxTEpisodes:
       marker ``[A]``/``[T]``/``[C]``), i.e. ``input_ids[b, k, :prompt_lengths[b, k]]`` is the ``generate``
       prompt;
     - if any feature has a system prompt: ``system_input_ids``/``system_attention_mask`` [B, S] and
-      ``has_system`` [B].
+      ``has_system`` [B];
+    - if the features have reviews (``review_input_ids`` from :func:`tokenize_mrl_dataset`):
+      ``review_input_ids``/``review_attention_mask``/``review_labels`` [B, N + 1, R] and ``review_mask``
+      [B, N + 1]: entry k is a question asked of the memory before turn k (after turns 0 .. k-1 are written),
+      never written into it.
 
     Batch-first keeps ``Trainer``/``accelerate`` batch splitting correct; take one turn with
     :func:`select_turn`. ``truncate_to_shortest=True`` reproduces the reference's collate (all episodes cut to
@@ -381,7 +385,33 @@ class DataCollatorForRxTEpisodes:
             batch["system_input_ids"] = _pad_2d(sys_ids, s_len, self.pad_token_id, "right")
             batch["system_attention_mask"] = _pad_2d([[1] * len(x) for x in sys_ids], s_len, 0, "right")
             batch["has_system"] = torch.tensor([int(bool(x)) for x in sys_ids], dtype=torch.long)
+        if any(f.get("review_input_ids") for f in features):
+            batch.update(self._reviews(features, n_turns))
         return batch
+
+    def _reviews(self, features: Sequence[Mapping[str, Any]], n_turns: int) -> dict[str, torch.Tensor]:
+        # A review at k asks about turns before k, so it stays valid when the episode is cut to n_turns >= k.
+        slots = [[_as_list(x) for x in (f.get("review_input_ids") or [])][: n_turns + 1] for f in features]
+        labs = [[_as_list(x) for x in (f.get("review_labels") or [])][: n_turns + 1] for f in features]
+        length = _target_length([len(x) for s in slots for x in s], self.max_length, self.pad_to_multiple_of)
+        shape = (len(features), n_turns + 1, length)
+        ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, self.label_pad_token_id, dtype=torch.long)
+        review_mask = torch.zeros(shape[:2], dtype=torch.long)
+        for i, (row, row_labels) in enumerate(zip(slots, labs)):
+            for k, (seq, lab) in enumerate(zip(row, row_labels)):
+                if seq:
+                    ids[i, k, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+                    mask[i, k, : len(seq)] = 1
+                    labels[i, k, : len(seq)] = torch.as_tensor(lab, dtype=torch.long)
+                    review_mask[i, k] = 1
+        return {
+            "review_input_ids": ids,
+            "review_attention_mask": mask,
+            "review_labels": labels,
+            "review_mask": review_mask,
+        }
 
 
 def select_turn(

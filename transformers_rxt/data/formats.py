@@ -581,6 +581,30 @@ def tokenize_sft_dataset(
     return ds.map(encode, batched=True, with_indices=True, batch_size=batch_size, remove_columns=remove, **kwargs)
 
 
+def _tokenize_reviews(
+    tokenizer: Any, rows: list[Mapping[str, Any]], num_turns: list[int], max_length: int | None, truncation: bool
+) -> dict[str, list]:
+    """Per episode, ``num_turns + 1`` review slots (ids and labels; empty lists where there is no review)."""
+    flat = [r for row in rows for r in row.get("reviews") or []]
+    ids, labels = tokenize_interaction_records(tokenizer, flat, max_length, truncation=truncation)
+    out: dict[str, list] = {"review_input_ids": [], "review_labels": []}
+    start = 0
+    for row, n in zip(rows, num_turns):
+        slot_ids: list[list[int]] = [[] for _ in range(n + 1)]
+        slot_labels: list[list[int]] = [[] for _ in range(n + 1)]
+        for review in row.get("reviews") or []:
+            k = int(review["turn"])
+            if not 1 <= k <= n:
+                raise ValueError(f"a review's turn must be in 1..{n} (the episode has {n} turns), got {k}")
+            if slot_ids[k]:
+                raise ValueError(f"two reviews at turn {k}: an episode has at most one review per turn")
+            slot_ids[k], slot_labels[k] = ids[start], labels[start]
+            start += 1
+        out["review_input_ids"].append(slot_ids)
+        out["review_labels"].append(slot_labels)
+    return out
+
+
 def tokenize_mrl_dataset(
     ds: Any,
     tokenizer: Any,
@@ -596,10 +620,14 @@ def tokenize_mrl_dataset(
     """Normalised MRL episodes -> per-turn ids for :class:`~transformers_rxt.data.DataCollatorForRxTEpisodes`.
 
     Columns: ``turn_input_ids`` (one full interaction per turn), ``turn_labels`` (answer-side labels, as in
-    :func:`tokenize_sft_dataset`), ``num_turns``; and ``system_input_ids`` (empty when the row has none) if
-    the data has a ``system`` column. ``max_length`` applies to each turn separately.
+    :func:`tokenize_sft_dataset`), ``num_turns``; ``system_input_ids`` (empty when the row has none) if
+    the data has a ``system`` column; and ``review_input_ids``/``review_labels`` if it has a ``reviews`` column
+    (see :func:`~transformers_rxt.data.memory_dialogues`): ``num_turns + 1`` entries per episode, entry k the
+    question asked of the memory before turn k (empty where there is none). ``max_length`` applies to each turn
+    separately.
     """
     has_system = "system" in (_columns(ds) or [])
+    has_reviews = "reviews" in (_columns(ds) or [])
 
     def encode(batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
         _check_batch({k: batch[k] for k in (*INTERACTION_FIELDS, "interactions") if k in batch}, indices, True)
@@ -616,6 +644,8 @@ def tokenize_mrl_dataset(
             out["turn_labels"].append(labels[start : start + len(turns)])
             out["num_turns"].append(len(turns))
             start += len(turns)
+        if has_reviews:
+            out.update(_tokenize_reviews(tokenizer, rows, out["num_turns"], max_length, truncation))
         if has_system:
             out["system_input_ids"] = [
                 tokenize_system_prompt(

@@ -334,6 +334,7 @@ def memory_dialogues(
     fact_rate: float = 0.45,
     probe_rate: float = 0.7,
     heldout_percent: int = 15,
+    reviews: bool = False,
 ) -> list[dict[str, Any]]:
     """``n`` multi-turn episodes in the reference's MRL record format, with recall probes.
 
@@ -347,6 +348,13 @@ def memory_dialogues(
     Record: ``query``/``answer`` (turn 0), ``interactions`` (turns 1..), and ``probes``: one dict per recall
     question with ``turn`` (0-based index in the episode), ``distance``, ``fact_turn``, ``kind``, ``expected``
     (the key value, e.g. ``"red"``) and ``answer`` (the reference answer, also the turn's ``answer``).
+
+    ``reviews=True`` adds ``reviews``: after every turn k that follows a fact (k = 1 .. ``num_turns``), the
+    recall question of one fact stated before turn k (drawn at random), as a ``turn``/``query``/``answer``
+    dict. A review asks the memory *before* turn k (after turns 0 .. k-1 are written; ``turn == num_turns``:
+    after the whole episode) and is not part of the conversation: it is never written into the memory.
+    Stage 4 trains on them as extra answers (``review_loss_weight``), so every turn gives a retention signal
+    for an earlier fact, not only the few probe turns. The dialogues are the same with or without reviews.
     """
     if max_distance < 1:
         raise ValueError(f"max_distance must be >= 1, got {max_distance}")
@@ -398,15 +406,30 @@ def memory_dialogues(
             else:
                 q, a = slot[1]
             turns.append({"query": q, "answer": a})
-        episodes.append(
-            {
-                "query": turns[0]["query"],
-                "answer": turns[0]["answer"],
-                "interactions": turns[1:],
-                "probes": probes,
-            }
-        )
+        episode = {
+            "query": turns[0]["query"],
+            "answer": turns[0]["answer"],
+            "interactions": turns[1:],
+            "probes": probes,
+        }
+        if reviews:
+            # A stream of its own per episode: the dialogues do not change when reviews are asked for.
+            review_rng = _rng(seed, "reviews", split, str(max_distance), str(turns_n), str(i))
+            episode["reviews"] = _reviews(review_rng, slots)
+        episodes.append(episode)
     return episodes
+
+
+def _reviews(rng: random.Random, slots: list[tuple]) -> list[dict[str, Any]]:
+    """One recall question per turn boundary k (1 .. len(slots)) about a fact stated before turn k."""
+    out, stated = [], []
+    for k in range(1, len(slots) + 1):
+        if slots[k - 1][0] == "fact":
+            stated.append(slots[k - 1][1])
+        if stated:
+            fact = rng.choice(stated)
+            out.append({"turn": k, "query": fact.question(), "answer": fact.answer()})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -437,14 +460,23 @@ def build_memory_dialogues(
     num_turns: int | None = None,
     fact_rate: float = 0.45,
     probe_rate: float = 0.7,
+    reviews: bool = False,
 ):
     """``datasets.Dataset`` of :func:`memory_dialogues` episodes (columns ``query``, ``answer``,
-    ``interactions``, ``probes``). ``split="heldout"`` uses only held-out fact combinations."""
+    ``interactions``, ``probes``, and ``reviews`` when asked for). ``split="heldout"`` uses only held-out fact
+    combinations."""
     datasets = require_extra("datasets")
 
     return datasets.Dataset.from_list(
         memory_dialogues(
-            n, max_distance, seed, split, num_turns=num_turns, fact_rate=fact_rate, probe_rate=probe_rate
+            n,
+            max_distance,
+            seed,
+            split,
+            num_turns=num_turns,
+            fact_rate=fact_rate,
+            probe_rate=probe_rate,
+            reviews=reviews,
         )
     )
 

@@ -68,6 +68,11 @@ class MemoryAwareConfig(TrainingArguments):
         memory_attention_learning_rate (`float`, *optional*), encoder_learning_rate (`float`, *optional*):
             learning rates of those components (default `learning_rate`).
         moe_aux_loss_weight (`float`, *optional*): MoE load-balancing weight (None: the model config's).
+        review_loss_weight (`float`, defaults to `0.0`): weight of the review questions' answer loss, added to
+            the mean turn loss. Reviews (``review_input_ids`` in the batch, from episodes with a ``reviews``
+            column) ask the memory about an earlier fact before every turn without writing the question into
+            it, so keeping a fact through later writes gets a training signal at every turn, not only at the
+            episode's few probe turns. 0 ignores them (the reference's stage 4).
     """
 
     backprop_turns: int = field(default=1, metadata={"help": "Memory updates per loss in backprop (0 = all)."})
@@ -81,6 +86,9 @@ class MemoryAwareConfig(TrainingArguments):
     memory_attention_learning_rate: float | None = field(default=None, metadata={"help": "Mem-attn LR."})
     encoder_learning_rate: float | None = field(default=None, metadata={"help": "Encoder LR."})
     moe_aux_loss_weight: float | None = field(default=None, metadata={"help": "MoE aux loss weight."})
+    review_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the review questions' answer loss (0 = reviews unused)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
@@ -88,6 +96,8 @@ class MemoryAwareConfig(TrainingArguments):
         super().__post_init__()
         if self.backprop_turns < 0:
             raise ValueError(f"backprop_turns must be >= 0 (0 = whole episode), got {self.backprop_turns}")
+        if self.review_loss_weight < 0:
+            raise ValueError(f"review_loss_weight must be >= 0 (0 = no reviews), got {self.review_loss_weight}")
 
     def trainable_components(self, step: int, epoch: float) -> set[str]:
         """Which components train at optimizer step ``step`` / epoch ``epoch`` (the unfreeze schedule)."""
@@ -122,6 +132,43 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         new = self.compute_memory_update(ids[rows], mask[rows], stm[rows])
         return stm.index_copy(0, rows, new)
 
+    def _answer_losses(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], stm: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, float, int]], torch.Tensor | None]:
+        """The decoder's answer losses reading ``stm`` for several row sets at once.
+
+        ``parts``: (ids [B, T], mask, labels, rows) per row set (a turn, its reviews). The row sets go through
+        the decoder as one batch (at this model size a forward costs about the same for 2B rows as for B) and
+        each gets its own mean token loss. Returns ((loss, correct tokens, tokens) per part, MoE aux loss)."""
+        used = max(max(int(mask[rows].sum(dim=1).max()), 1) for _, mask, _, rows in parts)
+
+        def pick(x: torch.Tensor, rows: torch.Tensor, fill: int) -> torch.Tensor:  # rows, cut/padded to `used`
+            x = x[:, :used].index_select(0, rows)
+            return torch.nn.functional.pad(x, (0, used - x.shape[1]), value=fill)
+
+        ids = torch.cat([pick(i, r, self.config.pad_token_id or 0) for i, _, _, r in parts])
+        mask = torch.cat([pick(m, r, 0) for _, m, _, r in parts])
+        labels = torch.cat([pick(lab, r, -100) for _, _, lab, r in parts])
+        base = self.rxt(  # the decoder pass of the RxT model itself
+            input_ids=ids, attention_mask=mask, stm=torch.cat([stm.index_select(0, r) for *_, r in parts])
+        )
+        # The LM head only where a label is predicted (the answer side): the prompt's and the padding's logits
+        # would be most of the head's cost and are never used.
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self.lm_head(base.last_hidden_state[:, :-1][keep])
+        token_loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+        row_of = keep.nonzero()[:, 0]
+        results, start = [], 0
+        for *_, rows in parts:
+            mine = (row_of >= start) & (row_of < start + rows.numel())
+            start += rows.numel()
+            loss = token_loss[mine].mean()
+            with torch.no_grad():
+                hits = float((logits[mine].argmax(-1) == target[keep][mine]).sum())
+            results.append((loss, hits, int(mine.sum())))
+        return results, base.aux_loss
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -132,52 +179,78 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         system_input_ids: torch.LongTensor | None = None,
         system_attention_mask: torch.Tensor | None = None,
         has_system: torch.Tensor | None = None,
+        review_input_ids: torch.LongTensor | None = None,
+        review_attention_mask: torch.Tensor | None = None,
+        review_labels: torch.LongTensor | None = None,
+        review_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RxTStageOutput:
         batch, turns, _ = input_ids.shape
         backprop = self.stage_arg("backprop_turns", 1)
         train_first_turn = self.stage_arg("train_first_turn", True)
         aux_weight = self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef)
+        review_weight = self.stage_arg("review_loss_weight", 0.0)
+        if review_weight <= 0 or review_mask is None:
+            review_mask = torch.zeros(batch, turns + 1, dtype=torch.long, device=input_ids.device)
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         if system_input_ids is not None and has_system is not None and bool(has_system.any()):
             stm = self._update(stm, system_input_ids, system_attention_mask, has_system.bool())
-        losses, metrics, hits, count = [], {}, 0.0, 0
-        for k in range(turns):
-            valid = turn_mask[:, k].bool()
-            if not bool(valid.any()):
+        losses, review_losses, aux_losses, metrics = [], [], [], {}
+        hits, count, review_hits, review_count = 0.0, 0, 0.0, 0
+        # k = turns only exists for reviews: the question asked after the episode's last turn is written.
+        for k in range(turns + 1):
+            valid = turn_mask[:, k].bool() if k < turns else torch.zeros_like(turn_mask[:, 0], dtype=torch.bool)
+            reviewing = review_mask[:, k].bool()
+            if not bool(valid.any() or reviewing.any()):
                 break
             if k > 0:
                 if backprop > 0 and (k - 1) % backprop == 0:
                     stm = stm.detach()
                 stm = self._update(stm, input_ids[:, k - 1], attention_mask[:, k - 1], turn_mask[:, k - 1].bool())
-            if k == 0 and not train_first_turn:
+            parts, is_review = [], []
+            if bool(valid.any()) and (k > 0 or train_first_turn) and bool((labels[:, k] != -100).any()):
+                parts.append((input_ids[:, k], attention_mask[:, k], labels[:, k], valid.nonzero().flatten()))
+                is_review.append(False)
+            if bool(reviewing.any()):
+                parts.append((review_input_ids[:, k], review_attention_mask[:, k], review_labels[:, k],
+                              reviewing.nonzero().flatten()))
+                is_review.append(True)
+            if not parts:
                 continue
-            labels_k = labels[:, k]
-            if not bool((labels_k != -100).any()):
-                continue
-            rows = None if bool(valid.all()) else valid.nonzero().flatten()
-            used = max(int(attention_mask[:, k].sum(dim=1).max()), 1)
-            out = super().forward(  # the decoder pass of the RxT model itself
-                input_ids=_take_rows(input_ids[:, k, :used], rows),
-                attention_mask=_take_rows(attention_mask[:, k, :used], rows),
-                stm=_take_rows(stm, rows),
-                labels=_take_rows(labels_k[:, :used], rows),
-            )
-            loss_k = out.lm_loss
-            if out.aux_loss is not None and self.training:
-                loss_k = loss_k + aux_weight * out.aux_loss
-            losses.append(loss_k)
-            with torch.no_grad():
-                lab = _take_rows(labels_k[:, :used], rows)[:, 1:]
-                keep = lab != -100
-                hits += float((out.logits[:, :-1].argmax(-1)[keep] == lab[keep]).sum())
-                count += int(keep.sum())
-                metrics[f"loss_turn_{k}"] = out.lm_loss.detach()
-        if not losses:
+            results, aux = self._answer_losses(parts, stm)
+            for review, (loss_k, h, c) in zip(is_review, results):
+                if review:
+                    review_losses.append(loss_k)
+                    review_hits, review_count = review_hits + h, review_count + c
+                else:
+                    metrics[f"loss_turn_{k}"] = loss_k.detach()
+                    losses.append(loss_k)
+                    hits, count = hits + h, count + c
+            if aux is not None and self.training:
+                aux_losses.append(aux)
+        if not losses and not review_losses:
             raise ValueError("no turn of this batch has answer labels to train on")
-        loss = torch.stack(losses).mean()
+        zero = input_ids.new_zeros((), dtype=torch.float)
+        loss = torch.stack(losses).mean() if losses else zero
+        if aux_losses:  # the mean of (turn loss + weight * aux) over turns, as the reference sums them
+            loss = loss + aux_weight * torch.stack(aux_losses).mean()
         metrics["answer_accuracy"] = hits / max(count, 1)
+        if review_losses:
+            review_loss = torch.stack(review_losses).mean()
+            loss = loss + review_weight * review_loss
+            metrics["review_loss"] = review_loss.detach()
+            metrics["review_accuracy"] = review_hits / max(review_count, 1)
         return RxTStageOutput(loss=loss, metrics=metrics)
+
+
+def _check_reviews(args: MemoryAwareConfig, train_dataset: Any) -> None:
+    columns = getattr(train_dataset, "column_names", None)
+    if args.review_loss_weight > 0 and columns is not None and "review_input_ids" not in columns:
+        raise ValueError(
+            f"review_loss_weight={args.review_loss_weight} but the training episodes have no reviews: build them "
+            "with reviews (memory_dialogues(..., reviews=True) or a 'reviews' column) and tokenize them with "
+            "tokenize_mrl_dataset, or set review_loss_weight to 0."
+        )
 
 
 class GradualUnfreezeCallback(TrainerCallback):
@@ -222,6 +295,7 @@ class MemoryAwareTrainer(RxTStageTrainer):
         **kwargs: Any,
     ):
         args = resolve_stage_args(args, MemoryAwareConfig, "rxt-output-smat")
+        _check_reviews(args, train_dataset)
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
         data_collator = episode_collator(data_collator, processing_class, model)
