@@ -211,6 +211,21 @@ def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
     assert torch.equal(new[1], stm[1]) and not torch.equal(new[0], stm[0])
 
 
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path):
+    """Stage 4, 2 micro-batches of 2 episodes (different turn counts and answer lengths) accumulated = one batch
+    of 4: the loss is normalised by the whole step's answer tokens per turn (plain SGD: the update is the
+    gradient). The 2-process version of this is in test_training_distributed.py."""
+    from ddp_stage4_step import one_step
+
+    initial, whole = one_step(str(tmp_path / "whole"), per_device=4)
+    _, accumulated = one_step(str(tmp_path / "accumulated"), per_device=2, accumulation=2)
+    params = dict(accumulated.model.named_parameters())
+    assert max(float((p.detach() - initial[n]).abs().max()) for n, p in whole.model.named_parameters()) > 1e-2
+    for name, value in whole.model.named_parameters():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=name)
+    assert losses(accumulated) == pytest.approx(losses(whole), abs=1e-5)
+
+
 class Snapshots(TrainerCallback):
     """Copies of every parameter after each optimizer step, plus which ones had optimizer state."""
 

@@ -8,7 +8,9 @@ The first stage where the decoder reads a *real* memory. For an episode of turns
             decoder answers I_k from STM_k (teacher forcing, loss on the answer side only)
 
 The loss is the mean of the per-turn answer losses; all of it runs inside one ``forward`` (DDP-safe) with one
-backward and one optimizer step per batch of episodes.
+backward and one optimizer step per batch of episodes. In training each turn's loss is a token mean over the
+optimizer step's whole batch (all micro-batches, all processes: ``loss_item_counts``), so data parallelism and
+gradient accumulation give the update of one process on the concatenated batch.
 
 Gradient through the memory (``backprop_turns``): ``1`` detaches the STM before every update, so turn k's
 loss trains the memory attention and encoder only through the update that consumed I_{k-1} (the reference);
@@ -112,6 +114,14 @@ class RxTForMemoryAwareTraining(RxTStageModel):
     ``stage_args`` (a [`MemoryAwareConfig`]) sets ``backprop_turns``, ``train_first_turn`` and the MoE weight
     (defaults without)."""
 
+    def loss_item_counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Answer tokens per turn that the loss trains on (shifted labels), [turns]: the per-turn loss is a token
+        mean over the whole step's batch, and the loss the mean over turns that have answer tokens in it."""
+        counts = (batch["labels"][:, :, 1:] != -100).sum(dim=(0, 2))
+        if not self.stage_arg("train_first_turn", True):
+            counts[0] = 0
+        return counts
+
     def _update(self, stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write one interaction per valid row into the memory; rows without one keep their memory."""
         used = max(int(mask.sum(dim=1).max()), 1)
@@ -132,8 +142,12 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         system_input_ids: torch.LongTensor | None = None,
         system_attention_mask: torch.Tensor | None = None,
         has_system: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RxTStageOutput:
+        """The mean per-turn answer loss of the episodes. With ``num_items_in_batch`` (the
+        :meth:`loss_item_counts` of the optimizer step's whole batch, from the trainer) it is this batch's share
+        of the whole batch's loss: per turn the sum of token losses over that turn's total."""
         batch, turns, _ = input_ids.shape
         backprop = self.stage_arg("backprop_turns", 1)
         train_first_turn = self.stage_arg("train_first_turn", True)
@@ -153,29 +167,35 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             if k == 0 and not train_first_turn:
                 continue
             labels_k = labels[:, k]
-            if not bool((labels_k != -100).any()):
+            if not bool((labels_k[:, 1:] != -100).any()):  # none to predict (shifted)
                 continue
             rows = None if bool(valid.all()) else valid.nonzero().flatten()
             used = max(int(attention_mask[:, k].sum(dim=1).max()), 1)
+            lab = _take_rows(labels_k[:, :used], rows)
+            local = int((lab[:, 1:] != -100).sum())
+            share = 1.0 if num_items_in_batch is None else local / num_items_in_batch[k]  # of the turn's tokens
             out = super().forward(  # the decoder pass of the RxT model itself
                 input_ids=_take_rows(input_ids[:, k, :used], rows),
                 attention_mask=_take_rows(attention_mask[:, k, :used], rows),
                 stm=_take_rows(stm, rows),
-                labels=_take_rows(labels_k[:, :used], rows),
+                labels=lab,
+                num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch[k],
             )
             loss_k = out.lm_loss
             if out.aux_loss is not None and self.training:
-                loss_k = loss_k + aux_weight * out.aux_loss
+                loss_k = loss_k + aux_weight * share * out.aux_loss
             losses.append(loss_k)
             with torch.no_grad():
-                lab = _take_rows(labels_k[:, :used], rows)[:, 1:]
-                keep = lab != -100
-                hits += float((out.logits[:, :-1].argmax(-1)[keep] == lab[keep]).sum())
-                count += int(keep.sum())
-                metrics[f"loss_turn_{k}"] = out.lm_loss.detach()
+                keep = lab[:, 1:] != -100
+                hits += float((out.logits[:, :-1].argmax(-1)[keep] == lab[:, 1:][keep]).sum())
+                count += local
+                metrics[f"loss_turn_{k}"] = out.lm_loss.detach() / share  # this batch's token mean
         if not losses:
             raise ValueError("no turn of this batch has answer labels to train on")
-        loss = torch.stack(losses).mean()
+        if num_items_in_batch is None:
+            loss = torch.stack(losses).mean()
+        else:  # the mean over the turns the whole batch trains
+            loss = torch.stack(losses).sum() / (num_items_in_batch > 0).sum()
         metrics["answer_accuracy"] = hits / max(count, 1)
         return RxTStageOutput(loss=loss, metrics=metrics)
 
