@@ -1,5 +1,7 @@
 """Stages 1, 4 and 5 under a real 2-process `accelerate launch` on CPU (gloo DDP, with the shipped
-trainers/configs/accelerate/ddp.yaml), as the stage scripts run; stage 4 resumed from a checkpoint."""
+trainers/configs/accelerate/ddp.yaml), as the stage scripts run; stage 4 resumed from a checkpoint; one DDP step of
+stage 4 against one process on the concatenated batch; stages 1 and 4 sharded with FSDP2 (the shipped fsdp2.yaml)
+and resumed from a sharded checkpoint."""
 
 import json
 import os
@@ -123,3 +125,35 @@ def test_ddp_stage4_step_equals_one_process_on_the_concatenated_batch(tmp_path):
     for name, value in one["params"].items():
         torch.testing.assert_close(two["params"][name], value, rtol=0, atol=1e-5, msg=name)
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)  # the logged loss is the whole batch's too
+
+
+def torchrun(worker: str, processes: int, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+           str(free_port()), str(REPO / worker), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{worker} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_fsdp2_stages_1_and_4_resume_to_the_same_weights(tmp_path):
+    """Stages 1 and 4 sharded by accelerate's FSDP2 code with the shipped fsdp2.yaml, 2 CPU processes (gloo):
+    two steps, or one step, a sharded checkpoint (model + optimizer), a model built from another seed that loads
+    it, and the second step: the same weights (full-state-dict HF outputs). Stage 4 on 2 processes also equals 1
+    process on the concatenated batch (1e-5). Trainer itself cannot run FSDP on CPU (see the README)."""
+    from fsdp_stage_steps import build
+
+    worker = "tests/fsdp_stage_steps.py"
+    torchrun(worker, 2, str(tmp_path), "full")
+    torchrun(worker, 2, str(tmp_path), "resume")
+    torchrun(worker, 1, str(tmp_path), "full")
+    for stage in (1, 4):
+        full = RxTForConversationalGeneration.from_pretrained(tmp_path / f"stage{stage}-full-world2").state_dict()
+        resumed = RxTForConversationalGeneration.from_pretrained(tmp_path / f"stage{stage}-resume-world2")
+        single = RxTForConversationalGeneration.from_pretrained(tmp_path / f"stage{stage}-full-world1").state_dict()
+        initial = build(stage, seed=0).state_dict()
+        assert max(float((value - initial[name]).abs().max()) for name, value in full.items()) > 1e-2  # trained
+        for name, value in resumed.state_dict().items():
+            torch.testing.assert_close(value, full[name], rtol=0, atol=1e-6, msg=f"stage {stage}: {name}")
+            if stage == 4:
+                torch.testing.assert_close(single[name], full[name], rtol=0, atol=1e-5, msg=name)
