@@ -41,7 +41,8 @@ def episode(seed: int, turns: int) -> dict:
 EPISODES = [episode(1, 3), episode(2, 2), episode(3, 2), episode(4, 4)]
 
 
-def one_step(output_dir: str, per_device: int, accumulation: int = 1) -> tuple[dict, MemoryAwareTrainer]:
+def one_step(output_dir: str, per_device: int, accumulation: int = 1,
+             gradient_checkpointing: bool = False, callbacks: list | None = None) -> tuple[dict, MemoryAwareTrainer]:
     """The initial parameters and the trainer after one SGD step on :data:`EPISODES`."""
     torch.manual_seed(0)
     model = RxTForConversationalGeneration(tiny_config(stm_init_type="learned", seq_len=64)).train()
@@ -51,8 +52,9 @@ def one_step(output_dir: str, per_device: int, accumulation: int = 1) -> tuple[d
         max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
         max_grad_norm=0.0, train_sampling_strategy="sequential", backprop_turns=0, use_cpu=True,
         report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+        gradient_checkpointing=gradient_checkpointing,
     )
-    trainer = MemoryAwareTrainer(model, args, train_dataset=EPISODES)
+    trainer = MemoryAwareTrainer(model, args, train_dataset=EPISODES, callbacks=callbacks)
     trainer.train()
     return initial, trainer
 
