@@ -16,6 +16,7 @@ import yaml
 
 from transformers_rxt import RxTForConversationalGeneration, train_rxt_tokenizer
 from transformers_rxt.data import memory_dialogues, pretraining_texts, sft_pairs
+from transformers_rxt.training import RxTForJointLMTraining
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -56,20 +57,29 @@ def launch(script: str, tmp_path: Path, *args: str, config: str = "ddp.yaml") ->
 
 
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed next to this python")
-def test_stages_1_and_4_complete_on_two_processes(tmp_path):
+def test_stages_1_4_and_5_complete_on_two_processes_and_resume(tmp_path):
     tok = train_rxt_tokenizer(pretraining_texts(200) + [f"{p['query']} {p['answer']}" for p in sft_pairs(200)],
                               vocab_size=300)
     tok.save_pretrained(tmp_path / "stage0")
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(TINY_MODEL))
     common = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--use_cpu", "true"]
 
-    launch("trainers/stage1_joint_pretrain.py", tmp_path, "--config", "trainers/configs/tiny/stage1.yaml",
-           "--tokenizer", str(tmp_path / "stage0"), "--model_config", str(tmp_path / "model.yaml"),
-           "--output_dir", str(tmp_path / "stage1"), "--num_samples", "32", "--per_device_train_batch_size", "4",
-           *common)
+    stage1 = ["--config", "trainers/configs/tiny/stage1.yaml", "--tokenizer", str(tmp_path / "stage0"),
+              "--model_config", str(tmp_path / "model.yaml"), "--num_samples", "32",
+              "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
+              "--save_total_limit", "2", *common]
+    launch("trainers/stage1_joint_pretrain.py", tmp_path, "--output_dir", str(tmp_path / "stage1"), *stage1)
     report = json.loads((tmp_path / "stage1" / "stage_report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 2
     assert report["train_tokens"] > 0  # summed over both processes
+    # stage 1 resumed from checkpoint-1 (MLM masking and memory noise drawn again from the step's seed)
+    launch("trainers/stage1_joint_pretrain.py", tmp_path, "--output_dir", str(tmp_path / "stage1_resumed"),
+           "--resume_from_checkpoint", str(tmp_path / "stage1" / "checkpoint-1"), *stage1)
+    full = RxTForJointLMTraining.from_pretrained(tmp_path / "stage1").state_dict()
+    resumed = RxTForJointLMTraining.from_pretrained(tmp_path / "stage1_resumed").state_dict()
+    assert any(k.startswith("mlm_head.") for k in full)
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
 
     stage4 = ["--config", "trainers/configs/tiny/stage4.yaml", "--init_from", str(tmp_path / "stage1"),
               "--curriculum_turns", "2", "3", "--curriculum_samples", "8", "8", "--per_device_train_batch_size", "2",
