@@ -1,12 +1,11 @@
 """The accelerate configs shipped for multi-GPU training (issue 18) are valid accelerate configs and match the
-model (the FSDP wrap class exists; the outputs are full HF directories)."""
+model (FSDP without per-layer units; the outputs are full HF directories)."""
 
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from transformers_rxt import RxTForConversationalGeneration
 
 CONFIGS = Path(__file__).resolve().parents[1] / "trainers" / "configs" / "accelerate"
 
@@ -19,7 +18,9 @@ def test_accelerate_config_loads(name, kind):
     if kind == "FSDP":
         fsdp = config.fsdp_config
         assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in RxTForConversationalGeneration._no_split_modules
+        # one unit for the model (per-RxTLayer units fail: the memory K/V are projected outside the layer's forward);
+        # tests/test_training_distributed.py trains stages 1 and 4 sharded with this file
+        assert fsdp["fsdp_auto_wrap_policy"] == "NO_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     if kind == "DEEPSPEED":
         stage = int(name[-1])
         assert config.deepspeed_config["zero_stage"] == stage

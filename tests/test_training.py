@@ -211,6 +211,48 @@ def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
     assert torch.equal(new[1], stm[1]) and not torch.equal(new[0], stm[0])
 
 
+@pytest.mark.parametrize("review_loss_weight", [0.0, 0.5], ids=["turns", "turns_and_reviews"])
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path, review_loss_weight):
+    """Stage 4, 2 micro-batches of 2 episodes (different turn counts and answer lengths) accumulated = one batch
+    of 4: the loss is normalised by the whole step's answer tokens per turn (plain SGD: the update is the
+    gradient). The 2-process version of this is in test_training_distributed.py."""
+    from ddp_stage4_step import one_step
+
+    initial, whole = one_step(str(tmp_path / "whole"), per_device=4, review_loss_weight=review_loss_weight)
+    _, accumulated = one_step(str(tmp_path / "accumulated"), per_device=2, accumulation=2,
+                              review_loss_weight=review_loss_weight)
+    params = dict(accumulated.model.named_parameters())
+    assert max(float((p.detach() - initial[n]).abs().max()) for n, p in whole.model.named_parameters()) > 1e-2
+    for name, value in whole.model.named_parameters():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=name)
+    assert losses(accumulated) == pytest.approx(losses(whole), abs=1e-5)
+
+
+def test_gradient_checkpointing_stage4_run_gives_the_same_loss_and_update(tmp_path):
+    """A stage-4 step with `gradient_checkpointing=True` (every decoder and encoder layer recomputed in backward,
+    the memory carried through 2-4 turns, backprop through the whole episode) gives the loss and, with plain SGD,
+    the gradient (the update) of the same step without it."""
+    from ddp_stage4_step import one_step
+
+    calls = []
+
+    class CountForwards(TrainerCallback):  # counts the first decoder layer's attention passes of the step
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.decoder.layers[0].attention.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    initial, plain = one_step(str(tmp_path / "plain"), per_device=4, callbacks=[CountForwards()])
+    assert not plain.model.is_gradient_checkpointing and len(calls) == 4  # one decoder pass per turn (4 turns)
+    calls.clear()
+    _, checkpointed = one_step(str(tmp_path / "checkpointed"), per_device=4, gradient_checkpointing=True,
+                               callbacks=[CountForwards()])
+    assert checkpointed.model.is_gradient_checkpointing and len(calls) == 8  # each pass again in the backward
+    assert losses(checkpointed) == losses(plain)
+    params = dict(checkpointed.model.named_parameters())
+    assert max(float((p.detach() - initial[n]).abs().max()) for n, p in plain.model.named_parameters()) > 1e-2
+    for name, value in plain.model.named_parameters():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)
+
+
 class Snapshots(TrainerCallback):
     """Copies of every parameter after each optimizer step, plus which ones had optimizer state."""
 

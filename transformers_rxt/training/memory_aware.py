@@ -8,7 +8,9 @@ The first stage where the decoder reads a *real* memory. For an episode of turns
             decoder answers I_k from STM_k (teacher forcing, loss on the answer side only)
 
 The loss is the mean of the per-turn answer losses; all of it runs inside one ``forward`` (DDP-safe) with one
-backward and one optimizer step per batch of episodes.
+backward and one optimizer step per batch of episodes. In training each turn's loss is a token mean over the
+optimizer step's whole batch (all micro-batches, all processes: ``loss_item_counts``), so data parallelism and
+gradient accumulation give the update of one process on the concatenated batch.
 
 Gradient through the memory (``backprop_turns``): ``1`` detaches the STM before every update, so turn k's
 loss trains the memory attention and encoder only through the update that consumed I_{k-1} (the reference);
@@ -122,6 +124,22 @@ class RxTForMemoryAwareTraining(RxTStageModel):
     ``stage_args`` (a [`MemoryAwareConfig`]) sets ``backprop_turns``, ``train_first_turn`` and the MoE weight
     (defaults without)."""
 
+    def loss_item_counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Answer tokens that the loss trains on (shifted labels), interleaved per turn boundary k: entry 2k the
+        tokens of turn k, entry 2k + 1 those of the reviews asked before turn k (0 without reviews). Each turn's
+        and each review's loss is a token mean over the whole step's batch; the loss is the mean over the turns
+        (and, weighted, over the reviews) that have tokens in it."""
+        turns = (batch["labels"][:, :, 1:] != -100).sum(dim=(0, 2))
+        if not self.stage_arg("train_first_turn", True):
+            turns[0] = 0
+        counts = torch.zeros(2 * (turns.numel() + 1), dtype=torch.long, device=turns.device)
+        counts[0:-2:2] = turns
+        if self.stage_arg("review_loss_weight", 0.0) > 0 and batch.get("review_labels") is not None:
+            reviewed = batch["review_labels"][:, :, 1:] != -100
+            reviewed &= batch["review_mask"].bool()[:, :, None]
+            counts[1::2] = reviewed.sum(dim=(0, 2))
+        return counts
+
     def _update(self, stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write one interaction per valid row into the memory; rows without one keep their memory."""
         used = max(int(mask.sum(dim=1).max()), 1)
@@ -133,13 +151,18 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         return stm.index_copy(0, rows, new)
 
     def _answer_losses(
-        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], stm: torch.Tensor
-    ) -> tuple[list[tuple[torch.Tensor, float, int]], torch.Tensor | None]:
+        self,
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        stm: torch.Tensor,
+        totals: list[torch.Tensor | None],
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, float, int]], torch.Tensor | None]:
         """The decoder's answer losses reading ``stm`` for several row sets at once.
 
         ``parts``: (ids [B, T], mask, labels, rows) per row set (a turn, its reviews). The row sets go through
         the decoder as one batch (at this model size a forward costs about the same for 2B rows as for B) and
-        each gets its own mean token loss. Returns ((loss, correct tokens, tokens) per part, MoE aux loss)."""
+        each gets its own token loss: the sum over its tokens divided by its entry of ``totals`` (the tokens of
+        the optimizer step's whole batch), or the mean over its tokens where that is None. Returns ((loss,
+        this batch's token mean, correct tokens, tokens) per part, MoE aux loss)."""
         used = max(max(int(mask[rows].sum(dim=1).max()), 1) for _, mask, _, rows in parts)
 
         def pick(x: torch.Tensor, rows: torch.Tensor, fill: int) -> torch.Tensor:  # rows, cut/padded to `used`
@@ -160,13 +183,14 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         token_loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
         row_of = keep.nonzero()[:, 0]
         results, start = [], 0
-        for *_, rows in parts:
+        for (*_, rows), total in zip(parts, totals):
             mine = (row_of >= start) & (row_of < start + rows.numel())
             start += rows.numel()
-            loss = token_loss[mine].mean()
+            mean = token_loss[mine].mean()
+            loss = mean if total is None else token_loss[mine].sum() / total
             with torch.no_grad():
                 hits = float((logits[mine].argmax(-1) == target[keep][mine]).sum())
-            results.append((loss, hits, int(mine.sum())))
+            results.append((loss, mean.detach(), hits, int(mine.sum())))
         return results, base.aux_loss
 
     def forward(
@@ -183,8 +207,13 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         review_attention_mask: torch.Tensor | None = None,
         review_labels: torch.LongTensor | None = None,
         review_mask: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RxTStageOutput:
+        """The mean per-turn answer loss of the episodes (plus ``review_loss_weight`` x the mean review loss).
+        With ``num_items_in_batch`` (the :meth:`loss_item_counts` of the optimizer step's whole batch, from the
+        trainer) it is this batch's share of the whole batch's loss: per turn (and review) the sum of token
+        losses over that turn's total, and the mean over the turns the whole batch trains."""
         batch, turns, _ = input_ids.shape
         backprop = self.stage_arg("backprop_turns", 1)
         train_first_turn = self.stage_arg("train_first_turn", True)
@@ -208,7 +237,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                     stm = stm.detach()
                 stm = self._update(stm, input_ids[:, k - 1], attention_mask[:, k - 1], turn_mask[:, k - 1].bool())
             parts, is_review = [], []
-            if bool(valid.any()) and (k > 0 or train_first_turn) and bool((labels[:, k] != -100).any()):
+            if bool(valid.any()) and (k > 0 or train_first_turn) and bool((labels[:, k, 1:] != -100).any()):
                 parts.append((input_ids[:, k], attention_mask[:, k], labels[:, k], valid.nonzero().flatten()))
                 is_review.append(False)
             if bool(reviewing.any()):
@@ -217,26 +246,36 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                 is_review.append(True)
             if not parts:
                 continue
-            results, aux = self._answer_losses(parts, stm)
-            for review, (loss_k, h, c) in zip(is_review, results):
+            totals = [None if num_items_in_batch is None else num_items_in_batch[2 * k + r] for r in is_review]
+            results, aux = self._answer_losses(parts, stm, totals)
+            for review, (loss_k, mean_k, h, c) in zip(is_review, results):
                 if review:
                     review_losses.append(loss_k)
                     review_hits, review_count = review_hits + h, review_count + c
                 else:
-                    metrics[f"loss_turn_{k}"] = loss_k.detach()
+                    metrics[f"loss_turn_{k}"] = mean_k  # this batch's token mean
                     losses.append(loss_k)
                     hits, count = hits + h, count + c
             if aux is not None and self.training:
-                aux_losses.append(aux)
+                # this forward's share of the step's tokens at this turn boundary (1 without counts)
+                share = 1.0 if num_items_in_batch is None else sum(c for *_, c in results) / max(
+                    int(sum(totals)), 1)
+                aux_losses.append(share * aux)
         if not losses and not review_losses:
             raise ValueError("no turn of this batch has answer labels to train on")
-        zero = input_ids.new_zeros((), dtype=torch.float)
-        loss = torch.stack(losses).mean() if losses else zero
+        def mean_over(values: list[torch.Tensor], counts: torch.Tensor | None) -> torch.Tensor:
+            # per-batch mean, or (with the step's counts) the mean over the entries the whole step trains
+            if not values:
+                return input_ids.new_zeros((), dtype=torch.float)
+            return torch.stack(values).mean() if counts is None else torch.stack(values).sum() / (counts > 0).sum()
+
+        counts = num_items_in_batch
+        loss = mean_over(losses, None if counts is None else counts[0::2])
         if aux_losses:  # the mean of (turn loss + weight * aux) over turns, as the reference sums them
-            loss = loss + aux_weight * torch.stack(aux_losses).mean()
+            loss = loss + aux_weight * mean_over(aux_losses, None if counts is None else counts[0::2])
         metrics["answer_accuracy"] = hits / max(count, 1)
         if review_losses:
-            review_loss = torch.stack(review_losses).mean()
+            review_loss = mean_over(review_losses, None if counts is None else counts[1::2])
             loss = loss + review_weight * review_loss
             metrics["review_loss"] = review_loss.detach()
             metrics["review_accuracy"] = review_hits / max(review_count, 1)

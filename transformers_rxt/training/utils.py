@@ -173,6 +173,17 @@ class RxTStageModel(RxTForConversationalGeneration):
         value = getattr(self.stage_args, name, None)
         return default if value is None else value
 
+    def loss_item_counts(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Hook: what the stage loss is normalised by in one collated batch (e.g. answer tokens per turn, a 1-D
+        count tensor), or None when the loss is a per-batch mean (the default).
+
+        When a stage returns counts, :class:`RxTStageTrainer` sums them over the micro-batches of an optimizer
+        step and over all processes and passes the sum to ``forward`` as ``num_items_in_batch``; ``forward``
+        then returns this batch's share of the loss of the whole step (sums divided by those totals), so data
+        parallel training (whose backward averages gradients over processes) and gradient accumulation make the
+        update of one process on the concatenated batch."""
+        return None
+
     def new_stage_head(self, name: str) -> nn.Module:
         """A freshly initialised stage head ``name`` (subclasses with heads implement it)."""
         raise NotImplementedError(f"{type(self).__name__} has no stage head {name!r}")
@@ -200,13 +211,18 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
     Subclasses provide the stage module and may override :meth:`component_learning_rates`.
     """
 
-    # Our losses are per-batch means; Trainer divides them by the gradient-accumulation steps.
-    loss_is_scaled_for_ga = False
+    @property
+    def loss_is_scaled_for_ga(self) -> bool:
+        """Per-batch-mean losses are divided by the gradient-accumulation steps (by ``Trainer``); a loss normalised
+        by the step's counts (:meth:`RxTStageModel.loss_item_counts`) is already its micro-batch's share."""
+        return self._counts_loss_items
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not isinstance(self.accelerator.unwrap_model(self.model), RxTStageModel):
             raise TypeError(f"{type(self).__name__} trains an RxTStageModel, got {type(self.model).__name__}")
+        stage_model = self.accelerator.unwrap_model(self.model)
+        self._counts_loss_items = type(stage_model).loss_item_counts is not RxTStageModel.loss_item_counts
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._rng_step, self._rng_micro, self._eval_batches = -1, 0, 0
         self._tokens_unsynced = 0  # tokens this process trained on since the last _sync_tokens
@@ -246,18 +262,39 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
         """Hook: turn a collated batch into the stage module's keyword arguments (e.g. MLM masking)."""
         return inputs
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """``Trainer``'s micro-batches of one optimizer step, with (for a stage model that has
+        :meth:`~RxTStageModel.loss_item_counts`) their counts summed over the micro-batches and all processes."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self._counts_loss_items or not batch_samples:
+            return batch_samples, num_items_in_batch
+        model = self.accelerator.unwrap_model(self.model)
+        counts = [model.loss_item_counts(batch).to(device) for batch in batch_samples]
+        total = torch.zeros(max(len(c) for c in counts), dtype=torch.long, device=device)
+        for c in counts:
+            total[: len(c)] += c
+        if self.accelerator.num_processes > 1:  # processes may hold different numbers of turns: pad, then sum
+            total = self.accelerator.reduce(self.accelerator.pad_across_processes(total), "sum")
+        return batch_samples, total
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         device = next(self.model.parameters()).device
         generator = self.step_generator(device)
         inputs = self.prepare_stage_inputs(dict(inputs), generator)
+        if self._counts_loss_items and num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs, generator=generator)
         mode = "train" if self.model.training else "eval"
         for key, value in (outputs.metrics or {}).items():
             if value is not None:
                 self._metrics[mode][key].append(float(value))
+        loss = outputs.loss
         if mode == "train":
             self._tokens_unsynced += self.count_tokens(inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+            if "num_items_in_batch" in inputs:
+                # this process's share of the step's loss; the data-parallel backward averages over processes
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
