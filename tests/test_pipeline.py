@@ -49,6 +49,7 @@ def pipe(model, tokenizer):
     return pipeline("text-generation", model=model, tokenizer=tokenizer)
 
 
+@torch.no_grad()  # as the pipeline runs (and no autograd graph outlives the test)
 def answer_by_hand(model, tokenizer, system, pairs, query, seed, max_new_tokens=8):
     """The same conversation through the model's own API: an explicit STMCache, update_memory, generate."""
     torch.manual_seed(seed)
