@@ -607,14 +607,16 @@ def test_the_memory_update_ends_the_answer_at_the_calls_eos_or_nowhere_when_ther
 
 
 # ------------------------------------------------------------------------------------------- what transformers' generation mixin checks
-def test_eager_and_sdpa_generate_the_same_answers_and_logits():
+@pytest.mark.parametrize("impl", ["eager", "sqa"])
+def test_eager_and_sdpa_generate_the_same_answers_and_logits(impl):
+    """Also the project's "sqa" kernel: every attention function of transformers' interface decodes alike."""
     model = tiny_model(decoder=dict(stateless_layers_config=["dense"]))
     ids, mask = _prompts(model, [9, 6])
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, memory_update="none",
               return_dict_in_generate=True, output_logits=True, output_scores=True)
     sdpa = model.generate(ids, attention_mask=mask, stm=stm, **kw)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(impl)
     eager = model.generate(ids, attention_mask=mask, stm=stm, **kw)
     assert torch.equal(eager.sequences, sdpa.sequences)
     assert len(eager.logits) == len(eager.scores) == 10  # dict output: one logits/scores entry per new token

@@ -57,6 +57,9 @@ def test_quickstart_snippets_run_as_written_on_the_main_jobs_model(micro_run, tm
         "\n[Memory update]\n[Memory updated]"), streamed
     assert not torch.equal(ns["stm"].memory, saved.memory)  # interact continued the saved conversation
 
+    ns = run(snippet('pipeline("text-generation"'), ns, {})
+    assert ns["reply"]["role"] == "assistant" and capsys.readouterr().out == ns["reply"]["content"] + "\n"
+
 
 def test_model_card_usage_snippet_runs_as_written_without_the_package(micro_run, tmp_path):
     """The card's Usage section, as a Hub user runs it: plain transformers, remote code, no transformers_rxt."""

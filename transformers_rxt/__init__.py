@@ -1,7 +1,9 @@
 """transformers-rxt: the Reactive Transformer (RxT), native to transformers.
 
-Importing the package registers model types "rxt" and "rxt_memory_attention" with the Auto classes and the
-"sqa" attention implementation for ordinary decoder-only models.
+Importing the package registers model types "rxt" and "rxt_memory_attention" with the Auto classes, the
+"sqa" attention implementation for ordinary decoder-only models, and RxT's "text-generation" pipeline (the
+earlier turns of a chat written into a fresh memory, then the last user message answered; other models'
+pipelines are unchanged).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -18,6 +20,7 @@ from .modeling_rxt import (
     rxlm_config_to_rxt,
 )
 
+from .pipeline_rxt import RxTTextGenerationPipeline, register_text_generation_pipeline
 from .sqa import (
     SQAAttention,
     convert_to_sqa,
@@ -51,8 +54,10 @@ AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
 AutoModelForCausalLM.register(RxTConfig, RxTForConversationalGeneration, exist_ok=True)
 AutoModel.register(RxTMemoryAttentionConfig, RxTMemoryAttention, exist_ok=True)
 register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-style models
+register_text_generation_pipeline()  # pipeline("text-generation") on RxT: chat history -> fresh memory -> answer
 
 __all__ = [
+    "RxTTextGenerationPipeline",
     "SQAAttention",
     "convert_to_sqa",
     "register_sqa_attention",

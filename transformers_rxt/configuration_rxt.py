@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from transformers import PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "sqa")
 FFN_ACTIVATIONS = ("relu", "gelu", "swish", "silu", "sigmoid", "linear", "tanh")
@@ -31,6 +32,26 @@ RESIDUAL_GATE_TYPES = ("static", "elementwise", "linear")
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer")
 STM_INIT_TYPES = ("standard", "normal", "uniform", "ones", "zeros", "learned")
 MOE_BIAS_MODES = ("global", "local", "off")
+
+
+def check_attn_implementation(name: Optional[str]) -> None:
+    """Refuse an `attn_implementation` RxT cannot run, naming the ones it can.
+
+    RxT runs "eager" and every function registered in transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`):
+    "sdpa" (default), "flash_attention_2" (with flash-attn installed), "flex_attention" (where torch has it), the
+    project's "sqa" kernel (registered by `import transformers_rxt`) and any function registered by the user. The
+    paged implementations need a paged cache, which RxT's decoder does not use. Whether an installed package or the
+    device can run the name is checked by transformers when the model is built.
+    """
+    if name is None or isinstance(name, dict):  # None: the default (sdpa); a dict addresses sub-configs
+        return
+    valid = ["eager"] + [key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if not key.startswith("paged")]
+    if name not in valid:
+        hint = " (register it with `import transformers_rxt`)" if name == "sqa" else ""
+        raise ValueError(f'Specified `attn_implementation="{name}"` is not supported by RxT{hint}: it supports '
+                         f"{valid} (the functions registered in transformers' AttentionInterface, and 'eager')")
+
+
 # Reference options we refuse loudly instead of silently building something else.
 UNSUPPORTED_ATTENTION_TYPES = {
     "hybrid": "linear/hybrid attention needs the optional `fla` kernels and is not part of softmax RxT checkpoints",
@@ -338,6 +359,7 @@ class RxTMemoryAttentionConfig(PretrainedConfig):
         if stm_init_type not in STM_INIT_TYPES:
             raise ValueError(f"stm_init_type={stm_init_type!r} is not one of {STM_INIT_TYPES}.")
         self.stm_init_type = stm_init_type
+        check_attn_implementation(kwargs.get("attn_implementation"))
         super().__init__(**kwargs)
 
     @classmethod
@@ -435,6 +457,7 @@ class RxTConfig(PretrainedConfig):
         self.max_position_embeddings = dec.seq_len
         kwargs.setdefault("tie_word_embeddings", False)
         kwargs.setdefault("is_encoder_decoder", False)
+        check_attn_implementation(kwargs.get("attn_implementation"))
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
     @classmethod

@@ -33,6 +33,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
@@ -43,12 +44,8 @@ from .configuration_rxt import (
     RxTConfig,
     RxTMemoryAttentionConfig,
     RxTMemoryAttentionOptions,
+    check_attn_implementation,
 )
-
-try:  # optional GPU kernel; the SDPA path is used whenever it is absent or cannot take the inputs
-    from flash_attn import flash_attn_func
-except Exception:  # noqa: BLE001
-    flash_attn_func = None
 
 logger = logging.get_logger(__name__)
 
@@ -111,6 +108,47 @@ def apply_rope(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tens
 
 
 # ============================================================================================= attention
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                            dropout: float = 0.0, **kwargs):
+    """"eager" in transformers' attention-function contract (each transformers modeling file writes its own).
+
+    `query` [B, H, T, hd], `key`/`value` [B, Hkv, S, hd] (each K/V head serves H / Hkv contiguous query heads),
+    `attention_mask` bool (True = attend) or additive float, broadcastable to [B, H, T, S]. Returns the output
+    [B, T, H, hd] and the attention weights.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2)
+    scores = scores / math.sqrt(query.shape[-1]) if scaling is None else scores * scaling
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.dropout(scores.softmax(-1), p=dropout)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
+    """bool [1, 1, T, S], True = attend: the T queries are the last T of the S keys."""
+    mask = torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(key_length - query_length)
+    return mask[None, None]
+
+
+def flex_block_mask(mask: torch.Tensor, batch: int, query_length: int, key_length: int):
+    """A bool mask (True = attend, broadcastable to [B, 1, T, S]) as the `BlockMask` flex attention takes.
+
+    A BlockMask rather than an additive tensor: flex adds a tensor mask inside a `score_mod` that reads it, which
+    crashes the compiled CPU kernel of torch 2.13 (measured: heap corruption); a `mask_mod` does not.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask  # only where flex_attention is asked for
+
+    keep = mask.expand(batch, 1, query_length, key_length).contiguous()
+    return create_block_mask(lambda b, h, q, kv: keep[b, 0, q, kv], batch, None, query_length, key_length,
+                             device=mask.device)
+
+
 class RxTAttention(nn.Module):
     """Multi-head attention with the reference's four layouts (mha, gqa, mqa, sqa).
 
@@ -121,6 +159,10 @@ class RxTAttention(nn.Module):
 
     `rope` says which side is rotated: "qk" (self-attention), "q" (memory cross-attention),
     "k" (memory attention write), or None.
+
+    The attention itself is the function `config._attn_implementation` names in transformers' attention interface
+    (`ALL_ATTENTION_FUNCTIONS`: "sdpa", "flash_attention_2", "flex_attention", "sqa", ...), or `eager_attention_forward`.
+    `config` is the owning model's config, bound by `RxTPreTrainedModel`; a module outside a model uses SDPA.
     """
 
     def __init__(self, embed_dim: int, att_heads: int, num_query_heads: int, num_kv_heads: int, *,
@@ -131,10 +173,12 @@ class RxTAttention(nn.Module):
         self.num_query_heads = num_query_heads
         self.num_kv_heads = num_kv_heads
         self.num_output_heads = max(num_query_heads, num_kv_heads)
+        self.num_key_value_groups = self.num_output_heads // num_kv_heads  # read by transformers' kernels
+        self.is_causal = False  # every call passes `is_causal`; this is only the kernels' fallback
+        self.config = None
         self.rope = rope
         self.rope_base = rope_base
         self.dropout = dropout
-        self.attn_implementation = "sdpa"
         self.q_proj = nn.Linear(embed_dim, num_query_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=False)
@@ -143,6 +187,11 @@ class RxTAttention(nn.Module):
         self.gate_activation = make_activation(gate_activation) if gated else None
         # Rebuilt by _init_weights after from_pretrained (non-persistent buffers come back as garbage otherwise).
         self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, rope_base), persistent=False)
+
+    @property
+    def attn_implementation(self) -> str:
+        impl = None if self.config is None else self.config._attn_implementation
+        return impl or "sdpa"
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
@@ -177,41 +226,27 @@ class RxTAttention(nn.Module):
         if self.num_query_heads < self.num_kv_heads:
             # Reverse SQA: expanded head j reads query head j mod Hq (the whole block is repeated).
             q = q.repeat(1, self.num_kv_heads // self.num_query_heads, 1, 1)
-        attn = self._attend(q, k, v, mask, is_causal)  # [B, Hout, T, hd]
-        attn = attn.transpose(1, 2).flatten(2)
+        attn = self._attend(q, k, v, mask, is_causal).flatten(2)  # [B, T, Hout * hd]
         if self.gate_proj is not None:
             attn = attn * self.gate_activation(self.gate_proj(hidden))
         return self.out_proj(attn)
 
-    def _attend(self, q, k, v, mask, is_causal):
-        dropout = self.dropout if self.training else 0.0
-        grouped = q.shape[1] != k.shape[1]
-        if self.attn_implementation == "flash_attention_2" and self._flash_ok(q, mask):
-            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                  dropout_p=dropout, causal=is_causal)
-            return out.transpose(1, 2)
-        if self.attn_implementation == "eager":
-            return self._eager(q, k, v, mask, is_causal, dropout)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=is_causal and mask is None, enable_gqa=grouped)
-
-    @staticmethod
-    def _flash_ok(q, mask) -> bool:
-        return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
-
-    @staticmethod
-    def _eager(q, k, v, mask, is_causal, dropout):
-        if q.shape[1] != k.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if is_causal and mask is None:
-            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
-            mask = causal
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = F.dropout(scores.softmax(-1), p=dropout)
-        return weights @ v
+    def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """The attention function of `attn_implementation`, given the mask in the form it takes. [B, T, H, hd]"""
+        impl = self.attn_implementation
+        if impl.startswith("flash_attention") and (mask is not None or not q.is_cuda
+                                                   or q.dtype not in (torch.float16, torch.bfloat16)):
+            # Flash takes neither fp32 nor RxT's 4-D masks (padded batches, the encoder's and memory attention's
+            # key masks); SDPA computes those exactly.
+            impl = "sdpa"
+        if impl in ("eager", "flex_attention") and is_causal and mask is None:
+            mask = causal_mask(q.shape[2], k.shape[2], q.device)  # neither takes `is_causal`
+        if impl == "flex_attention" and mask is not None:
+            mask = flex_block_mask(mask, q.shape[0], q.shape[2], k.shape[2])
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        out, _ = attention(self, q, k, v, mask, dropout=self.dropout if self.training else 0.0, scaling=None,
+                           is_causal=is_causal)
+        return out
 
 
 # ============================================================================================= feed-forward
@@ -685,11 +720,32 @@ class RxTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["RxTLayer"]
     _is_stateful = True
 
     # Saved into config.json by save_pretrained, so that every Auto class loads the copied code (remote code).
     _rxt_auto_map: dict = {}
+
+    def post_init(self):
+        super().post_init()
+        self._bind_attention()
+
+    def _bind_attention(self) -> None:
+        """Point every attention module at this model's config: its `_attn_implementation` picks the kernel (the
+        components of a full model follow the full model's choice)."""
+        check_attn_implementation(self.config._attn_implementation)
+        for module in self.modules():
+            if isinstance(module, RxTAttention):
+                module.config = self.config
+
+    def set_attn_implementation(self, attn_implementation: str, **kwargs) -> None:
+        """Switch every attention module to another function of transformers' attention interface: "sdpa"
+        (default), "eager", "flash_attention_2", "flex_attention", "sqa", ...; an unknown name raises."""
+        check_attn_implementation(attn_implementation)
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        self._bind_attention()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(self._rxt_auto_map)
@@ -953,26 +1009,8 @@ _RXT_AUTO_MAP = {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "mode
 
 class RxTMemoryMixin:
     """What the base model and the LM model share: the STM (creation, checks), input checks, the encoder pass,
-    the memory update and the attention kernel switch. Both reach the components as `self.embed_tokens`,
+    and the memory update. Both reach the components as `self.embed_tokens`,
     `self.decoder`, `self.encoder` and `self.memory_attention`."""
-
-    def _sync_attn_implementation(self) -> None:
-        """Our attention modules dispatch themselves; tell them which kernel the config asks for."""
-        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if impl == "flash_attention_2" and flash_attn_func is None:
-            raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
-                              "'transformers-rxt[flash]' on a CUDA machine); use 'sdpa' otherwise.")
-        for module in self.modules():
-            if isinstance(module, RxTAttention):
-                module.attn_implementation = impl if impl in ("eager", "sdpa", "flash_attention_2") else "sdpa"
-
-    def set_attn_implementation(self, attn_implementation: str) -> None:
-        """Switch every attention module between "sdpa" (default), "eager" and "flash_attention_2"."""
-        if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ValueError(f"attn_implementation={attn_implementation!r}; RxT supports 'sdpa', 'eager' and "
-                             "'flash_attention_2'")
-        self.config._attn_implementation = attn_implementation
-        self._sync_attn_implementation()
 
     @property
     def model_signature(self) -> dict:
@@ -1225,9 +1263,9 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
         self.decoder = RxTDecoder(dec)
         self.encoder = RxTEncoder(enc)
         self.memory_attention = RxTMemoryAttention(RxTMemoryAttentionConfig(
-            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type))
+            memory_attention_config=config.memory_attention_config, stm_init_type=config.stm_init_type,
+            attn_implementation=config._attn_implementation))  # the component follows the model's kernel
         self.post_init()
-        self._sync_attn_implementation()
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -1326,7 +1364,6 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.loss_type = "ForCausalLM"
         self.post_init()
-        self._sync_attn_implementation()
 
     # The components, as on the base model (the memory methods of RxTMemoryMixin use these names).
     @property
