@@ -2,7 +2,7 @@
 
 import torch
 
-from transformers_rxt import RxTConfig, RxTForConversationalGeneration
+from transformers_rxt import RxTConfig, RxTForConversationalGeneration, train_rxt_tokenizer
 
 
 def tiny_config(decoder=None, encoder=None, memory=None, vocab=96, dim=32, heads=4, layers=2, slots=8,
@@ -42,3 +42,10 @@ def interaction_batch(batch=2, length=12, vocab=96, seed=0, pad_rows=True):
         ids[row, n:] = 0
         mask[row, n:] = 0
     return ids, mask
+
+
+def story_tokenizer(vocab_size: int):
+    """A small RxT tokenizer trained on short story sentences (fox, cat, river, stone, ...)."""
+    texts = [f"the {a} {b} ran to the {c} and found a {d}" for a in ("small", "red", "old") for b in ("fox", "cat")
+             for c in ("river", "hill", "house") for d in ("stone", "friend", "story")]
+    return train_rxt_tokenizer(texts * 3, vocab_size=vocab_size)

@@ -15,7 +15,6 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from transformers_rxt import train_rxt_tokenizer
 from transformers_rxt.hub import (
     GATED_DESCRIPTIONS,
     RAML_LICENSE_NAME,
@@ -30,7 +29,7 @@ from transformers_rxt.hub import (
     validate_model_card,
 )
 
-from rxt_factories import interaction_batch, tiny_model
+from rxt_factories import interaction_batch, story_tokenizer, tiny_model
 
 VOCAB = 300
 MOE = dict(use_moe=True, num_experts=6, moe_top_k=2, num_shared_experts=1, shared_expert_dim=40,
@@ -48,9 +47,7 @@ EVAL = {"memory_retention": {1: 0.875, 4: 0.5}, "tensorbleu_reward": 0.3125, "pe
 # ============================================================================================== fixtures
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [f"the {a} {b} ran to the {c} and found a {d}" for a in ("small", "red", "old") for b in ("fox", "cat")
-             for c in ("river", "hill", "house") for d in ("stone", "friend", "story")]
-    return train_rxt_tokenizer(texts * 3, vocab_size=VOCAB)
+    return story_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")

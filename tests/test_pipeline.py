@@ -16,10 +16,9 @@ from transformers_rxt import (
     tokenize_interaction,
     tokenize_prompt,
     tokenize_system_prompt,
-    train_rxt_tokenizer,
 )
 
-from rxt_factories import tiny_model
+from rxt_factories import story_tokenizer, tiny_model
 
 VOCAB = 300
 GREEDY = dict(do_sample=False, max_new_tokens=8)
@@ -31,9 +30,7 @@ CHAT = [{"role": "system", "content": "the red fox"},
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [f"the {a} {b} ran to the {c} and found a {d}" for a in ("small", "red", "old") for b in ("fox", "cat")
-             for c in ("river", "hill", "house") for d in ("stone", "friend", "story")]
-    return train_rxt_tokenizer(texts * 3, vocab_size=VOCAB)
+    return story_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -356,22 +356,13 @@ class DataCollatorForRxTEpisodes:
         n_turns = min(counts) if self.truncate_to_shortest else max(counts, default=0)
         if self.max_turns is not None:
             n_turns = min(n_turns, self.max_turns)
-        lengths = [len(t) for ids, _ in episodes for t in ids[:n_turns]]
-        length = _target_length(lengths, self.max_length, self.pad_to_multiple_of)
-        b = len(episodes)
-        input_ids = torch.full((b, n_turns, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((b, n_turns, length), dtype=torch.long)
-        labels = torch.full((b, n_turns, length), self.label_pad_token_id, dtype=torch.long)
-        turn_mask = torch.zeros((b, n_turns), dtype=torch.long)
-        prompt_lengths = torch.zeros((b, n_turns), dtype=torch.long)
-        for i, (ids, labs) in enumerate(episodes):
-            for k in range(min(n_turns, len(ids))):
-                n = len(ids[k])
-                input_ids[i, k, :n] = torch.as_tensor(ids[k], dtype=torch.long)
-                attention_mask[i, k, :n] = 1
-                labels[i, k, :n] = torch.as_tensor(labs[k], dtype=torch.long)
-                turn_mask[i, k] = 1
-                prompt_lengths[i, k] = self._prompt_length(ids[k])
+        input_ids, attention_mask, labels, turn_mask = self._pad_slots(
+            [ids for ids, _ in episodes], [labs for _, labs in episodes], n_turns
+        )
+        prompt_lengths = torch.zeros((len(episodes), n_turns), dtype=torch.long)
+        for i, (ids, _) in enumerate(episodes):
+            for k, turn in enumerate(ids[:n_turns]):
+                prompt_lengths[i, k] = self._prompt_length(turn)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -389,29 +380,32 @@ class DataCollatorForRxTEpisodes:
             batch.update(self._reviews(features, n_turns))
         return batch
 
-    def _reviews(self, features: Sequence[Mapping[str, Any]], n_turns: int) -> dict[str, torch.Tensor]:
-        # A review at k asks about turns before k, so it stays valid when the episode is cut to n_turns >= k.
-        slots = [[_as_list(x) for x in (f.get("review_input_ids") or [])][: n_turns + 1] for f in features]
-        labs = [[_as_list(x) for x in (f.get("review_labels") or [])][: n_turns + 1] for f in features]
-        length = _target_length([len(x) for s in slots for x in s], self.max_length, self.pad_to_multiple_of)
-        shape = (len(features), n_turns + 1, length)
+    def _pad_slots(
+        self, seqs: Sequence[Sequence[list[int]]], labels: Sequence[Sequence[list[int]]], n_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row up to ``n_slots`` token lists (an empty list: nothing in that slot), right-padded: ids,
+        attention mask and labels [B, n_slots, T], and the mask of filled slots [B, n_slots]."""
+        lengths = [len(x) for row in seqs for x in row[:n_slots]]
+        shape = (len(seqs), n_slots, _target_length(lengths, self.max_length, self.pad_to_multiple_of))
         ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(shape, dtype=torch.long)
-        labels = torch.full(shape, self.label_pad_token_id, dtype=torch.long)
-        review_mask = torch.zeros(shape[:2], dtype=torch.long)
-        for i, (row, row_labels) in enumerate(zip(slots, labs)):
-            for k, (seq, lab) in enumerate(zip(row, row_labels)):
+        labs = torch.full(shape, self.label_pad_token_id, dtype=torch.long)
+        filled = torch.zeros(shape[:2], dtype=torch.long)
+        for i, (row, row_labels) in enumerate(zip(seqs, labels)):
+            for k, (seq, lab) in enumerate(zip(row[:n_slots], row_labels[:n_slots])):
                 if seq:
                     ids[i, k, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
                     mask[i, k, : len(seq)] = 1
-                    labels[i, k, : len(seq)] = torch.as_tensor(lab, dtype=torch.long)
-                    review_mask[i, k] = 1
-        return {
-            "review_input_ids": ids,
-            "review_attention_mask": mask,
-            "review_labels": labels,
-            "review_mask": review_mask,
-        }
+                    labs[i, k, : len(seq)] = torch.as_tensor(lab, dtype=torch.long)
+                    filled[i, k] = 1
+        return ids, mask, labs, filled
+
+    def _reviews(self, features: Sequence[Mapping[str, Any]], n_turns: int) -> dict[str, torch.Tensor]:
+        # A review at k asks about turns before k, so it stays valid when the episode is cut to n_turns >= k.
+        seqs = [[_as_list(x) for x in (f.get("review_input_ids") or [])] for f in features]
+        labels = [[_as_list(x) for x in (f.get("review_labels") or [])] for f in features]
+        ids, mask, labs, filled = self._pad_slots(seqs, labels, n_turns + 1)
+        return {"review_input_ids": ids, "review_attention_mask": mask, "review_labels": labs, "review_mask": filled}
 
 
 def select_turn(

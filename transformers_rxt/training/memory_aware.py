@@ -115,8 +115,11 @@ class MemoryAwareConfig(TrainingArguments):
         return out
 
 
-def _take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return x if rows is None else x.index_select(0, rows)
+def _mean_over_trained(values: list[torch.Tensor], counts: torch.Tensor | None) -> torch.Tensor:
+    """The per-batch mean of ``values``, or (with the step's counts) their sum over the number of entries the
+    whole step trains, so that the shares of all micro-batches and processes add up to that mean."""
+    stacked = torch.stack(values)
+    return stacked.mean() if counts is None else stacked.sum() / (counts > 0).sum()
 
 
 class RxTForMemoryAwareTraining(RxTStageModel):
@@ -182,15 +185,15 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         logits = self.lm_head(base.last_hidden_state[:, :-1][keep])
         token_loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
         row_of = keep.nonzero()[:, 0]
+        with torch.no_grad():
+            correct = logits.argmax(-1) == target[keep]
         results, start = [], 0
         for (*_, rows), total in zip(parts, totals):
             mine = (row_of >= start) & (row_of < start + rows.numel())
             start += rows.numel()
             mean = token_loss[mine].mean()
             loss = mean if total is None else token_loss[mine].sum() / total
-            with torch.no_grad():
-                hits = float((logits[mine].argmax(-1) == target[keep][mine]).sum())
-            results.append((loss, mean.detach(), hits, int(mine.sum())))
+            results.append((loss, mean.detach(), float(correct[mine].sum()), int(mine.sum())))
         return results, base.aux_loss
 
     def forward(
@@ -263,19 +266,14 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                 aux_losses.append(share * aux)
         if not losses and not review_losses:
             raise ValueError("no turn of this batch has answer labels to train on")
-        def mean_over(values: list[torch.Tensor], counts: torch.Tensor | None) -> torch.Tensor:
-            # per-batch mean, or (with the step's counts) the mean over the entries the whole step trains
-            if not values:
-                return input_ids.new_zeros((), dtype=torch.float)
-            return torch.stack(values).mean() if counts is None else torch.stack(values).sum() / (counts > 0).sum()
-
         counts = num_items_in_batch
-        loss = mean_over(losses, None if counts is None else counts[0::2])
+        turn_counts, review_counts = (None, None) if counts is None else (counts[0::2], counts[1::2])
+        loss = _mean_over_trained(losses, turn_counts) if losses else input_ids.new_zeros((), dtype=torch.float)
         if aux_losses:  # the mean of (turn loss + weight * aux) over turns, as the reference sums them
-            loss = loss + aux_weight * mean_over(aux_losses, None if counts is None else counts[0::2])
+            loss = loss + aux_weight * _mean_over_trained(aux_losses, turn_counts)
         metrics["answer_accuracy"] = hits / max(count, 1)
         if review_losses:
-            review_loss = mean_over(review_losses, None if counts is None else counts[1::2])
+            review_loss = _mean_over_trained(review_losses, review_counts)
             loss = loss + review_weight * review_loss
             metrics["review_loss"] = review_loss.detach()
             metrics["review_accuracy"] = review_hits / max(review_count, 1)
