@@ -11,6 +11,9 @@ For each model directory (any stage's output) it prints one table per measure:
 - **retention**: the same after k distractor interactions (small talk / arithmetic / world knowledge, or other
   facts), plus the cosine similarity of the STM to its state right after the fact was written and the mean
   residual-gate value (share of a slot replaced by each write) per memory layer;
+- **crowding** (the read among other memories): k interactions (other facts, or small talk) written *before*
+  the fact, then the question right after it. Retention cannot lose the fact here; a fall with k means the
+  decoder cannot find the newest fact among the others (or the write into a used memory is weaker);
 - **scale**: RMS per slot of a fresh STM, of the encoder states, and of the STM after 1 and 8 writes;
 - **gradients** (stage-4 training step on 6-turn episodes): gradient norms per component, and the norm of the
   gradient that reaches the STM j updates back, with the memory detached every ``--backprop-turns`` updates.
@@ -137,13 +140,30 @@ class Diagnoser:
                 h.remove()
         return out
 
+    @torch.no_grad()
+    def crowding(self, probes: list[dict], pools: dict, ks=(0, 1, 2, 4, 8)) -> dict:
+        """Accuracy of the question asked right after the fact, with k interactions written before the fact."""
+        rng = random.Random(self.seed + 1)
+        out: dict = {}
+        for pool_name, pool in pools.items():
+            for k in ks:
+                answers = []
+                for i, chunk in self.chunks(probes):
+                    memory = self.fresh(len(chunk), i)
+                    for _ in range(k):
+                        memory = self.write(memory, [rng.choice(pool) for _ in chunk])
+                    memory = self.write(memory, [p["fact"] for p in chunk])
+                    answers += self.answer([p["question"] for p in chunk], memory=memory)
+                out[(pool_name, k)] = self.accuracy(probes, answers)
+        return out
+
     def _gate_hooks(self, store: dict[int, list[float]]):
         """Record the mean share of each slot that a write replaces (the final residual gate of each layer)."""
         gate_layers = self.model.memory_attention.residual_gate_layers
         hooks = []
         for i, gate in enumerate(gate_layers):
             def hook(module: RxTResidualGate, inputs, output, i=i):
-                old, new = inputs
+                old, new = inputs[:2]  # (old, new[, write_share]): the output includes the share
                 delta = (new - old).flatten()
                 if float(delta.norm()) > 0:  # output = old + G (new - old) for sigmoid gates
                     store[i].append(float(((output - old).flatten() @ delta) / (delta @ delta)))
@@ -217,7 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--backprop-turns", type=int, nargs="+", default=[2, 0],
                         help="backprop_turns settings for the gradient-flow measure (default: 2 0)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "scale", "gradients"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "gradients"],
                         help="measures to skip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,6 +259,10 @@ def main() -> None:
             for (pool, k), r in diag.retention(probes, pools).items():
                 gate = ", ".join(f"{g:.2f}" for g in r["gate"].values())
                 print(f"| {pool} | {k} | {r['accuracy']:.3f} | {r['similarity']} | {gate} |")
+        if "crowding" not in args.skip:
+            print("\n| written before the fact | k | accuracy, question right after the fact |\n|---|---:|---:|")
+            for (pool, k), acc in diag.crowding(probes, pools).items():
+                print(f"| {pool} | {k} | {acc:.3f} |")
         if "scale" not in args.skip:
             print("\n| RMS per slot/token, per layer | values |\n|---|---|")
             for name, values in diag.scale(probes, pools).items():

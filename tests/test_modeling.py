@@ -188,14 +188,73 @@ def test_write_budget_makes_slots_compete_for_one_write():
         tiny_model(memory={**opts, "use_tanh_residual_gate": True, "residual_gate_write_budget": 2.0})
 
 
+FIFO = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+            use_tanh_residual_gate=False, fifo_write_slots=2)
+
+
+def test_fifo_writes_each_interaction_into_fresh_slots_and_keeps_the_others_exactly(tmp_path):
+    model = _perturb(tiny_model(memory=FIFO, stm_init_type="learned"))  # 8 slots: the last 4 interactions
+    stm = model.init_memory(2)
+    initial = stm.memory.clone()
+    written = []
+    for turn in range(5):
+        ids, mask = interaction_batch(batch=2, length=12, vocab=model.config.vocab_size, seed=turn)
+        before = stm.memory.clone()
+        with torch.no_grad():
+            model.update_memory(ids, mask, stm)
+        # the oldest two slots of every layer are dropped, the rest move back unchanged
+        torch.testing.assert_close(stm.memory[:, :, 2:], before[:, :, :-2], rtol=0, atol=0)
+        assert not torch.allclose(stm.memory[:, :, :2], initial[:, :, :2])  # the fresh slots were written
+        written.append(stm.memory[:, :, :2].clone())
+    # the first interaction sat in slots 6-7 after the fourth write and is gone after the fifth
+    for age, slots in enumerate(reversed(written)):
+        if age < 4:
+            torch.testing.assert_close(stm.memory[:, :, 2 * age:2 * age + 2], slots, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = RxTForConversationalGeneration.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_run_turn(reloaded)[1], _run_turn(model)[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fifo_write_slots.*save_pretrained instead"):
+        save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
+
+
+def test_fifo_sends_a_later_turns_gradient_straight_to_the_write_of_its_fact():
+    model = _perturb(tiny_model(memory=FIFO, stm_init_type="learned"))
+    ids, mask = interaction_batch(batch=2, length=12, vocab=model.config.vocab_size, seed=0)
+    encoded = model.encode(ids, mask)[0].detach().requires_grad_(True)
+    after_fact = model.memory_attention(model.initial_memory_tensor(2), encoded, mask)
+    memory = after_fact
+    for turn in range(1, 4):  # three later writes: the fact's slots move back, untouched
+        ids, mask = interaction_batch(batch=2, length=12, vocab=model.config.vocab_size, seed=turn)
+        memory = model.memory_attention(memory, model.encode(ids, mask)[0], mask)
+    weights = torch.randn(after_fact[:, :, :2].shape)
+    (direct,) = torch.autograd.grad((after_fact[:, :, :2] * weights).sum(), encoded, retain_graph=True)
+    (later,) = torch.autograd.grad((memory[:, :, 6:8] * weights).sum(), encoded)
+    assert float(direct.abs().sum()) > 0
+    torch.testing.assert_close(later, direct, rtol=0, atol=0)  # the copies pass the gradient on unchanged
+
+
+def test_fifo_is_refused_where_it_cannot_work():
+    for bad in (0, 3, 8):
+        with pytest.raises(ValueError, match=f"fifo_write_slots must divide stm_size=8 and be smaller, got {bad}"):
+            tiny_model(memory={**FIFO, "fifo_write_slots": bad}, stm_init_type="learned")
+    with pytest.raises(ValueError, match="fifo_write_slots writes each interaction into fresh slots taken from the "
+                                         "learned initial memory; build the model with stm_init_type='learned'"):
+        tiny_model(memory=FIFO)
+
+
 def test_saved_configs_without_the_write_budget_still_load(tmp_path):
     model = _perturb(tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="elementwise")))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["memory_attention_config"]["residual_gate_write_budget"]  # saved before the option existed
+    for option in ("residual_gate_write_budget", "fifo_write_slots"):  # saved before the options existed
+        del config["memory_attention_config"][option]
+    for component in ("decoder_config", "encoder_config"):
+        del config[component]["rope_memory_cross_attention"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = RxTForConversationalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.decoder_config["rope_memory_cross_attention"] is True
     assert loaded.config.memory_attention_config["residual_gate_write_budget"] is None
+    assert loaded.config.memory_attention_config["fifo_write_slots"] is None
     torch.testing.assert_close(_run_turn(loaded)[1], _run_turn(model)[1], rtol=0, atol=0)
     del config["memory_attention_config"]["residual_gate_type"]  # any other missing option is still refused
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -701,3 +760,27 @@ def test_base_model_is_the_decoder_encoder_and_memory_attention_without_the_lm_h
     assert len(base_out.hidden_states) == len(out.hidden_states) == model.config.num_hidden_layers + 1
     torch.testing.assert_close(other.memory, stm.memory, rtol=0, atol=0)
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_rxt.RxTModel"
+
+
+def test_memory_cross_attention_without_rope_reads_the_memory_by_content_alone(tmp_path):
+    ids, mask = interaction_batch(batch=2, length=12, vocab=96, seed=3, pad_rows=False)
+    positions = torch.arange(12).expand(2, -1)
+
+    def shifted_logits(model):
+        stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return [model(input_ids=ids, attention_mask=mask, stm=stm, position_ids=positions + shift).logits
+                    for shift in (0, 7)]
+
+    # self-attention RoPE is relative, so only the memory read can depend on where the sequence starts
+    reference = _perturb(tiny_model())
+    at_0, at_7 = shifted_logits(reference)
+    assert not torch.allclose(at_0, at_7, atol=1e-4)
+    content = _perturb(tiny_model(decoder=dict(rope_memory_cross_attention=False)))
+    at_0, at_7 = shifted_logits(content)
+    torch.testing.assert_close(at_0, at_7, atol=1e-5, rtol=1e-5)
+    content.save_pretrained(tmp_path / "hf")
+    reloaded = RxTForConversationalGeneration.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(shifted_logits(reloaded)[1], at_7, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rope_memory_cross_attention=False.*save_pretrained instead"):
+        save_rxlm_checkpoint(content, str(tmp_path / "rxlm"))

@@ -144,6 +144,10 @@ class RxTComponentConfig:
     use_attention_output_bias: bool = True
     legacy_stm_in_encoder: bool = False
     rope_base: float = 10000.0
+    # Not in the reference when False: the reference rotates the memory cross-attention's queries by their
+    # token position (the memory has no positions, its keys are not rotated), so the same question scores the
+    # slots differently at every position; False reads the memory by content alone.
+    rope_memory_cross_attention: bool = True
     # Reference fields that only matter for hybrid/linear attention or legacy layouts; kept so that reference
     # configs round-trip, validated below.
     attn_layer_types: Optional[list] = None
@@ -238,6 +242,11 @@ class RxTMemoryAttentionOptions:
     # Not in the reference (None = its behaviour): the slots compete for each write, G = min(1, budget x
     # softmax over slots of the gate logits), so one interaction replaces about `budget` slots' worth in all.
     residual_gate_write_budget: Optional[float] = None
+    # Not in the reference (None = its behaviour): every write shifts the memory by this many slots per layer:
+    # the oldest slots are dropped and the new interaction is written into fresh slots (the learned initial
+    # memory's first slots), reading the rest of the memory as context. The memory then holds the last
+    # stm_size / fifo_write_slots interactions, each in slots of its own that later writes do not touch.
+    fifo_write_slots: Optional[int] = None
     use_tanh_residual_gate: bool = True
     rope_base: float = 10000.0
     # interlayer / self-interlayer / grouped
@@ -300,6 +309,11 @@ class RxTMemoryAttentionOptions:
                                  "use_gated_residual=True, residual_per_slot_gate=True, use_tanh_residual_gate=False "
                                  "and residual_gate_type 'elementwise' or 'linear'.")
 
+        if self.fifo_write_slots is not None and not (
+                0 < self.fifo_write_slots < self.stm_size and self.stm_size % self.fifo_write_slots == 0):
+            raise ValueError(f"{where}: fifo_write_slots must divide stm_size={self.stm_size} and be smaller, got "
+                             f"{self.fifo_write_slots}.")
+
     def heads(self, kind: str = "main") -> tuple[int, int]:
         prefix = {"main": "att", "interlayer": "interlayer_att", "self": "self_att"}[kind]
         return resolve_heads(getattr(self, f"{prefix}_type"), self.att_heads, getattr(self, f"{prefix}_groups"),
@@ -321,7 +335,10 @@ def _component_dict(value: Any, cls) -> dict:
 
 # Options added after models were saved without them, whose default is the behaviour those models were trained
 # with: a config.json that lacks one of these loads with the default.
-OPTIONS_WITH_SAFE_DEFAULTS = frozenset({"memory_attention_config.residual_gate_write_budget"})
+OPTIONS_WITH_SAFE_DEFAULTS = frozenset({"memory_attention_config.residual_gate_write_budget",
+                                        "memory_attention_config.fifo_write_slots",
+                                        "decoder_config.rope_memory_cross_attention",
+                                        "encoder_config.rope_memory_cross_attention"})
 
 
 def require_every_option(config_class, config_dict: dict) -> None:

@@ -468,7 +468,8 @@ class RxTLayer(GradientCheckpointingLayer):
         if cross_attention:
             cq, ckv = cfg.cross_attention_heads()
             self.memory_cross_attention = RxTAttention(
-                dim, cfg.att_heads, cq, ckv, rope=None if cfg.use_nope else "q", rope_base=cfg.rope_base,
+                dim, cfg.att_heads, cq, ckv, rope=None if cfg.use_nope or not cfg.rope_memory_cross_attention else "q",
+                rope_base=cfg.rope_base,
                 output_bias=cfg.use_attention_output_bias, gated=cfg.gated_cross_attention,
                 gate_activation=cfg.gated_attention_activation, dropout=cfg.att_dropout)
         else:
@@ -887,6 +888,11 @@ class RxTMemoryAttention(RxTPreTrainedModel):
             self.initial_memory = nn.Parameter(torch.zeros(n, opts.stm_size, dim))
         else:
             self.initial_memory = None
+        self.fifo_write_slots = opts.fifo_write_slots
+        if self.fifo_write_slots is not None and self.initial_memory is None:
+            raise ValueError("fifo_write_slots writes each interaction into fresh slots taken from the learned "
+                             f"initial memory; build the model with stm_init_type='learned' (got "
+                             f"{config.stm_init_type!r}).")
         self.post_init()
 
     def _layer_means(self, stm: torch.Tensor) -> list[torch.Tensor]:
@@ -911,6 +917,23 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         if isinstance(stm, STMCache):
             stm = stm.memory
         self._check_inputs(stm, encoded, attention_mask)
+        if self.fifo_write_slots is not None:
+            return self._fifo_write(stm, encoded, attention_mask)
+        return self._write(stm, encoded, attention_mask)
+
+    def _fifo_write(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor]
+                    ) -> torch.Tensor:
+        """Drop the oldest `fifo_write_slots` slots of every layer, put fresh (initial) slots in front and write
+        the interaction into those only; the other slots are kept exactly, so a fact stays readable, untouched by
+        later writes, until it is the oldest."""
+        n = self.fifo_write_slots
+        fresh = self.initial_memory[:, :n].to(stm.dtype).unsqueeze(0).expand(stm.shape[0], -1, -1, -1)
+        shifted = torch.cat([fresh, stm[:, :, :-n]], dim=2)
+        written = self._write(shifted, encoded, attention_mask)
+        return torch.cat([written[:, :, :n], shifted[:, :, n:]], dim=2)
+
+    def _write(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor]
+               ) -> torch.Tensor:
         layers, length = encoded.shape[1], encoded.shape[2]
         positions = torch.arange(length, device=encoded.device)
         key_mask = None

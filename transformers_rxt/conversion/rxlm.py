@@ -81,6 +81,8 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
         ("residual_gate_slot_status_type='pair'",
          config.memory_attention_config.get("residual_gate_slot_status_type") == "pair"),
         ("residual_gate_write_budget", config.memory_attention_config.get("residual_gate_write_budget") is not None),
+        ("fifo_write_slots", config.memory_attention_config.get("fifo_write_slots") is not None),
+        ("rope_memory_cross_attention=False", not config.decoder_config.get("rope_memory_cross_attention", True)),
     ) if used]
     if not_in_reference:
         raise ValueError(f"this model uses {', '.join(not_in_reference)}, which the reference (rxlm) cannot hold; "
