@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers import CompileConfig, DynamicCache, EncoderDecoderCache, StaticCache
 
-from transformers_rxt.modeling_rxt import RxTCache
+from transformers_rxt import RxTCache
 
 from rxt_factories import tiny_model
 from test_generation import _prompts
@@ -137,6 +137,11 @@ def test_a_cache_is_refused_with_another_memory_or_after_the_memory_update():
     # a bare transformers cache passed in is wrapped: its memory K/V are computed from the memory given
     plain = _step(model, ids, stm.memory, DynamicCache()).past_key_values
     assert isinstance(plain, RxTCache) and plain.cross_attention_cache.get_seq_length() == model.config.stm_size
+    # a static cross-attention cache holds stm_size slots: encoder states of another length are refused
+    static = RxTCache.wrap(StaticCache(config=model.config, max_cache_len=20), model.config)
+    encoded = torch.randn(2, model.config.num_memory_layers, 5, model.config.hidden_size)
+    with pytest.raises(ValueError, match="static cross-attention cache holds 8 memory slots but the memory has 5"):
+        model(input_ids=ids, encoder_memory=encoded, past_key_values=static, use_cache=True)
 
 
 def _greedy_and_counted_main_steps(model, ids, stm, **kw):
@@ -186,3 +191,29 @@ def test_prompt_lookup_and_assisted_decoding_give_the_greedy_tokens_and_leave_th
     expected = stm.clone()
     model.update_memory(*model.interactions_from_generation(greedy, ids.shape[1]), expected)
     torch.testing.assert_close(shared.memory, expected.memory, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generate_compiles_the_static_cache_decode_step_into_one_graph():
+    """transformers' automatic `torch.compile` of the decode step (static cache, `compile_config`; on CPU only when
+    asked): traced with `fullgraph=True` (no graph break), once for every step and for a second call, with the
+    eager tokens. A counting backend that runs the traced graph as is keeps this to seconds; the inductor backend is
+    timed by `benchmarks/bench_decode.py --compile`."""
+    model = _model(layers=1)
+    ids, mask = _prompts(model, [9, 6])
+    stm = model.init_memory(2, generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=6, do_sample=False, memory_update="none")
+    eager = model.generate(ids, attention_mask=mask, stm=stm, **kw)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs, **options):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = CompileConfig(fullgraph=True, backend=counting_backend)
+    config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    for _ in range(2):
+        compiled = model.generate(ids, attention_mask=mask, stm=stm, cache_implementation="static",
+                                  compile_config=config, **kw)
+        assert torch.equal(compiled, eager)
+    assert len(graphs) == 1

@@ -1048,6 +1048,10 @@ class RxTCache(EncoderDecoderCache):
         return [(layers[i].keys, layers[i].values) for i in range(num_layers)]
 
     def store_memory_key_values(self, memory_kv, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        capacity = self.cross_attention_cache.get_max_length(0)
+        if capacity not in (-1, source.shape[2]):  # a static cache would attend to its empty slots
+            raise ValueError(f"the static cross-attention cache holds {capacity} memory slots but the memory has "
+                             f"{source.shape[2]}: use a dynamic cache for encoder_memory of another length")
         stored = []
         for i, (key, value) in enumerate(memory_kv):
             stored.append(self.cross_attention_cache.update(key, value, i))
