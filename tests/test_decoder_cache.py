@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from transformers import CompileConfig, DynamicCache, EncoderDecoderCache, StaticCache
+from transformers import CompileConfig, DynamicCache, EncoderDecoderCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from transformers_rxt import RxTCache
 
@@ -191,6 +191,11 @@ def test_prompt_lookup_and_assisted_decoding_give_the_greedy_tokens_and_leave_th
     expected = stm.clone()
     model.update_memory(*model.interactions_from_generation(greedy, ids.shape[1]), expected)
     torch.testing.assert_close(shared.memory, expected.memory, rtol=0, atol=0)
+    # an assistant that does not read an STM is refused by transformers before it drafts (it does not take `stm`)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    with pytest.raises(ValueError, match=r"model_kwargs` are not used by the model: \['stm'\]"):
+        model.generate(ids, stm=stm.clone(), assistant_model=llama, max_new_tokens=4, memory_update="none")
 
 
 @torch.no_grad()
