@@ -20,7 +20,10 @@
      `batch_interact` up to its -1 marker; ours: `generate(memory_update="none")`. Tokens/s = 16 x new / wall.
    * a check that the weights are the same: the first generated token of every contender is printed (the
      reference's later steps use positions one too far, so only the first is comparable).
-   * ours only, `--compile`: `generate(cache_implementation="static")` with `torch.compile` of the forward.
+   * `--compile`: one more contender, `ours-compiled`: ours with `generate(cache_implementation="static",
+     compile_config=...)`, transformers' `torch.compile` (inductor, `fullgraph=True`) of the decode step. Each
+     new shape is compiled by an untimed warm-up call first (its seconds are printed); its answer must be
+     token for token the eager one. Its memory update is ours (not compiled); its batch column is eager too.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ class RxlmWorker:
 
 
 class OursWorker:
-    def __init__(self, path: str):
+    def __init__(self, path: str, compiled: bool = False):
         import torch
         import transformers_rxt
         from transformers_rxt import RxTForConversationalGeneration
@@ -166,6 +169,13 @@ class OursWorker:
         self.source = os.path.dirname(transformers_rxt.__file__)
         self.model = RxTForConversationalGeneration.from_pretrained(path).eval()
         self.stm = shared_stm(path)
+        self.decode_kwargs, self.warmed_up = {}, set()
+        if compiled:
+            from transformers import CompileConfig
+
+            config = CompileConfig(fullgraph=True, mode="default")  # "reduce-overhead" means CUDA graphs
+            config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+            self.decode_kwargs = dict(cache_implementation="static", compile_config=config)
 
     def _stm(self, batch: int):
         from transformers_rxt import STMCache
@@ -188,15 +198,23 @@ class OursWorker:
             def end(self):
                 pass
 
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, memory_update="none",
+                      **self.decode_kwargs)
+        compile_s = None
+        if self.decode_kwargs and new_tokens not in self.warmed_up:  # compiles for this static-cache size
+            start = time.perf_counter()
+            model.generate(prompt, stm=self._stm(1), **kwargs)
+            compile_s = time.perf_counter() - start
+            self.warmed_up.add(new_tokens)
         stm = self._stm(1)
-        out = model.generate(prompt, stm=stm, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, streamer=Streamer(), memory_update="none")
+        out = model.generate(prompt, stm=stm, streamer=Streamer(), **kwargs)
         assert len(stamps) == new_tokens, len(stamps)
         start = time.perf_counter()
         model.update_memory(input_ids=out[:, : QUERY_LEN + 1 + new_tokens], stm=stm)
         update = time.perf_counter() - start
         return {"tps": (new_tokens - 1) / (stamps[-1] - stamps[0]), "update_ms": 1e3 * update,
-                "first": int(out[0, QUERY_LEN + 1])}
+                "first": int(out[0, QUERY_LEN + 1]), "answer": out[0, QUERY_LEN + 1:].tolist(),
+                "compile_s": compile_s}
 
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
@@ -207,19 +225,6 @@ class OursWorker:
                        min_new_tokens=new_tokens, do_sample=False, memory_update="none")
         return {"tokens_per_s": batch * new_tokens / (time.perf_counter() - start), "steps": new_tokens}
 
-    def compiled(self, new_tokens: int) -> dict:
-        torch, model = self.torch, self.model
-        prompt = torch.cat([query_ids(1), torch.tensor([[A]])], dim=1)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, memory_update="none",
-                      cache_implementation="static")
-        try:
-            model.generate(prompt, stm=self._stm(1), **kwargs)  # compiles
-            start = time.perf_counter()
-            model.generate(prompt, stm=self._stm(1), **kwargs)
-            return {"tps": new_tokens / (time.perf_counter() - start)}
-        except Exception as err:  # noqa: BLE001 - reported in the table
-            return {"error": f"{type(err).__name__}: {err}".splitlines()[0][:200]}
-
 
 def serve(kind: str, path: str, threads: int) -> None:
     """Worker loop: one JSON command per stdin line, one JSON answer per stdout line."""
@@ -229,7 +234,7 @@ def serve(kind: str, path: str, threads: int) -> None:
     protocol = os.fdopen(os.dup(1), "w")  # answers only; anything the libraries print goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    worker = RxlmWorker(path) if kind == "rxlm" else OursWorker(path)
+    worker = RxlmWorker(path) if kind == "rxlm" else OursWorker(path, compiled=kind == "ours-compiled")
     print(json.dumps({"ready": True, "source": getattr(worker, "source", None)}), file=protocol, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -287,7 +292,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batch-tokens", type=int, default=32)
-    parser.add_argument("--compile", action="store_true", help="also time ours with a static cache + torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with a static cache + torch.compile of the decode step")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PATH", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -328,23 +334,27 @@ def main() -> None:
         if args.before:
             clients.append(Client("ours-before", sys.executable, "ours", ours_dir, threads, pythonpath=args.before))
             assert clients[-1].hello["source"].startswith(os.path.abspath(args.before)), clients[-1].hello
+        if args.compile:
+            clients.append(Client("ours-compiled", sys.executable, "ours-compiled", ours_dir, threads))
         if args.rxlm_python:
             clients.append(Client("rxlm", args.rxlm_python, "rxlm", rxlm_dir, threads))
         decode = alternate(clients, args.rounds, op="decode", new_tokens=args.new_tokens)
         batch = alternate(clients, max(3, args.rounds // 2), op="batch", batch=args.batch,
                           new_tokens=args.batch_tokens)
-        compiled = clients[0].ask(op="compiled", new_tokens=args.new_tokens) if args.compile else None
         for c in clients:
             c.close()
         firsts = {name: rows[0]["first"] for name, rows in decode.items()}
         print(f"threads {threads}: first generated token (same weights => same token): {firsts}", flush=True)
+        if args.compile:
+            same = all(row["answer"] == decode["ours"][0]["answer"] for row in decode["ours-compiled"])
+            warm_up = [row["compile_s"] for row in decode["ours-compiled"] if row["compile_s"] is not None]
+            print(f"threads {threads}: ours-compiled: answers token for token the eager ones: {same}; "
+                  f"compile (warm-up generate) {warm_up[0]:.0f} s", flush=True)
         for name in decode:
             table.append((threads, name, med(decode[name], "tps"), med(decode[name], "update_ms"),
                           med(batch[name], "tokens_per_s"), med(decode[name], "tps") / med(decode[base], "tps"),
                           med(decode[base], "update_ms") / med(decode[name], "update_ms"),
                           med(batch[name], "tokens_per_s") / med(batch[base], "tokens_per_s")))
-        if compiled is not None:
-            print(f"threads {threads}: ours, static cache + torch.compile, decode: {compiled}", flush=True)
         print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
     print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache_rxt import MemoryUpdateError, STMCache
 from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTMemoryAttentionOptions
 from .modeling_rxt import (
+    RxTCache,
     RxTForConversationalGeneration,
     RxTMemoryAttention,
     RxTMLMHead,
@@ -79,6 +80,7 @@ __all__ = [
     "tokenize_system_prompt",
     "train_rxt_tokenizer",
     "MemoryUpdateError",
+    "RxTCache",
     "RxTComponentConfig",
     "RxTConfig",
     "RxTForConversationalGeneration",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -724,7 +724,6 @@ class RxTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["RxTLayer"]
-    _is_stateful = True
 
     # Saved into config.json by save_pretrained, so that every Auto class loads the copied code (remote code).
     _rxt_auto_map: dict = {}
@@ -1030,6 +1029,92 @@ _RXT_AUTO_MAP = {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "mode
                  "AutoModelForCausalLM": "modeling_rxt.RxTForConversationalGeneration"}
 
 
+class RxTCache(EncoderDecoderCache):
+    """The decoder's cache for one turn: transformers' `EncoderDecoderCache` of the answer's self-attention keys/values
+    and, in its cross-attention cache, the memory cross-attention keys/values of every memory layer (layer i at index
+    i), computed from the STM at the turn's first forward and read by every later step.
+
+    Beam reordering, cropping, batch selection (`batch_select_indices`, `batch_repeat_interleave`), `reset` and static
+    allocation (`cache_implementation="static"`, where the cross-attention cache is a `StaticCache` of `stm_size`
+    slots) are transformers' own code on the two caches. `memory_source` identifies the STM tensor (storage and
+    in-place version) the memory keys/values were computed from; a forward with another memory, or with the same STM
+    after its update, is checked against them and refused if they differ (see `RxTModel.forward`).
+    """
+
+    def __init__(self, self_attention_cache: Optional[Cache] = None, cross_attention_cache: Optional[Cache] = None):
+        super().__init__(self_attention_cache if self_attention_cache is not None else DynamicCache(),
+                         cross_attention_cache if cross_attention_cache is not None else DynamicCache())
+        self.memory_source: Optional[tuple] = None
+
+    @classmethod
+    def wrap(cls, cache: Optional[Cache], config: RxTConfig) -> "RxTCache":
+        """`cache` as an `RxTCache`: a bare self-attention cache gets an empty memory cache (static when it is static,
+        so that the decode step compiles), an `EncoderDecoderCache` keeps both of its caches."""
+        if isinstance(cache, cls):
+            return cache
+        if isinstance(cache, EncoderDecoderCache):
+            wrapped = cls(cache.self_attention_cache, cache.cross_attention_cache)
+        elif cache is not None and cache.is_compileable:
+            wrapped = cls(cache, StaticCache(config=config, max_cache_len=config.stm_size))
+        else:
+            wrapped = cls(cache)
+        if getattr(cache, "_is_user_defined", False):  # generate's mark on a cache the caller passed in
+            wrapped._is_user_defined = True
+        return wrapped
+
+    @property
+    def has_memory(self) -> bool:
+        return bool(self.is_updated.get(0, False))
+
+    def memory_key_values(self, num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = self.cross_attention_cache.layers
+        return [(layers[i].keys, layers[i].values) for i in range(num_layers)]
+
+    def store_memory_key_values(self, memory_kv, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        capacity = self.cross_attention_cache.get_max_length(0)
+        if capacity not in (-1, source.shape[2]):  # a static cache would attend to its empty slots
+            raise ValueError(f"the static cross-attention cache holds {capacity} memory slots but the memory has "
+                             f"{source.shape[2]}: use a dynamic cache for encoder_memory of another length")
+        stored = []
+        for i, (key, value) in enumerate(memory_kv):
+            stored.append(self.cross_attention_cache.update(key, value, i))
+            self.is_updated[i] = True
+        self.memory_source = tensor_identity(source)
+        return stored
+
+    def reset(self):
+        super().reset()
+        self.memory_source = None
+
+
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Which tensor this is and whether it changed: its storage, shape and in-place version counter (tensors made
+    under `torch.inference_mode` have none, so an in-place change of those is not seen)."""
+    return tensor.data_ptr(), tuple(tensor.shape), None if tensor.is_inference() else tensor._version
+
+
+def self_attention_mask(attention_mask: Optional[torch.Tensor], length: int, past: int, kv_length: int,
+                        device, allow_none: bool = True) -> Optional[torch.Tensor]:
+    """The decoder's self-attention mask, bool [B or 1, 1, T, kv_length] (True = attend), or None when plain causal
+    attention is exact (and `allow_none`).
+
+    `attention_mask` is the 2-D padding mask of the past + T tokens (None: no padding). `kv_length` is what the
+    cache returns: past + T for a dynamic cache, its capacity for a static one (the empty slots after the T new
+    tokens are masked by causality). A left-pad query row would attend to nothing (NaN with SDPA): it sees itself.
+    """
+    if allow_none and kv_length == past + length and (attention_mask is None or bool(attention_mask.bool().all())):
+        if length == 1 or past == 0:
+            return None  # a single new token sees everything; or a pure causal prefill (is_causal)
+    causal = torch.ones(length, kv_length, dtype=torch.bool, device=device).tril(past)[None, None]
+    if attention_mask is None:
+        return causal
+    padding = attention_mask.bool()[:, -(past + length):]
+    padding = F.pad(padding, (0, kv_length - padding.shape[-1]))  # a static cache's empty slots
+    own_position = torch.zeros_like(causal)
+    own_position[..., past:past + length] = torch.eye(length, dtype=torch.bool, device=device)
+    return (causal & padding[:, None, None, :]) | own_position
+
+
 class RxTMemoryMixin:
     """What the base model and the LM model share: the STM (creation, checks), input checks, the encoder pass,
     and the memory update. Both reach the components as `self.embed_tokens`,
@@ -1230,21 +1315,6 @@ class RxTMemoryMixin:
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.clamp(min=0)[:, -length:]
 
-    def _self_attention_mask(self, attention_mask, length, past, device):
-        """bool [B, 1, T, past+T] (True = attend) or None when plain causal attention is exact."""
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            if length == 1 or past == 0:
-                return None  # single new token sees everything; or pure causal prefill (is_causal)
-        total = past + length
-        causal = torch.ones(length, total, dtype=torch.bool, device=device).tril(past)
-        if attention_mask is None:
-            return causal[None, None]
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, -total:]
-        # A left-pad query row would attend to nothing (NaN); let it see itself. Real tokens are unaffected.
-        diag = torch.zeros_like(causal)
-        diag[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
-        return mask | diag[None, None]
-
     def _check_encoder_memory(self, memory: torch.Tensor, batch: int) -> torch.Tensor:
         layers, dim = self.config.num_memory_layers, self.config.hidden_size
         if memory.dim() != 4 or memory.shape[1] != layers or memory.shape[3] != dim or memory.shape[0] not in (1, batch):
@@ -1252,18 +1322,38 @@ class RxTMemoryMixin:
                              f"got {tuple(memory.shape)}")
         return memory
 
-    def _memory_kv(self, memory: torch.Tensor, cache: Optional[Cache], batch: int):
-        """Memory cross-attention K/V: computed once per turn and kept on the KV cache for later steps."""
-        stored = getattr(cache, "rxt_memory_kv", None) if cache is not None else None
-        if stored is not None and cache.get_seq_length() > 0:
-            return stored
+    def _memory_kv(self, memory: torch.Tensor, cache: Optional[RxTCache], batch: int):
+        """Memory cross-attention K/V of every memory layer: computed from `memory` once per turn and kept in the
+        cache's cross-attention cache; later steps read them there after checking they come from `memory`."""
+        if cache is not None and cache.has_memory:
+            if not torch.compiler.is_compiling():  # the compiled decode step is the same turn's (generate)
+                self._check_memory_source(memory, cache, batch)
+            return cache.memory_key_values(len(self.decoder.layers))
         memory_kv = self.decoder.memory_key_values(memory)
         if memory.shape[0] == 1 and batch > 1:
             memory_kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in memory_kv]
-        if cache is not None:
-            cache.rxt_memory_kv = memory_kv
-        return memory_kv
+        return memory_kv if cache is None else cache.store_memory_key_values(memory_kv, memory)
 
+    def _check_memory_source(self, memory: torch.Tensor, cache: RxTCache, batch: int) -> None:
+        """Refuse to decode from memory K/V computed from another memory than `memory`.
+
+        The same tensor, unchanged since, is accepted at once. Any other (a copy, the rows `batch_select_indices`
+        kept, or the same STM after an in-place update) is checked on the first memory layer's keys and values,
+        and becomes the cache's source if they agree."""
+        identity = tensor_identity(memory)
+        if identity == cache.memory_source:
+            return
+        cached_key, cached_value = cache.memory_key_values(1)[0]
+        key, value = self.decoder.layers[0].memory_key_value(memory[:, 0])
+        if key.shape[0] != cached_key.shape[0]:
+            key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+        if key.shape != cached_key.shape or not (torch.allclose(key, cached_key, rtol=1e-4, atol=1e-5)
+                                                 and torch.allclose(value, cached_value, rtol=1e-4, atol=1e-5)):
+            raise ValueError(
+                "past_key_values holds memory cross-attention keys/values computed from another STM than the one "
+                "passed (or from this STM before its last update): a cache belongs to one turn of one memory. Start "
+                "the turn with a fresh cache (past_key_values=None), or pass the stm the cache was started with.")
+        cache.memory_source = identity
 
 
 class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
@@ -1339,27 +1429,36 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
         if memory.dtype != hidden.dtype:  # encoder_memory: activations of the encoder (e.g. under autocast)
             memory = memory.to(hidden.dtype)
         use_cache = use_cache if use_cache is not None else (past_key_values is not None)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        past_key_values = RxTCache.wrap(past_key_values, self.config) if use_cache else None
+        prepared = attention_mask is not None and attention_mask.dim() == 4  # e.g. generate's, for a static cache
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self._check_length(past + length, self.config.decoder_config["seq_len"], "the interaction")
-        if attention_mask is not None and attention_mask.shape[-1] != past + length:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new = {past + length}")
-        positions = position_ids if position_ids is not None else self._positions(attention_mask, length, past,
-                                                                                   hidden.device)
-        self_mask = self._self_attention_mask(attention_mask, length, past, hidden.device)
-        pad = None
-        if attention_mask is not None:
-            pad = attention_mask[:, -length:, None].to(hidden.dtype)
+        if not torch.compiler.is_compiling():  # a static cache counts on the device; the compiled step keeps it there
+            past = int(past)
+            self._check_length(past + length, self.config.decoder_config["seq_len"], "the interaction")
+            if attention_mask is not None and not prepared and attention_mask.shape[-1] != past + length:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new = "
+                                 f"{past + length}")
+        if position_ids is not None:
+            positions = position_ids
+        elif prepared:
+            positions = torch.arange(length, device=hidden.device) + past
+        else:
+            positions = self._positions(attention_mask, length, past, hidden.device)
+        if prepared:
+            self_mask, pad = attention_mask, None
+        else:
+            kv_length = past_key_values.get_mask_sizes(length, 0)[0] if past_key_values is not None else length
+            self_mask = self_attention_mask(attention_mask, length, past, kv_length, hidden.device)
+            pad = None if attention_mask is None else attention_mask[:, -length:, None].to(hidden.dtype)
         memory_kv = self._memory_kv(memory, past_key_values, batch)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden, aux_losses, all_hidden = self.decoder(
             hidden, positions=positions, self_mask=self_mask, is_causal=self_mask is None and length > 1, pad=pad,
-            memory_kv=memory_kv, cache=past_key_values if use_cache else None,
+            memory_kv=memory_kv, cache=None if past_key_values is None else past_key_values.self_attention_cache,
             output_hidden_states=bool(output_hidden_states))
-        output = RxTModelOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+        output = RxTModelOutput(last_hidden_state=hidden, past_key_values=past_key_values,
                                 hidden_states=all_hidden,
                                 aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
         return output if return_dict else output.to_tuple()
@@ -1462,6 +1561,23 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
         return output if return_dict else output.to_tuple()
 
     # -------------------------------------------------------------- generation
+    def _prepare_cache_for_generation(self, generation_config: GenerationConfig, model_kwargs: dict, *args, **kwargs):
+        """transformers' cache for `generate` (dynamic, static, ...) as the self-attention cache of an `RxTCache`,
+        whose cross-attention cache receives the memory keys/values at the first step."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("past_key_values") is not None:
+            model_kwargs["past_key_values"] = RxTCache.wrap(model_kwargs["past_key_values"], self.config)
+
+    def create_masks_for_generate(self, config, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                                  past_key_values: Cache, position_ids: Optional[torch.Tensor] = None, **kwargs):
+        """The 4-D self-attention mask `generate` prepares for a static cache (outside the compiled step): the
+        model's own mask, sized to the cache, so that every kernel sees the same mask as without a static cache."""
+        length = inputs_embeds.shape[1]
+        past = int(past_key_values.get_seq_length())
+        kv_length = past_key_values.get_mask_sizes(length, 0)[0]
+        mask = self_attention_mask(attention_mask, length, past, kv_length, inputs_embeds.device, allow_none=False)
+        return mask.expand(inputs_embeds.shape[0], -1, -1, -1)
+
     MEMORY_UPDATE_MODES = ("async", "sync", "none")
 
     @torch.no_grad()
@@ -1476,11 +1592,18 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
             memory_update: "async" (default: the update runs on a background thread after the answer;
                 `stm.wait()`, any read of `stm.memory` and the next `generate` wait for it), "sync", or "none".
             **kwargs: anything `GenerationMixin.generate` takes (sampling, beams, `num_return_sequences`,
-                logits processors, stopping criteria, streamers, `return_dict_in_generate`, ...).
+                logits processors, stopping criteria, streamers, `return_dict_in_generate`, static caches,
+                `prompt_lookup_num_tokens`, `assistant_model`, ...).
 
         Returns what `GenerationMixin.generate` returns: the prompt followed by the new tokens. With several
         sequences per row (beams, `num_return_sequences`), the first of each row's group updates the memory.
+
+        As an `assistant_model` of another model's `generate` (transformers then calls this with an assistant
+        generation config), the model drafts tokens reading that call's memory and never writes any memory.
         """
+        generation_config = kwargs.get("generation_config")
+        if generation_config is not None and generation_config.is_assistant:
+            return self._draft_for_assisted_generation(input_ids, attention_mask, stm, **kwargs)
         if memory_update not in self.MEMORY_UPDATE_MODES:
             raise ValueError(f"memory_update={memory_update!r}; expected one of {self.MEMORY_UPDATE_MODES}")
         if stm is None:
@@ -1522,6 +1645,17 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
             raise
         self.update_memory(ids, mask, stm, background=memory_update == "async", _reserved=True)
         return output
+
+    def _draft_for_assisted_generation(self, input_ids, attention_mask, stm, **kwargs):
+        """Draft tokens for assisted decoding: the main model's memory is read (it reaches the assistant among the
+        main call's model inputs) and never written. The prompt grows by the accepted tokens between drafts, so
+        it does not end with [A]; the main model checked the prompt before."""
+        if stm is None:
+            raise ValueError("an RxT assistant model drafts from the conversation's memory: the main model's generate "
+                             "must be called with stm= (an RxT main model with the same memory geometry)")
+        memory = stm.memory if isinstance(stm, STMCache) else stm
+        self.check_stm(memory, input_ids.shape[0])
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, stm=memory, **kwargs)
 
     def _check_generation_length(self, prompt_len: int, kwargs: dict) -> None:
         limit = self.config.max_interaction_length
