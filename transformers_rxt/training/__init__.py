@@ -16,6 +16,7 @@ directory that loads with ``RxTForConversationalGeneration.from_pretrained``.
 """
 
 from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, RxTForDMPOTraining, make_dmpo_records, tokenize_dmpo_dataset
+from .episodes import Turn, compute_memory_update, iter_turns, sequence_log_probs, trim_padding
 from .evaluation import (
     compare_retention,
     describe_retention,
@@ -44,6 +45,11 @@ from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwar
 from .utils import COMPONENTS, RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
 __all__ = [
+    "Turn",
+    "compute_memory_update",
+    "iter_turns",
+    "sequence_log_probs",
+    "trim_padding",
     "DMPOConfig",
     "DMPOTrainer",
     "DataCollatorForDMPO",
