@@ -3,6 +3,7 @@ benchmarks are in the package, nothing is installed as data files, and `rxt trai
 folder that has no trainers/ or benchmarks/ next to it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
+    # a copy of the sources: setuptools builds in the source folder (build/), where files of an earlier build
+    # would end up in the wheel
+    source = dist / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    for name in ("transformers_rxt", "transformers_rxt_cli", "trainers", "benchmarks", "model_cards"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "setup.cfg", "MANIFEST.in", "README.md", "LICENSE", "NOTICE"):
+        shutil.copy(REPO / name, source / name)
     # offline: the build uses this environment's setuptools (no isolated build environment to download)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(dist), str(REPO)], check=True, capture_output=True, timeout=600)
+                    "-w", str(dist), str(source)], check=True, capture_output=True, timeout=600)
     (found,) = dist.glob("transformers_rxt-*.whl")
     return found
 
