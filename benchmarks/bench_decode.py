@@ -312,10 +312,9 @@ def main() -> None:
         subprocess.run([args.rxlm_python, "-c", build], check=True)
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "rxt"), "convert-rxlm", rxlm_dir, ours_dir], check=True)
     else:  # ours vs ours-before only: our own Mini-shaped model
-        sys.path.insert(0, here)
         import torch
-        from bench_inference import mini_config
         from transformers_rxt import RxTForConversationalGeneration
+        from transformers_rxt.benchmarks.bench_inference import mini_config
 
         torch.manual_seed(0)
         RxTForConversationalGeneration(mini_config(seq_len)).save_pretrained(ours_dir)

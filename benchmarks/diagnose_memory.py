@@ -194,6 +194,7 @@ def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0,
     """One stage-4 loss on 6-turn episodes: gradient norm per component and dL/dSTM_j for each update j."""
     from transformers_rxt.data import tokenize_mrl_dataset
     from transformers_rxt.data.collators import DataCollatorForRxTEpisodes
+    from transformers_rxt.training import memory_aware
     from transformers_rxt.training.memory_aware import MemoryAwareConfig, RxTForMemoryAwareTraining
     from transformers_rxt.training.utils import component_of
 
@@ -207,17 +208,21 @@ def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0,
     collate = DataCollatorForRxTEpisodes.from_tokenizer(tokenizer)
     inputs = collate([data[i] for i in range(len(data))])
     stms: list[torch.Tensor] = []
-    original = module._update
+    original = memory_aware.compute_memory_update
 
-    def update(stm, ids, mask, valid):  # keep every written STM to read its gradient
-        new = original(stm, ids, mask, valid)
+    def update(model, ids, mask, memory, rows=None):  # keep every written STM to read its gradient
+        new = original(model, ids, mask, memory, rows)
         new.retain_grad()
         stms.append(new)
         return new
 
-    module._update = update
-    loss = module(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels", "turn_mask")},
-                  generator=torch.Generator().manual_seed(seed))["loss"]
+    memory_aware.compute_memory_update = update  # the episode engine's update, as stage 4 calls it
+    try:
+        loss = module(**{k: v for k, v in inputs.items()
+                         if k in ("input_ids", "attention_mask", "labels", "turn_mask")},
+                      generator=torch.Generator().manual_seed(seed))["loss"]
+    finally:
+        memory_aware.compute_memory_update = original
     loss.backward()
     norms: dict[str, float] = defaultdict(float)
     for name, p in module.named_parameters():

@@ -3,8 +3,9 @@
     python examples/impo_dmpo.py outputs/main/stage4 [--steps 20]
 
 Both start from the same stage-4 model, train briefly on synthetic 3-turn episodes (a fact, then questions
-about it), and report held-out recall before and after. The stage scripts (trainers/stage5_impo.py, also under
-`accelerate launch`) do the same with YAML presets.
+about it), and report held-out recall before and after. The stage-5 entry point
+(transformers_rxt.training.stages.stage5_impo: `rxt train`, or trainers/stage5_impo.py under `accelerate launch`)
+does the same with YAML presets.
 """
 
 import argparse

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -38,12 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from transformers_rxt import RxTForConversationalGeneration, STMCache
+from transformers_rxt.benchmarks.bench_inference import mini_config  # RxT-Alpha-Mini's shape, as benchmarked
 from transformers_rxt.metrics import tensor_sentence_bleu
 from transformers_rxt.sqa import sqa_attention_forward, sqa_config
-
-# RxT-Alpha-Mini's shape: the one the inference benchmarks use
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_inference import mini_config  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""benchmarks/bench_memory.py end to end on a tiny random RxT with a tiny training budget (~25 s of CPU)."""
+"""The memory benchmark (`rxt bench memory`, benchmarks/bench_memory.py) end to end on a tiny random RxT with a
+tiny training budget (~25 s of CPU)."""
 
 import importlib.util
 import json
@@ -12,15 +13,14 @@ from transformers_rxt import RxTForConversationalGeneration, rxt_token_ids, trai
 from transformers_rxt.data.synthetic import memory_dialogues, pretraining_texts, sft_pairs
 from transformers_rxt.tokenization_rxt import apply_rxt_chat_template
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+DIAGNOSE = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnose_memory.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from transformers_rxt.benchmarks import bench_memory
+
+    return bench_memory
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_diagnose_memory_gradient_flow_reaches_every_memory_update(rxt_dir):
     """benchmarks/diagnose_memory.py's gradient measure on the stage-4 training model (it once broke silently
     when the stage models changed): one loss over 6-turn episodes reaches all five written memories and the
     writer's components."""
-    spec = importlib.util.spec_from_file_location("diagnose_memory", BENCH.parent / "diagnose_memory.py")
+    spec = importlib.util.spec_from_file_location("diagnose_memory", DIAGNOSE)
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)
     folder, tokenizer = rxt_dir

@@ -209,22 +209,37 @@ def test_launcher_runs_training_stages_as_subprocesses(tmp_path, capsys):
                              extra_args=["--max_steps", "2", "--disable_tqdm", "true"])
     assert [r["stage"] for r in reports] == ["stage0", "stage1"]
     assert reports[1]["steps"] == 2  # the extra arguments reached the subprocess
-    with pytest.raises(CurriculumError, match="stage1_joint_pretrain.py --config .* failed with exit status"):
+    with pytest.raises(CurriculumError, match=r"-m transformers_rxt\.training\.stages\.stage1_joint_pretrain --config "
+                                              ".* failed with exit status"):
         run_curriculum("micro", tmp_path / "bad", "0-1", launcher=sys.executable, extra_args=["--no_such_option"])
 
 
-def test_scripts_are_found_in_a_wheel_install_layout(tmp_path, monkeypatch):
+def test_train_dry_run_prints_each_stage_and_runs_nothing(tmp_path, capsys):
+    from transformers_rxt.curriculum import preset_dir
+
+    assert main(["train", "--preset", "micro", "--output", str(tmp_path), "--dry-run", "--", "--max_steps", "2"]) == 0
+    log = capsys.readouterr().out
+    micro = preset_dir("micro")
+    assert f"-m transformers_rxt.training.stages.stage0_tokenizer --config {micro / 'stage0.yaml'} " \
+           f"--output_dir {tmp_path / 'stage0'}\n" in log  # the tokenizer takes no training options
+    assert f"-m transformers_rxt.training.stages.stage1_joint_pretrain --config {micro / 'stage1.yaml'} --output_dir " \
+           f"{tmp_path / 'stage1'} --tokenizer {tmp_path / 'stage0'} --model_config {micro / 'model.yaml'} " \
+           "--max_steps 2\n" in log
+    assert log.count(" -m transformers_rxt.training.stages.") == len(STAGES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_of_a_finished_run_skips_every_stage(micro_run, capsys):
+    assert main(["train", "--preset", "micro", "--output", str(micro_run), "--dry-run", "--algorithm", "dmpo"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("would be skipped") == len(STAGES)
+    assert "stage 5 (memory reinforcement learning (IMPO), DMPO): already complete" in log
+
+
+def test_the_package_runs_no_scripts():
+    """The stages and benchmarks are called as functions (issue 18): nothing in the package executes files."""
     from pathlib import Path
 
-    from transformers_rxt.curriculum import find_source_dir
-
-    shared = tmp_path / "share" / "transformers-rxt" / "benchmarks"
-    shared.mkdir(parents=True)
-    (shared / "bench_only_in_wheel.py").write_text("")
-    monkeypatch.setattr("sys.prefix", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    assert find_source_dir("benchmarks", "bench_only_in_wheel.py") == shared.resolve()
-    checkout = Path(__file__).resolve().parents[1] / "benchmarks"
-    assert find_source_dir("benchmarks", "bench_tensorbleu.py") == checkout  # the checkout's copy wins
-    with pytest.raises(FileNotFoundError, match="RXT_TRAINERS_DIR.*--trainers-dir"):
-        find_source_dir("trainers", "no_such_stage.py")
+    package = Path(__file__).resolve().parents[1] / "transformers_rxt"
+    offenders = [p.name for p in package.rglob("*.py") if "runpy" in p.read_text() or "run_path" in p.read_text()]
+    assert offenders == []

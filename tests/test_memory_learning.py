@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from transformers_rxt import RxTForConversationalGeneration, load_rxt_tokenizer
-from transformers_rxt.curriculum import find_trainers_dir, run_curriculum
+from transformers_rxt.curriculum import preset_dir, run_curriculum
 from transformers_rxt.data import build_memory_dialogues
 from transformers_rxt.training import forced_choice_recall
 
@@ -31,7 +31,7 @@ SHORTER = {
 
 
 def short_tiny_preset(folder: Path) -> Path:
-    tiny = Path(find_trainers_dir()) / "configs" / "tiny"
+    tiny = preset_dir("tiny")
     folder.mkdir()
     shutil.copy(tiny / "model.yaml", folder / "model.yaml")
     shutil.copy(tiny / "stage0.yaml", folder / "stage0.yaml")

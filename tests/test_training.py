@@ -30,6 +30,7 @@ from transformers_rxt.training import (
     evaluate_memory_retention,
     segment_pooling,
 )
+from transformers_rxt.training.episodes import compute_memory_update
 from transformers_rxt.training.utils import component_of
 
 SLOTS = 8  # fewer slots than the ~17-token turns: stage 3 must not need S == T
@@ -207,7 +208,7 @@ def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
     assert torch.isfinite(out.loss)
     stm = torch.randn(2, 2, SLOTS, 32)
     valid = torch.tensor([True, False])
-    new = module._update(stm, batch["input_ids"][:, 3], batch["attention_mask"][:, 3], valid)
+    new = compute_memory_update(module, batch["input_ids"][:, 3], batch["attention_mask"][:, 3], stm, valid)
     assert torch.equal(new[1], stm[1]) and not torch.equal(new[0], stm[0])
 
 
@@ -397,8 +398,8 @@ def test_review_loss_reads_the_memory_of_the_earlier_turns_and_trains_its_writes
     with torch.no_grad():
         stm, review_losses = model.initial_memory_tensor(4, generator=torch.Generator().manual_seed(0)), []
         for k in range(1, 5):
-            stm = module._update(stm, batch["input_ids"][:, k - 1], batch["attention_mask"][:, k - 1],
-                                 batch["turn_mask"][:, k - 1].bool())
+            stm = compute_memory_update(module, batch["input_ids"][:, k - 1], batch["attention_mask"][:, k - 1], stm,
+                                        batch["turn_mask"][:, k - 1].bool())
             rows = batch["review_mask"][:, k].bool()
             if rows.any():
                 out = model(input_ids=batch["review_input_ids"][rows, k], stm=stm[rows],

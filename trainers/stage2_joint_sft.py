@@ -1,17 +1,15 @@
-"""Stage 2: joint interaction SFT: stage 1's algorithm on ``[BOS][Q]query[A]answer[EOS]`` interactions
-(only the answer side is trained).
+"""Stage 2: joint interaction SFT.
 
     python trainers/stage2_joint_sft.py --config trainers/configs/tiny/stage2.yaml
-    accelerate launch --multi_gpu --num_processes 2 trainers/stage2_joint_sft.py --config ...
+    accelerate launch --multi_gpu --num_processes 2 trainers/stage2_joint_sft.py \
+        --config trainers/configs/tiny/stage2.yaml
 
-Loads ``init_from`` (the stage-1 output: model, MLM head, tokenizer) and writes the same kind of directory.
-Data: ``synthetic`` SFT pairs, or a local/Hub dataset with ``query``/``answer`` columns (also the combined
-``[Q]..[A]..`` text form and chat ``messages``).
+A thin launcher for
+:func:`transformers_rxt.training.stages.stage2_joint_sft.main`
+(``rxt train`` calls it in its own process). Options follow the config (``--help`` lists them).
 """
 
-from __future__ import annotations
-
-from stage1_joint_pretrain import run
+from transformers_rxt.training.stages.stage2_joint_sft import main
 
 if __name__ == "__main__":
-    run("stage2", "sft")
+    main()

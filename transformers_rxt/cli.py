@@ -198,21 +198,37 @@ def _stage_table(reports: list) -> str:
     return "\n".join(lines)
 
 
+def _print_plan(plan: list, launcher: str | None) -> None:
+    """`rxt train --dry-run`: each stage's equivalent command line (what runs in this process without --launcher)."""
+    import shlex
+
+    print("[rxt train] dry run: nothing is trained; the stages and their equivalent commands:")
+    for run in plan:
+        if run.complete:
+            print(f"{run.title}: already complete in {run.output}, would be skipped")
+        else:
+            print(f"{run.title} -> {run.output}\n  {shlex.join(run.command(launcher if run.stage.number else None))}")
+
+
 def train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .curriculum import final_stage_dir, run_curriculum
+    from .curriculum import final_stage_dir, plan_curriculum, run_curriculum
 
+    extra = list(args.stage_args or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if args.dry_run:
+        _print_plan(plan_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
+                                    extra_args=extra), args.launcher)
+        return 0
     if args.num_threads:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    extra = list(args.stage_args or [])
-    if extra and extra[0] == "--":
-        extra = extra[1:]
     reports = run_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
-                             launcher=args.launcher, extra_args=extra, trainers_dir=args.trainers_dir)
+                             launcher=args.launcher, extra_args=extra)
     output = Path(args.output).resolve()
     print("\n[rxt train] stages:")
     print(_stage_table(reports))
@@ -271,17 +287,11 @@ def _export_hub_ready(final, hub_dir, reports: list, retention: dict | None, pre
 
 
 def bench(args: argparse.Namespace) -> int:
-    import runpy
+    """`rxt bench NAME ...`: :func:`transformers_rxt.benchmarks.bench_<NAME>.main` with the remaining arguments."""
+    import importlib
 
-    from .curriculum import find_source_dir
-
-    script = find_source_dir("benchmarks", f"bench_{args.benchmark}.py") / f"bench_{args.benchmark}.py"
-    saved = sys.argv[:]
-    sys.argv = [str(script), *[a for a in args.bench_args if a != "--"]]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = saved
+    benchmark = importlib.import_module(f"transformers_rxt.benchmarks.bench_{args.benchmark}")
+    benchmark.main([a for a in args.bench_args if a != "--"])
     return 0
 
 

@@ -1,7 +1,8 @@
 """Run a preset's whole training curriculum, stage by stage, resumably (what ``rxt train`` does).
 
-Every stage is one of the ``trainers/`` scripts with its preset YAML (``trainers/configs/<preset>/``). The
-runner points each stage at the previous stage's output under one directory::
+Every stage is a module of :mod:`transformers_rxt.training.stages` (``main(argv)``) with its preset YAML, which
+ships as package data (``transformers_rxt/presets/<preset>/``; the checkout's ``trainers/configs`` is a link to
+that folder). The runner points each stage at the previous stage's output under one directory::
 
     OUT/stage0  tokenizer                OUT/stage3  memory-attention pre-training
     OUT/stage1  joint LM pre-training    OUT/stage4  supervised memory-aware training
@@ -12,27 +13,30 @@ and skipped; a stage that stopped part-way restarts from its newest complete ``c
 (presets that save checkpoints; one the run was killed while writing is passed over). So running the same
 command again continues an interrupted run where it stopped.
 
-Stages run in this process by default (no re-import per stage); ``launcher="accelerate launch ..."`` runs each
-training stage as a subprocess under that launcher instead (several GPUs or processes).
+Stages run in this process by default (their ``main`` is called directly); ``launcher="accelerate launch ..."``
+runs each training stage as ``<launcher> -m transformers_rxt.training.stages.<stage> ...`` instead (several GPUs
+or processes).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CurriculumError", "STAGES", "Stage", "find_source_dir", "find_trainers_dir", "parse_stages",
-           "is_complete_checkpoint", "latest_checkpoint", "run_curriculum", "stage_dir", "final_stage_dir"]
+__all__ = ["CurriculumError", "STAGES", "Stage", "StageRun", "parse_stages", "is_complete_checkpoint",
+           "latest_checkpoint", "plan_curriculum", "preset_dir", "presets", "presets_root", "run_curriculum",
+           "stage_dir", "final_stage_dir"]
 
 
 class CurriculumError(RuntimeError):
@@ -41,47 +45,62 @@ class CurriculumError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One curriculum stage: its number, the stage name model cards use, its script and preset file."""
+    """One curriculum stage: its number, the stage name model cards use, its module and preset file."""
 
     number: int
     name: str
     title: str
-    script: str
+    module: str
     config: str
+
+    @property
+    def entry_point(self) -> str:
+        """The importable module whose ``main(argv)`` runs the stage."""
+        return f"transformers_rxt.training.stages.{self.module}"
+
+    @property
+    def script(self) -> str:
+        """The thin launcher in the repository's ``trainers/`` folder (``accelerate launch trainers/<script>``)."""
+        return f"{self.module}.py"
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage(0, "tokenizer", "tokenizer", "stage0_tokenizer.py", "stage0.yaml"),
-    Stage(1, "joint-pretraining", "joint LM pre-training", "stage1_joint_pretrain.py", "stage1.yaml"),
-    Stage(2, "joint-sft", "joint interaction SFT", "stage2_joint_sft.py", "stage2.yaml"),
-    Stage(3, "memory-attention-pretraining", "memory-attention pre-training", "stage3_memory_attention.py",
+    Stage(0, "tokenizer", "tokenizer", "stage0_tokenizer", "stage0.yaml"),
+    Stage(1, "joint-pretraining", "joint LM pre-training", "stage1_joint_pretrain", "stage1.yaml"),
+    Stage(2, "joint-sft", "joint interaction SFT", "stage2_joint_sft", "stage2.yaml"),
+    Stage(3, "memory-attention-pretraining", "memory-attention pre-training", "stage3_memory_attention",
           "stage3.yaml"),
-    Stage(4, "supervised-memory-aware", "supervised memory-aware training", "stage4_memory_aware.py",
-          "stage4.yaml"),
-    Stage(5, "mrl", "memory reinforcement learning (IMPO)", "stage5_impo.py", "stage5.yaml"),
+    Stage(4, "supervised-memory-aware", "supervised memory-aware training", "stage4_memory_aware", "stage4.yaml"),
+    Stage(5, "mrl", "memory reinforcement learning (IMPO)", "stage5_impo", "stage5.yaml"),
 )
 DMPO_CONFIG = "stage5_dmpo.yaml"
 REPORT_FILE = "stage_report.json"
 
 
-def find_source_dir(name: str, marker: str, explicit: str | os.PathLike | None = None) -> Path:
-    """A folder of scripts that ships beside the library (``trainers``, ``benchmarks``): ``explicit``,
-    ``$RXT_<NAME>_DIR``, the source checkout this package runs from, the copy a wheel install puts under
-    ``<prefix>/share/transformers-rxt/``, or ``./<name>``; the first that holds ``marker``."""
-    candidates = [explicit, os.environ.get(f"RXT_{name.upper()}_DIR"), Path(__file__).resolve().parents[1] / name,
-                  Path(sys.prefix) / "share" / "transformers-rxt" / name, Path.cwd() / name]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / marker).is_file():
-            return Path(candidate).resolve()
-    raise FileNotFoundError(
-        f"cannot find the {name}/ folder (with {marker}): it ships with the source checkout and, for wheel installs, "
-        f"under {Path(sys.prefix) / 'share' / 'transformers-rxt'}. Point RXT_{name.upper()}_DIR at a copy"
-        + (" or pass --trainers-dir." if name == "trainers" else "."))
+def presets_root() -> Path:
+    """The folder of the shipped presets (package data: ``transformers_rxt/presets``)."""
+    root = files("transformers_rxt") / "presets"
+    if not isinstance(root, Path) or not root.is_dir():  # a zip import: the stages need real files to parse
+        raise FileNotFoundError(f"the presets of transformers_rxt are not a folder on disk ({root}); install the "
+                                "package from its wheel or a source checkout, not as a zip")
+    return root
 
 
-def find_trainers_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The ``trainers/`` folder of stage scripts and presets (see :func:`find_source_dir`)."""
-    return find_source_dir("trainers", STAGES[1].script, explicit)
+def presets() -> list[str]:
+    """The names of the shipped presets (folders with a ``model.yaml``; ``accelerate`` holds launcher configs)."""
+    return sorted(p.name for p in presets_root().iterdir() if (p / "model.yaml").is_file())
+
+
+def preset_dir(preset: str | os.PathLike) -> Path:
+    """The folder of stage YAML files of ``preset``: a shipped preset's name (``tiny``, ``mini``, ``micro``) or
+    a path to a folder of stage YAMLs."""
+    if Path(preset).is_dir():
+        return Path(preset).resolve()
+    folder = presets_root() / str(preset)
+    if not (folder / "model.yaml").is_file():
+        raise ValueError(f"unknown preset {str(preset)!r}: expected one of {presets()} or a folder of stage YAML "
+                         "files")
+    return folder
 
 
 def parse_stages(spec: str | Sequence[int] | None) -> list[int]:
@@ -155,124 +174,156 @@ def _stage_arguments(stage: Stage, config: Path, out: Path, previous: Path | Non
     return args
 
 
-def _run_in_process(script: Path, argv: list[str]) -> None:
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
-    sys.argv = [str(script), *argv]
-    sys.path.insert(0, str(script.parent))  # the scripts import their shared helpers as `common`
+@dataclass(frozen=True)
+class StageRun:
+    """What :func:`run_curriculum` does for one stage: skip it (``complete``) or call ``stage.entry_point``'s
+    ``main(argv)`` writing ``output``, resuming from ``checkpoint`` when there is one."""
+
+    stage: Stage
+    title: str
+    output: Path
+    argv: tuple[str, ...]
+    complete: bool
+    checkpoint: Path | None = None
+    broken_checkpoints: tuple[Path, ...] = ()
+
+    def command(self, launcher: str | None = None) -> list[str]:
+        """The equivalent command line (``python -m ...``, or under ``launcher``)."""
+        return [*(shlex.split(launcher) if launcher else [sys.executable]), "-m", self.stage.entry_point,
+                *self.argv]
+
+
+def plan_curriculum(
+    preset: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    stages: str | Sequence[int] | None = None,
+    *,
+    algorithm: str = "impo",
+    extra_args: Sequence[str] = (),
+) -> list[StageRun]:
+    """The stages :func:`run_curriculum` would run or skip, with their arguments; refuses (before any work) an
+    unknown preset, a stage the preset has no config for, and a stage whose input no earlier stage provides."""
+    if algorithm not in ("impo", "dmpo"):
+        raise ValueError(f"algorithm must be 'impo' or 'dmpo', got {algorithm!r}")
+    config_dir = preset_dir(preset)
+
+    def is_dmpo(stage: Stage) -> bool:
+        return stage.number == 5 and algorithm == "dmpo"
+
+    def config_of(stage: Stage) -> str:
+        return DMPO_CONFIG if is_dmpo(stage) else stage.config
+
+    available = [s.number for s in STAGES if (config_dir / config_of(s)).is_file()]
+    wanted = available if stages is None else parse_stages(stages)
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        raise ValueError(f"preset {str(preset)!r} has no configuration for stage(s) {missing} "
+                         f"(files in {config_dir}: {sorted(p.name for p in config_dir.glob('*.yaml'))})")
+    output_dir = Path(output_dir).resolve()
+    plan: list[StageRun] = []
+    for number in wanted:
+        stage = STAGES[number]
+        out = stage_dir(output_dir, number)
+        title = f"stage {number} ({stage.title}{', DMPO' if is_dmpo(stage) else ''})"
+        if is_complete(out):
+            plan.append(StageRun(stage, title, out, (), complete=True))
+            continue
+        ready = {run.stage.number for run in plan}  # stages before this one in the plan have run by then
+        argv = _stage_arguments(stage, config_dir / config_of(stage), out,
+                                _previous_output(output_dir, number, ready))
+        if is_dmpo(stage):
+            argv += ["--algorithm", "dmpo"]
+        checkpoint = latest_checkpoint(out) if number > 0 else None
+        broken = tuple(p for _, p in _checkpoints(out) if not is_complete_checkpoint(p)) if number > 0 else ()
+        if checkpoint is not None:
+            argv += ["--resume_from_checkpoint", str(checkpoint)]
+        if number > 0:  # the tokenizer has nothing to distribute and no training options
+            argv += list(extra_args)
+        plan.append(StageRun(stage, title, out, tuple(argv), False, checkpoint, broken))
+    return plan
+
+
+def _run_in_process(run: StageRun) -> None:
+    main = importlib.import_module(run.stage.entry_point).main
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        main(list(run.argv))
     except SystemExit as stop:  # argparse errors and explicit exits
         if stop.code not in (0, None):
-            raise CurriculumError(f"{script.name} exited with status {stop.code}") from stop
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
+            raise CurriculumError(f"{run.stage.entry_point} exited with status {stop.code}") from stop
 
 
-def _run_subprocess(launcher: str, script: Path, argv: list[str], cwd: Path) -> None:
-    command = [*shlex.split(launcher), str(script), *argv]
-    done = subprocess.run(command, cwd=cwd)
+def _run_subprocess(run: StageRun, launcher: str) -> None:
+    command = run.command(launcher)
+    done = subprocess.run(command)
     if done.returncode:
         raise CurriculumError(f"{shlex.join(command)} failed with exit status {done.returncode}")
 
 
 def run_curriculum(
-    preset: str,
+    preset: str | os.PathLike,
     output_dir: str | os.PathLike,
     stages: str | Sequence[int] | None = None,
     *,
     algorithm: str = "impo",
     launcher: str | None = None,
     extra_args: Sequence[str] = (),
-    trainers_dir: str | os.PathLike | None = None,
     log: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Run (or finish) the curriculum of ``preset`` into ``output_dir``; returns one report per stage.
 
     Args:
-        preset: a folder name under ``trainers/configs`` (``tiny``, ``mini``, ``micro``) or a path to one.
+        preset: a shipped preset (``tiny``, ``mini``, ``micro``: :func:`presets`) or a path to a folder of stage
+            YAML files.
         output_dir: where the stages write ``stage0`` ... ``stage5``.
         stages: which stages (``"0-5"``, ``"4,5"``, a list; default all stages the preset has configs for).
-            A stage reads the newest complete earlier stage, which must exist.
+            A stage reads the newest complete earlier stage, which must exist or run first in this call.
         algorithm: stage 5 as ``"impo"`` (``stage5.yaml``) or ``"dmpo"`` (``stage5_dmpo.yaml``).
-        launcher: e.g. ``"accelerate launch --multi_gpu --num_processes 2"``: run stages 1-5 as subprocesses
-            under it (default: in this process).
+        launcher: e.g. ``"accelerate launch --multi_gpu --num_processes 2"``: run stages 1-5 as
+            ``<launcher> -m transformers_rxt.training.stages.<stage> ...`` subprocesses (default: in this process).
         extra_args: appended to every training stage's arguments (stages 1-5), e.g. ``["--report_to",
             "tensorboard"]`` or ``["--use_cpu", "false"]``.
-        trainers_dir: the ``trainers/`` folder (default: :func:`find_trainers_dir`).
         log: where progress lines go.
 
     Each report is the stage's ``stage_report.json`` plus ``skipped`` (already complete before this call).
     """
-    if algorithm not in ("impo", "dmpo"):
-        raise ValueError(f"algorithm must be 'impo' or 'dmpo', got {algorithm!r}")
-    trainers = find_trainers_dir(trainers_dir)
-    given_folder = Path(preset).is_dir()
-    config_dir = Path(preset) if given_folder else trainers / "configs" / preset
-    # a named preset has a model.yaml (configs/accelerate holds accelerate configs, not a preset)
-    if not config_dir.is_dir() or (not given_folder and not (config_dir / "model.yaml").is_file()):
-        presets = sorted(p.name for p in (trainers / "configs").iterdir() if (p / "model.yaml").is_file())
-        raise ValueError(f"unknown preset {preset!r}: expected one of {presets} or a folder of stage YAML files")
-    config_dir = config_dir.resolve()
-
-    def config_of(stage: Stage) -> str:
-        return DMPO_CONFIG if is_dmpo(stage) else stage.config
-
-    def is_dmpo(stage: Stage) -> bool:
-        return stage.number == 5 and algorithm == "dmpo"
-
-    available = [s.number for s in STAGES if (config_dir / config_of(s)).is_file()]
-    wanted = available if stages is None else parse_stages(stages)
-    missing = [n for n in wanted if n not in available]
-    if missing:
-        raise ValueError(f"preset {preset!r} has no configuration for stage(s) {missing} "
-                         f"(files in {config_dir}: {sorted(p.name for p in config_dir.glob('*.yaml'))})")
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_curriculum(preset, output_dir, stages, algorithm=algorithm, extra_args=extra_args)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     reports = []
-    for number in wanted:
-        stage = STAGES[number]
-        out = stage_dir(output_dir, number)
-        title = f"stage {number} ({stage.title}{', DMPO' if is_dmpo(stage) else ''})"
-        if is_complete(out):
-            log(f"[rxt train] {title}: already complete in {out}, skipped")
-            reports.append({**json.loads((out / REPORT_FILE).read_text()), "skipped": True})
+    for run in plan:
+        report_file = run.output / REPORT_FILE
+        if run.complete:
+            log(f"[rxt train] {run.title}: already complete in {run.output}, skipped")
+            reports.append({**json.loads(report_file.read_text()), "skipped": True})
             continue
-        argv = _stage_arguments(stage, config_dir / config_of(stage), out, _previous_output(output_dir, number))
-        if is_dmpo(stage):
-            argv += ["--algorithm", "dmpo"]
-        checkpoint = latest_checkpoint(out) if number > 0 else None
-        for _, broken in _checkpoints(out) if number > 0 else ():
-            if not is_complete_checkpoint(broken):
-                log(f"[rxt train] {title}: {broken.name} is incomplete (the run stopped while writing it); "
-                    "not resuming from it")
-        if checkpoint is not None:
-            argv += ["--resume_from_checkpoint", str(checkpoint)]
-        log(f"[rxt train] {title} -> {out}" + (f" (resuming from {checkpoint.name})" if checkpoint else ""))
+        for broken in run.broken_checkpoints:
+            log(f"[rxt train] {run.title}: {broken.name} is incomplete (the run stopped while writing it); "
+                "not resuming from it")
+        resuming = f" (resuming from {run.checkpoint.name})" if run.checkpoint else ""
+        log(f"[rxt train] {run.title} -> {run.output}{resuming}")
         started = time.time()
-        if number == 0:  # the tokenizer: nothing to distribute, no training options
-            _run_in_process(trainers / stage.script, argv)
-        elif launcher:
-            _run_subprocess(launcher, trainers / stage.script, [*argv, *extra_args], cwd=trainers.parent)
+        if launcher and run.stage.number > 0:
+            _run_subprocess(run, launcher)
         else:
-            _run_in_process(trainers / stage.script, [*argv, *extra_args])
-        if not is_complete(out):
-            raise CurriculumError(f"{stage.script} finished without writing {out / REPORT_FILE}")
-        report = json.loads((out / REPORT_FILE).read_text())
+            _run_in_process(run)
+        if not is_complete(run.output):
+            raise CurriculumError(f"{run.stage.entry_point} finished without writing {report_file}")
+        report = json.loads(report_file.read_text())
         report.setdefault("wall_time_s", round(time.time() - started, 1))
         reports.append({**report, "skipped": False})
     return reports
 
 
-def _previous_output(output_dir: Path, number: int) -> Path | None:
+def _previous_output(output_dir: Path, number: int, ready: set[int]) -> Path | None:
+    """The input of stage ``number``: the newest earlier stage that is complete or runs before it (``ready``)."""
     if number == 0:
         return None
     if number == 1:  # stage 1 builds the model; it needs the stage-0 tokenizer
-        if not is_complete(stage_dir(output_dir, 0)):
+        if 0 not in ready and not is_complete(stage_dir(output_dir, 0)):
             raise FileNotFoundError(f"stage 1 needs the stage-0 tokenizer in {stage_dir(output_dir, 0)}; "
                                     "run stage 0 first (--stages 0-1)")
         return stage_dir(output_dir, 0)
     for earlier in range(number - 1, 0, -1):
-        if is_complete(stage_dir(output_dir, earlier)):
+        if earlier in ready or is_complete(stage_dir(output_dir, earlier)):
             return stage_dir(output_dir, earlier)
     raise FileNotFoundError(f"stage {number} starts from an earlier stage's model, but {output_dir} has none "
                             f"complete; run the earlier stages first (--stages 0-{number})")

@@ -10,7 +10,7 @@ __all__ = ["EXTRAS", "require_extra"]
 
 #: module -> the extra of ``pyproject.toml`` that installs it
 EXTRAS: dict[str, str] = {"datasets": "train", "trl": "train", "yaml": "train", "evaluate": "evaluate",
-                          "peft": "peft"}
+                          "peft": "peft", "nltk": "bench", "sacrebleu": "bench"}
 
 
 def require_extra(module: str) -> ModuleType:

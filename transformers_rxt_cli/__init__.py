@@ -90,24 +90,25 @@ def _add_train_parser(commands: Any) -> None:
     train = _add_command(
         commands, "train", "transformers_rxt.cli:train",
         help="run the training curriculum (stages 0-5) of a preset, resumably",
-        description="Runs the trainers/ stage scripts of a preset one after another (each stage starting from "
-                    "the previous stage's output under --output), then measures memory retention on held-out "
+        description="Runs the stages of a preset (transformers_rxt.training.stages) one after another in this "
+                    "process (each stage starting from the previous stage's output under --output), then measures memory retention on held-out "
                     "dialogues and writes a Hub-ready directory (--output/hub). Completed stages are skipped and "
                     "an interrupted stage resumes from its last complete checkpoint, so re-running the same "
                     "command continues where it stopped. Arguments after -- go to every training stage "
                     "(stages 1-5), e.g. -- --report_to tensorboard.")
     train.add_argument("--preset", default="tiny",
-                       help="trainers/configs/<preset> (tiny: CPU, embedded corpus; micro: a smoke run; "
-                            "mini: the reference's Mini size, GPU + Hub datasets) or a folder of stage YAMLs")
+                       help="a shipped preset, transformers_rxt/presets/<preset> (= trainers/configs/<preset> in "
+                            "the checkout): tiny (CPU, embedded corpus), micro (a smoke run), mini (the "
+                            "reference's Mini size, GPU + Hub datasets); or a folder of stage YAMLs")
     train.add_argument("--output", required=True, help="output directory (stage0 ... stage5, hub)")
     train.add_argument("--stages", default=None,
                        help="e.g. 0-5 or 4,5 (default: every stage the preset has)")
     train.add_argument("--algorithm", choices=["impo", "dmpo"], default="impo", help="stage 5 algorithm")
     train.add_argument("--launcher", default=None,
-                       help="run stages 1-5 under this command, e.g. 'accelerate launch --num_processes 2' "
-                            "(default: in this process)")
-    train.add_argument("--trainers-dir", default=None,
-                       help="the trainers/ folder (default: this checkout's, or the wheel's shared copy)")
+                       help="run stages 1-5 as '<LAUNCHER> -m transformers_rxt.training.stages.<stage> ...', "
+                            "e.g. 'accelerate launch --num_processes 2' (default: in this process)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print what each stage would do (its command line, or 'complete') and exit")
     train.add_argument("--eval-dialogues", type=int, default=512,
                        help="held-out dialogues for the final retention check (0 = skip)")
     train.add_argument("--eval-max-distance", type=int, default=8, help="longest fact-question distance checked")
@@ -139,7 +140,8 @@ def _add_bench_parser(commands: Any) -> None:
     bench = _add_command(
         commands, "bench", "transformers_rxt.cli:bench",
         help="run a benchmark script (inference, tensorbleu, sqa, memory); its --help lists the options",
-        description="Runs benchmarks/bench_<name>.py, which prints side-by-side ratios from one run.")
+        description="Runs transformers_rxt.benchmarks.bench_<name> (also benchmarks/bench_<name>.py in the "
+                    "checkout), which prints side-by-side ratios from one run.")
     bench.add_argument("benchmark", choices=["inference", "tensorbleu", "sqa", "memory"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark script")
 

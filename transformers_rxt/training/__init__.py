@@ -1,12 +1,13 @@
 """The supervised RxT curriculum as `transformers.Trainer` subclasses (training.md §2-§4).
 
-- stage 0: :func:`transformers_rxt.train_rxt_tokenizer` (see ``trainers/stage0_tokenizer.py``);
+- stage 0: :func:`transformers_rxt.train_rxt_tokenizer` (see :mod:`.stages.stage0_tokenizer`);
 - stages 1-2: :class:`JointLMTrainer` / :class:`JointLMConfig` (joint LM pre-training, joint interaction SFT);
 - stage 3: :class:`MemoryAttentionTrainer` / :class:`MemoryAttentionConfig` (self-supervised memory attention);
 - stage 4: :class:`MemoryAwareTrainer` / :class:`MemoryAwareConfig` (supervised memory-aware training);
 - stage 5: :class:`IMPOTrainer` / :class:`IMPOConfig` (memory reinforcement learning) and
   :class:`DMPOTrainer` / :class:`DMPOConfig` (memory-aware preference optimisation);
-- :func:`evaluate_memory_retention`: fact recall per distance, memory carried vs reset.
+- :func:`evaluate_memory_retention`: fact recall per distance, memory carried vs reset;
+- :mod:`.stages`: each stage's entry point ``main(argv)`` (a YAML preset plus overrides), what ``rxt train`` calls.
 
 Each stage trains a ``PreTrainedModel`` (:class:`RxTStageModel` subclasses: :class:`RxTForJointLMTraining`,
 :class:`RxTForMemoryAttentionTraining`, :class:`RxTForMemoryAwareTraining`, :class:`RxTForIMPOTraining`,
@@ -15,6 +16,7 @@ directory that loads with ``RxTForConversationalGeneration.from_pretrained``.
 """
 
 from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, RxTForDMPOTraining, make_dmpo_records, tokenize_dmpo_dataset
+from .episodes import Turn, compute_memory_update, iter_turns, sequence_log_probs, trim_padding
 from .evaluation import (
     compare_retention,
     describe_retention,
@@ -43,6 +45,11 @@ from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwar
 from .utils import COMPONENTS, RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
 __all__ = [
+    "Turn",
+    "compute_memory_update",
+    "iter_turns",
+    "sequence_log_probs",
+    "trim_padding",
     "DMPOConfig",
     "DMPOTrainer",
     "DataCollatorForDMPO",

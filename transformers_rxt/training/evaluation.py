@@ -28,6 +28,7 @@ import torch
 from ..data.synthetic import (FACT_KINDS, build_memory_dialogues, dialogue_turns, format_accuracy_table,
                               score_dialogue_answers)
 from ..tokenization_rxt import tokenize_interactions, tokenize_prompts
+from .episodes import compute_memory_update, sequence_log_probs
 
 __all__ = ["compare_retention", "describe_retention", "evaluate_memory_retention", "evaluate_heldout_retention",
            "forced_choice_recall", "format_retention"]
@@ -77,11 +78,8 @@ def _answer_nll(model, tokenizer, queries, answers, stm) -> tuple[torch.Tensor, 
     """Summed answer-token NLL and token count per row (teacher forcing), plus the encoded interactions."""
     enc = tokenize_interactions(tokenizer, queries, answers, return_labels=True).to(model.device)
     logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], stm=stm).logits
-    labels = enc["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    keep = labels != -100
-    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep
-    return nll.sum(dim=1), keep.sum(dim=1), enc
+    log_probs, counts = sequence_log_probs(logits, enc["labels"])
+    return -log_probs.sum(dim=1), counts, enc
 
 
 # No autograd anywhere: update_memory records a graph whenever grad is on (training backpropagates through it),
@@ -301,7 +299,7 @@ def forced_choice_recall(model, tokenizer, dialogues: Any, *, rivals: int = 5, s
                 if k + 1 == len(turns):
                     break  # nothing reads a write after the last turn
                 enc = tokenize_interactions(tokenizer, [turn["query"]], [turn["answer"]]).to(model.device)
-                memory = model.compute_memory_update(enc["input_ids"], enc["attention_mask"], memory)
+                memory = compute_memory_update(model, enc["input_ids"], enc["attention_mask"], memory)
     finally:
         model.train(was_training)
     if not n:

@@ -53,6 +53,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..modeling_rxt import RxTForConversationalGeneration
+from .episodes import iter_turns
 from .utils import (
     RxTStageModel,
     RxTStageOutput,
@@ -188,17 +189,12 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
         if not isinstance(args, MemoryAttentionConfig):
             raise TypeError("RxTForMemoryAttentionTraining needs stage_args=MemoryAttentionConfig(...) (its label "
                             f"schedule), got {type(args).__name__}")
-        batch, turns, _ = input_ids.shape
+        batch = input_ids.shape[0]
         noisy = self.training
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         losses, metrics = [], {}
-        for k in range(turns):
-            valid = turn_mask[:, k].bool()
-            if not bool(valid.any()):
-                break
-            mask_k = attention_mask[:, k]
-            used = max(int(mask_k.sum(dim=1).max()), 1)
-            ids_k, mask_k = input_ids[:, k, :used], mask_k[:, :used]
+        for turn in iter_turns(input_ids, attention_mask, turn_mask):
+            k, ids_k, mask_k, valid = turn.index, turn.input_ids, turn.attention_mask, turn.valid
             with torch.no_grad():
                 encoded, _ = self.encode(ids_k, mask_k)
             old = stm.detach()

@@ -36,6 +36,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..modeling_rxt import RxTForConversationalGeneration
+from .episodes import compute_memory_update
 from .utils import (
     COMPONENTS,
     RxTStageModel,
@@ -143,16 +144,6 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             counts[1::2] = reviewed.sum(dim=(0, 2))
         return counts
 
-    def _update(self, stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Write one interaction per valid row into the memory; rows without one keep their memory."""
-        used = max(int(mask.sum(dim=1).max()), 1)
-        ids, mask = ids[:, :used], mask[:, :used]
-        if bool(valid.all()):
-            return self.compute_memory_update(ids, mask, stm)
-        rows = valid.nonzero().flatten()
-        new = self.compute_memory_update(ids[rows], mask[rows], stm[rows])
-        return stm.index_copy(0, rows, new)
-
     def _answer_losses(
         self,
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -226,7 +217,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             review_mask = torch.zeros(batch, turns + 1, dtype=torch.long, device=input_ids.device)
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         if system_input_ids is not None and has_system is not None and bool(has_system.any()):
-            stm = self._update(stm, system_input_ids, system_attention_mask, has_system.bool())
+            stm = compute_memory_update(self, system_input_ids, system_attention_mask, stm, has_system.bool())
         losses, review_losses, aux_losses, metrics = [], [], [], {}
         hits, count, review_hits, review_count = 0.0, 0, 0.0, 0
         # k = turns only exists for reviews: the question asked after the episode's last turn is written.
@@ -238,7 +229,8 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             if k > 0:
                 if backprop > 0 and (k - 1) % backprop == 0:
                     stm = stm.detach()
-                stm = self._update(stm, input_ids[:, k - 1], attention_mask[:, k - 1], turn_mask[:, k - 1].bool())
+                stm = compute_memory_update(self, input_ids[:, k - 1], attention_mask[:, k - 1], stm,
+                                            turn_mask[:, k - 1].bool())
             parts, is_review = [], []
             if bool(valid.any()) and (k > 0 or train_first_turn) and bool((labels[:, k, 1:] != -100).any()):
                 parts.append((input_ids[:, k], attention_mask[:, k], labels[:, k], valid.nonzero().flatten()))

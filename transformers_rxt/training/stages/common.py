@@ -1,7 +1,8 @@
-"""Helpers shared by the stage scripts (argument parsing, data sources, stage reports).
+"""Helpers shared by the stage entry points (argument parsing, data sources, stage reports).
 
-Every stage script runs as ``python trainers/stageN_*.py --config trainers/configs/<preset>/stageN.yaml`` or
-under ``accelerate launch``; any option can be overridden on the command line (``--max_steps 10``).
+Every stage's ``main(argv)`` takes ``--config <preset>/stageN.yaml`` plus command-line overrides (``--max_steps
+10``); ``rxt train`` calls it in this process, ``trainers/stageN_*.py`` (plain ``python`` or ``accelerate launch``)
+and ``python -m transformers_rxt.training.stages.stageN_*`` call it with the process's arguments.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ class DataArguments:
     probe_rate: float = field(default=0.7, metadata={"help": "Synthetic dialogues: share of facts asked later."})
 
 
-def parse(*dataclass_types):
-    """Parse ``--config file.yaml`` plus command-line overrides into the given dataclasses (TRL's parser), then
-    seed python/numpy/torch from the training arguments' ``seed``: models and heads are built before the Trainer
-    (which seeds only in its own ``__init__``), and their initial weights must not depend on what ran before."""
+def parse(*dataclass_types, argv: list[str] | None = None):
+    """Parse ``argv`` (``--config file.yaml`` plus command-line overrides; default: the process's arguments) into
+    the given dataclasses (TRL's parser), then seed python/numpy/torch from the training arguments' ``seed``:
+    models and heads are built before the Trainer (which seeds only in its own ``__init__``), and their initial
+    weights must not depend on what ran before."""
     from transformers import TrainingArguments, set_seed
 
     from transformers_rxt.extras import require_extra
 
-    parsed = require_extra("trl").TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config()
+    parsed = require_extra("trl").TrlParser(dataclass_types=list(dataclass_types)).parse_args_and_config(args=argv)
     seeds = [p.seed for p in parsed if isinstance(p, TrainingArguments)]
     if seeds:
         set_seed(seeds[0])
