@@ -10,6 +10,7 @@ pytest.importorskip("trl")
 
 from rxt_factories import story_tokenizer, tiny_model  # noqa: E402
 
+from transformers_rxt.metrics import TensorBLEUReward  # noqa: E402
 from transformers_rxt.training.dmpo import (  # noqa: E402
     DataCollatorForDMPO,
     DMPOConfig,
@@ -18,7 +19,7 @@ from transformers_rxt.training.dmpo import (  # noqa: E402
 from transformers_rxt.training.impo import (  # noqa: E402
     IMPOConfig,
     IMPOTrainer,
-    TensorBLEUReward,
+    TopicChangeReward,
     clipped_policy_loss,
     interstep_kl,
     masked_mean,
@@ -141,7 +142,7 @@ def test_impo_loss_is_trls_grpo_loss_plus_the_impo_terms(tmp_path, tok):
     kl = reference_kl(out.log_probs, inputs["ref_per_token_logps"], mask)
     expected = (policy + 0.05 * kl - 0.01 * masked_mean(out.entropy, mask) + 0.3 * out.stm_diff
                 + 0.7 * out.value_loss)
-    assert out.stm_diff.item() > 0 and out.value_loss.item() > 0 and float(kl) == pytest.approx(0, abs=1e-5)
+    assert out.stm_diff.detach() > 0 and out.value_loss.detach() > 0 and float(kl.detach()) == pytest.approx(0, abs=1e-5)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -157,7 +158,7 @@ def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path, tok):
     m = model()
     args = impo_args(tmp_path, max_steps=2, unfreeze_schedule="0:fetch,1:all", interstep_kl_coef=0.01,
                      reward_weights=[0.5, 1.0])
-    trainer = impo(tmp_path, tok, args, train=episodes(8), model=m, reward_funcs=[TensorBLEUReward(), length_reward])
+    trainer = impo(tmp_path, tok, args, train=episodes(8), model=m, reward_funcs=[TensorBLEUReward("reference_ids"), length_reward])
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -257,13 +258,14 @@ def test_group_advantages_compare_the_samples_of_one_episode(tmp_path, tok):
 
 
 def test_long_range_topic_change_rewards_not_repeating_the_saved_data():
-    reward = TensorBLEUReward(ref_weight=0.0, saved_weight=1.0)
+    reward = TopicChangeReward(TensorBLEUReward("saved_ids", max_n=2, smoothing="method4"))
     comp = [[11, 12, 13, 3], [20, 21, 22, 3]]
     saved = [[11, 12, 13, 3], [11, 12, 13, 3]]
-    plain = reward([""] * 2, [""] * 2, comp, reference_ids=comp, saved_ids=saved, topic_change=[False, False])
-    change = reward([""] * 2, [""] * 2, comp, reference_ids=comp, saved_ids=saved, topic_change=[True, True])
+    plain = reward([""] * 2, [""] * 2, comp, saved_ids=saved, topic_change=[False, False])
+    change = reward([""] * 2, [""] * 2, comp, saved_ids=saved, topic_change=[True, False])
     assert plain[0] > 0 and plain[0] > plain[1]
-    assert change == pytest.approx([1 - x for x in plain])
+    assert change == pytest.approx([1 - plain[0], plain[1]])
+    assert reward.__name__ == "tensorbleu"
 
 
 def test_impo_curriculum_driver_runs_its_stages_in_order(tmp_path, tok):

@@ -75,7 +75,7 @@ def data_arguments_without(name: str) -> type:
 def main() -> None:
     from transformers_rxt.training.dmpo import DMPOConfig, DMPOTrainer, make_dmpo_records, tokenize_dmpo_dataset
     from transformers_rxt.training import load_rxt_model
-    from transformers_rxt.training.impo import EmbeddingCosineReward, IMPOConfig, IMPOTrainer, TensorBLEUReward
+    from transformers_rxt.training.impo import IMPOConfig, IMPOTrainer, default_impo_rewards
 
     import sys
 
@@ -108,9 +108,9 @@ def main() -> None:
             if model_args.fact_reward_weight:
                 from transformers_rxt.data import fact_recall_reward
 
-                reward_funcs = [TensorBLEUReward(), EmbeddingCosineReward(model.get_input_embeddings()),
-                                fact_recall_reward]
-                args.reward_weights = [0.5, 0.5, model_args.fact_reward_weight]
+                reward_funcs, weights = default_impo_rewards(model.get_input_embeddings())
+                reward_funcs, args.reward_weights = [*reward_funcs, fact_recall_reward], [
+                    *weights, model_args.fact_reward_weight]
             trainer = IMPOTrainer(model, reward_funcs=reward_funcs, args=args, train_dataset=train,
                                   processing_class=tokenizer)
     results = {}

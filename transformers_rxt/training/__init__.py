@@ -38,7 +38,7 @@ _STAGE5 = {
     "dmpo": ("DataCollatorForDMPO", "DMPOConfig", "DMPOTrainer", "RxTForDMPOTraining", "make_dmpo_records",
              "tokenize_dmpo_dataset"),
     "impo": ("EmbeddingCosineReward", "IMPOConfig", "IMPOStage", "IMPOTrainer", "RxTForIMPOTraining",
-             "RxTValueCritic", "TensorBLEUReward", "exponential_schedule", "run_impo_curriculum"),
+             "RxTValueCritic", "TopicChangeReward", "default_impo_rewards", "exponential_schedule", "run_impo_curriculum"),
 }
 
 
@@ -62,7 +62,8 @@ __all__ = [
     "IMPOStage",
     "IMPOTrainer",
     "RxTValueCritic",
-    "TensorBLEUReward",
+    "TopicChangeReward",
+    "default_impo_rewards",
     "exponential_schedule",
     "make_dmpo_records",
     "run_impo_curriculum",

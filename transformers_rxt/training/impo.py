@@ -13,8 +13,8 @@ keep their meanings (``per_device_train_batch_size`` counts completions, ``num_g
 ``steps_per_generation``, ``log_completions``), TRL's sampler repeats every episode ``num_generations`` times,
 TRL computes the clipped policy loss, the k3 reference KL and the entropy bonus, and logs. Reward functions
 follow TRL's protocol exactly (``fn(prompts, completions, completion_ids, **kwargs)``, the dataset's columns
-among ``kwargs``, ``None`` for "does not apply"); the default rewards, :class:`TensorBLEUReward` (on the device)
-and :class:`EmbeddingCosineReward`, are such functions. The TRL methods overridden, and why:
+among ``kwargs``, ``None`` for "does not apply"); the default rewards (:func:`default_impo_rewards`: the package's
+``TensorBLEUReward``, on the device, and :class:`EmbeddingCosineReward`) are such functions. The TRL methods overridden, and why:
 
 - ``_generate_and_score_completions`` (TRL's generate-and-score step): a stateful multi-turn rollout replaces
   TRL's single-turn one. Per batch of episodes: one STM per episode (the ``num_generations`` samples of an
@@ -56,7 +56,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
-from ..metrics import tensorbleu_reward
+from ..metrics import TensorBLEUReward
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
 from .utils import ComponentOptimizerMixin, RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
@@ -74,8 +74,9 @@ __all__ = [
     "IMPOTrainer",
     "RxTForIMPOTraining",
     "RxTValueCritic",
-    "TensorBLEUReward",
+    "TopicChangeReward",
     "clipped_policy_loss",
+    "default_impo_rewards",
     "exponential_schedule",
     "interstep_kl",
     "masked_mean",
@@ -264,71 +265,51 @@ def _padded(rows: Sequence[Sequence[int]], device: torch.device | str | None) ->
     return ids.to(device), mask.to(device)
 
 
-class TensorBLEUReward:
-    """TRL reward function: per-sample TensorBLEU of the answer against the reference answer and against the
-    saved interaction (training.md §5.5), ``ref_weight * bleu_ref + saved_weight * bleu_saved``; at a
-    long-range topic change (``topic_change``) the saved part becomes ``1 - bleu_saved`` (the answer should not
-    repeat the saved data).
+class TopicChangeReward:
+    """Wraps a TRL reward function that scores the answer against the saved interaction (``saved_ids``): at a
+    long-range topic change (the ``topic_change`` kwarg, which :class:`IMPOTrainer` passes) the answer should
+    *not* repeat the saved data, so the score there becomes ``1 - score`` (training.md §5.4)."""
 
-    TRL's protocol: ``__call__(prompts, completions, completion_ids, **kwargs)`` with, among the kwargs,
-    ``reference_ids`` and ``saved_ids`` (token id lists, one per completion) and ``topic_change`` (bools), which
-    :class:`IMPOTrainer` passes. The score is computed by :func:`~transformers_rxt.metrics.tensorbleu_reward` on
-    ``device`` (:class:`IMPOTrainer` sets the training device when it is None)."""
+    def __init__(self, func: Callable[..., list], name: str | None = None):
+        self.func = func
+        self.__name__ = name or getattr(func, "__name__", type(func).__name__)
 
-    __name__ = "tensorbleu"
-
-    def __init__(self, ref_weight: float = 0.5, saved_weight: float = 0.5, max_n: int = 2,
-                 smoothing: str = "method4", device: torch.device | str | None = None):
-        self.ref_weight, self.saved_weight = ref_weight, saved_weight
-        self.max_n, self.smoothing, self.device = max_n, smoothing, device
-
-    def __call__(self, prompts, completions, completion_ids, reference_ids=None, saved_ids=None,
-                 topic_change=None, **kwargs) -> list[float]:
-        if reference_ids is None:
-            raise ValueError("TensorBLEUReward needs `reference_ids` (the reference answers' token ids) in kwargs")
-        comp, cmask = _padded(completion_ids, self.device)
-        ref, rmask = _padded(reference_ids, self.device)
-        kw = dict(max_n=self.max_n, smoothing=self.smoothing)
-        score = self.ref_weight * tensorbleu_reward(comp, ref, completion_mask=cmask, reference_mask=rmask, **kw)
-        if saved_ids is not None and self.saved_weight:
-            saved, smask = _padded(saved_ids, self.device)
-            b_saved = tensorbleu_reward(comp, saved, completion_mask=cmask, reference_mask=smask, **kw)
-            if topic_change is not None:
-                flip = torch.as_tensor(list(topic_change), dtype=torch.bool, device=b_saved.device)
-                b_saved = torch.where(flip, 1 - b_saved, b_saved)
-            score = score + self.saved_weight * b_saved
-        return score.tolist()
+    def __call__(self, prompts, completions, completion_ids, topic_change=None, **kwargs) -> list[float | None]:
+        scores = self.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        flips = topic_change if topic_change is not None else [False] * len(scores)
+        return [None if x is None else (1.0 - x if flip else x) for x, flip in zip(scores, flips)]
 
 
 class EmbeddingCosineReward:
     """TRL reward function: cosine similarity (clamped at 0) between the mean token embedding of the answer and
-    that of the reference answer / the saved interaction (training.md §5.5), weighted like
-    :class:`TensorBLEUReward` (same kwargs). ``embedding`` is the actor's token embedding (shared weights, so
-    the reward follows training)."""
+    that of the token ids in ``reference_column`` (``reference_ids``: the reference answer, ``saved_ids``: the
+    saved interaction; training.md §5.5). ``embedding`` is the actor's token embedding (shared weights, so the
+    reward follows training); computed on its device."""
 
-    __name__ = "embedding_cosine"
-
-    def __init__(self, embedding: nn.Embedding, ref_weight: float = 0.5, saved_weight: float = 0.5):
-        self.embedding, self.ref_weight, self.saved_weight = embedding, ref_weight, saved_weight
+    def __init__(self, embedding: nn.Embedding, reference_column: str = "reference_ids", name: str = "cosine"):
+        self.embedding, self.reference_column, self.__name__ = embedding, reference_column, name
 
     @torch.no_grad()
     def _mean(self, rows) -> torch.Tensor:
         ids, mask = _padded(rows, self.embedding.weight.device)
         return F.normalize(masked_mean(self.embedding(ids).float(), mask[..., None], dim=1), dim=-1)
 
-    def __call__(self, prompts, completions, completion_ids, reference_ids=None, saved_ids=None,
-                 topic_change=None, **kwargs) -> list[float]:
-        if reference_ids is None:
-            raise ValueError("EmbeddingCosineReward needs `reference_ids` in kwargs")
-        answer = self._mean(completion_ids)
-        score = self.ref_weight * (answer * self._mean(reference_ids)).sum(-1).clamp(min=0)
-        if saved_ids is not None and self.saved_weight:
-            c_saved = (answer * self._mean(saved_ids)).sum(-1).clamp(min=0)
-            if topic_change is not None:
-                flip = torch.as_tensor(list(topic_change), dtype=torch.bool, device=c_saved.device)
-                c_saved = torch.where(flip, 1 - c_saved, c_saved)
-            score = score + self.saved_weight * c_saved
-        return score.tolist()
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        if self.reference_column not in kwargs:
+            raise KeyError(f"EmbeddingCosineReward: no {self.reference_column!r} among the reward kwargs")
+        return (self._mean(completion_ids) * self._mean(kwargs[self.reference_column])).sum(-1).clamp(min=0).tolist()
+
+
+def default_impo_rewards(embedding: nn.Embedding) -> tuple[list[Callable[..., list]], list[float]]:
+    """IMPO's reward (training.md §5.5, the reference's weights) as TRL reward functions and their weights:
+    TensorBLEU-2 (method 4) of the answer against the reference answer and against the saved interaction, and the
+    embedding cosine against both, each weighted 0.25; the saved-data terms flip at a topic change."""
+    bleu = dict(max_n=2, smoothing="method4")
+    funcs = [TensorBLEUReward("reference_ids", name="bleu_ref", **bleu),
+             TopicChangeReward(TensorBLEUReward("saved_ids", name="bleu_saved", **bleu)),
+             EmbeddingCosineReward(embedding, "reference_ids", name="cosine_ref"),
+             TopicChangeReward(EmbeddingCosineReward(embedding, "saved_ids", name="cosine_saved"))]
+    return funcs, [0.25, 0.25, 0.25, 0.25]
 
 
 # ---------------------------------------------------------------------------------------------------- critic
@@ -483,8 +464,8 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             TRL) and, per follow-up step: ``step`` (1-based), ``references`` (the reference answer's text),
             ``reference_ids``, ``saved_ids`` (the interaction the answer should recall, token ids),
             ``topic_change`` (long-range step 1), plus TRL's ``trainer_state``, ``log_extra``, ``log_metric``.
-            Default: ``[TensorBLEUReward(), EmbeddingCosineReward(actor embedding)]`` with weights 0.5, 0.5
-            (training.md §5.5).
+            Default: :func:`default_impo_rewards` (TensorBLEU and embedding cosine against the reference answer
+            and the saved interaction, training.md §5.5).
         args: :class:`IMPOConfig`.
         train_dataset: MRL episodes, tokenized with :func:`~transformers_rxt.data.tokenize_mrl_dataset` (raw
             records are tokenized here). Turn 0 is the interaction to save; turns 1..``curriculum_steps`` are
@@ -514,9 +495,9 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         if args.advantage_estimator == "critic":
             module.critic = critic if critic is not None else RxTValueCritic(rxt, init_scale=args.critic_init_scale)
         if reward_funcs is None:
-            reward_funcs = [TensorBLEUReward(), EmbeddingCosineReward(rxt.get_input_embeddings())]
+            reward_funcs, weights = default_impo_rewards(rxt.get_input_embeddings())
             if args.reward_weights is None:
-                args.reward_weights = [0.5, 0.5]
+                args.reward_weights = weights
         if processing_class is not None:
             train_dataset = self._maybe_tokenize(train_dataset, processing_class)
             eval_dataset = self._maybe_tokenize(eval_dataset, processing_class)
@@ -538,9 +519,6 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         ref.eval().requires_grad_(False)
         self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True) if beta != 0.0 else ref.to(
             self.accelerator.device)
-        for func in self.reward_funcs:
-            if isinstance(func, TensorBLEUReward) and func.device is None:
-                func.device = self.accelerator.device
         self.episode_collator = DataCollatorForRxTEpisodes.from_tokenizer(self.processing_class)
         self._carried: dict[str, torch.Tensor] | None = None  # memories left by the previous batch
         self._impo_inputs: dict[str, Any] | None = None
