@@ -12,7 +12,6 @@ from rxt_factories import story_tokenizer, tiny_model  # noqa: E402
 
 from transformers_rxt.metrics import TensorBLEUReward  # noqa: E402
 from transformers_rxt.training.dmpo import (  # noqa: E402
-    DataCollatorForDMPO,
     DMPOConfig,
     DMPOTrainer,
 )
@@ -157,8 +156,9 @@ def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path, tok):
 
     m = model()
     args = impo_args(tmp_path, max_steps=2, unfreeze_schedule="0:fetch,1:all", interstep_kl_coef=0.01,
-                     reward_weights=[0.5, 1.0])
-    trainer = impo(tmp_path, tok, args, train=episodes(8), model=m, reward_funcs=[TensorBLEUReward("reference_ids"), length_reward])
+                     reward_weights=[0.5, 1.0], log_completions=True, num_completions_to_print=2)
+    trainer = impo(tmp_path, tok, args, train=episodes(8), model=m,
+                   reward_funcs=[TensorBLEUReward("reference_ids"), length_reward])
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -169,6 +169,12 @@ def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path, tok):
         assert key in logs[0], key
         assert math.isfinite(logs[0][key]), key
     assert calls == [(4, 1), (4, 2), (4, 1), (4, 2)]
+    # TRL's completion log: one row per (step, episode) with the prompt, completion, rewards and advantage
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00002.parquet")
+    assert {"prompt", "completion", "tensorbleu", "length_reward", "advantage"} <= set(table.columns)
+    assert len(table) == 8
     # step 0 was "fetch": the decoder feed-forward must not move at step 0; it moves once unfrozen (step 1)
     ff = next(n for n in before if n.startswith("rxt.decoder.layers.0.ff"))
     assert not torch.equal(before[ff], dict(m.named_parameters())[ff])

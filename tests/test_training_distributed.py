@@ -191,4 +191,4 @@ def test_trl_stage5_trainers_on_two_processes_resume_to_the_same_weights(tmp_pat
         for key, value in full.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
         state = json.loads((tmp_path / f"{name}-full" / "checkpoint-2" / "trainer_state.json").read_text())
-        assert "rewards/margins" in state["log_history"][0] if name == "dmpo" else "reward_step2" in state["log_history"][0]
+        assert ("rewards/margins" if name == "dmpo" else "reward_step2") in state["log_history"][0]

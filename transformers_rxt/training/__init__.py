@@ -38,7 +38,8 @@ _STAGE5 = {
     "dmpo": ("DataCollatorForDMPO", "DMPOConfig", "DMPOTrainer", "RxTForDMPOTraining", "make_dmpo_records",
              "tokenize_dmpo_dataset"),
     "impo": ("EmbeddingCosineReward", "IMPOConfig", "IMPOStage", "IMPOTrainer", "RxTForIMPOTraining",
-             "RxTValueCritic", "TopicChangeReward", "default_impo_rewards", "exponential_schedule", "run_impo_curriculum"),
+             "RxTValueCritic", "TopicChangeReward", "default_impo_rewards", "exponential_schedule",
+             "run_impo_curriculum"),
 }
 
 

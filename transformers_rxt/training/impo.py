@@ -14,7 +14,8 @@ keep their meanings (``per_device_train_batch_size`` counts completions, ``num_g
 TRL computes the clipped policy loss, the k3 reference KL and the entropy bonus, and logs. Reward functions
 follow TRL's protocol exactly (``fn(prompts, completions, completion_ids, **kwargs)``, the dataset's columns
 among ``kwargs``, ``None`` for "does not apply"); the default rewards (:func:`default_impo_rewards`: the package's
-``TensorBLEUReward``, on the device, and :class:`EmbeddingCosineReward`) are such functions. The TRL methods overridden, and why:
+``TensorBLEUReward``, on the device, and :class:`EmbeddingCosineReward`) are such functions.
+The TRL methods overridden, and why:
 
 - ``_generate_and_score_completions`` (TRL's generate-and-score step): a stateful multi-turn rollout replaces
   TRL's single-turn one. Per batch of episodes: one STM per episode (the ``num_generations`` samples of an
