@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -521,6 +522,10 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True) if beta != 0.0 else ref.to(
             self.accelerator.device)
         self.episode_collator = DataCollatorForRxTEpisodes.from_tokenizer(self.processing_class)
+        # TRL's completion log keeps one generation batch; here a generation batch has a row per follow-up step
+        rows = args.generation_batch_size * args.curriculum_steps
+        self._logs = {key: (defaultdict(lambda: deque(maxlen=rows)) if isinstance(value, dict) else deque(maxlen=rows))
+                      for key, value in self._logs.items()}
         self._carried: dict[str, torch.Tensor] | None = None  # memories left by the previous batch
         self._impo_inputs: dict[str, Any] | None = None
         self._impo_terms: IMPOForwardOutput | None = None
