@@ -37,25 +37,27 @@ def main() -> None:
     tokenizer = load_rxt_tokenizer(args.stage4)
     episodes = build_memory_dialogues(512, max_distance=2, seed=0)  # 3-turn episodes: 1 saved + 2 follow-ups
 
-    # IMPO: rollouts with the model's own generate() and one STMCache per episode, TensorBLEU + cosine rewards
-    # plus any TRL-style reward function, clipped PPO with a group baseline (4 samples per episode).
+    # IMPO, a trl.GRPOTrainer: rollouts with the model's own generate() and one STMCache per episode, TRL's
+    # clipped loss with a group baseline (4 samples per episode; TRL counts completions: 8 = 2 episodes x 4),
+    # the fact-recall reward as a TRL reward function (here alone; default: TensorBLEU + embedding cosine).
     impo_args = IMPOConfig(output_dir=f"{args.output}/impo", max_steps=args.steps, per_device_train_batch_size=8,
                            curriculum_steps=2, num_generations=4, advantage_estimator="group",
                            learning_rate=5e-5, unfreeze_schedule="0:fetch", use_cpu=True, report_to="none",
-                           reward_weights=[1.0], logging_steps=5, save_strategy="no")
-    impo = IMPOTrainer(args.stage4, impo_args, processing_class=tokenizer, reward_funcs=[fact_recall_reward],
+                           logging_steps=5, save_strategy="no")
+    impo = IMPOTrainer(args.stage4, reward_funcs=[fact_recall_reward], args=impo_args, processing_class=tokenizer,
                        train_dataset=tokenize_mrl_dataset(episodes, tokenizer, 64, truncation=True))
     before = recall(impo.model.as_rxt(), tokenizer)
     impo.train()
     print(f"IMPO: held-out recall {before:.3f} -> {recall(impo.model.as_rxt(), tokenizer):.3f}")
 
-    # DMPO: per turn, DPO between the accepted and a rejected answer, both scored on the memory built from the
-    # ACCEPTED history; the memory is updated with the accepted interaction only after scoring.
+    # DMPO, a trl.DPOTrainer: per turn, TRL's DPO loss between the accepted and a rejected answer, both scored on
+    # the memory built from the ACCEPTED history; the memory is updated with the accepted interaction only after
+    # scoring. loss_type ["sigmoid", "sft"] is TRL's RPO.
     dmpo_args = DMPOConfig(output_dir=f"{args.output}/dmpo", max_steps=args.steps, per_device_train_batch_size=8,
-                           beta=0.1, learning_rate=5e-5, use_cpu=True, report_to="none", logging_steps=5,
-                           save_strategy="no")
+                           beta=0.1, loss_type=["sigmoid", "sft"], learning_rate=5e-5, use_cpu=True,
+                           report_to="none", logging_steps=5, save_strategy="no")
     preferences = tokenize_dmpo_dataset(make_dmpo_records(episodes), tokenizer, 64)
-    dmpo = DMPOTrainer(args.stage4, dmpo_args, train_dataset=preferences, processing_class=tokenizer)
+    dmpo = DMPOTrainer(args.stage4, args=dmpo_args, train_dataset=preferences, processing_class=tokenizer)
     dmpo.train()
     print(f"DMPO: held-out recall {before:.3f} -> {recall(dmpo.model.as_rxt(), tokenizer):.3f}")
 

@@ -8,24 +8,35 @@ import torch
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
 
-from rxt_factories import tiny_model  # noqa: E402
+from rxt_factories import story_tokenizer, tiny_model  # noqa: E402
 
+from transformers_rxt.metrics import TensorBLEUReward  # noqa: E402
 from transformers_rxt.training.dmpo import (  # noqa: E402
-    DataCollatorForDMPO,
     DMPOConfig,
     DMPOTrainer,
-    _episode_scores,
-    dmpo_loss,
 )
 from transformers_rxt.training.impo import (  # noqa: E402
     IMPOConfig,
     IMPOTrainer,
+    TopicChangeReward,
     clipped_policy_loss,
     interstep_kl,
+    masked_mean,
     reference_kl,
     stm_difference_loss,
     trainable_by_mode,
 )
+
+VOCAB = 300  # the smallest byte-level BPE vocabulary (256 bytes + specials + merges); ids below 96 are used
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return story_tokenizer(VOCAB)
+
+
+def model(seed=0):
+    return tiny_model(seed=seed, vocab=VOCAB)
 
 
 def _turn(g, vocab=96):
@@ -40,10 +51,24 @@ def episodes(n, turns=3, seed=0):
 
 
 def impo_args(tmp_path, **kw):
+    """The previous IMPO trainer's defaults (a critic, one sample per episode) on 4 episodes per step."""
     base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True,
-                curriculum_steps=2, max_completion_length=6, logging_steps=1, learning_rate=1e-3, seed=0)
+                curriculum_steps=2, max_completion_length=6, logging_steps=1, learning_rate=1e-3, seed=0,
+                advantage_estimator="critic", num_generations=1, report_to="none", save_strategy="no")
     base.update(kw)
     return IMPOConfig(**base)
+
+
+def impo(tmp_path, tok, args=None, train=None, **kw):
+    return IMPOTrainer(kw.pop("model", None) or model(), args=args or impo_args(tmp_path),
+                       train_dataset=train if train is not None else episodes(4), processing_class=tok, **kw)
+
+
+def test_stage5_trainers_are_trl_trainers():
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+
+    assert issubclass(IMPOTrainer, GRPOTrainer) and issubclass(IMPOConfig, GRPOConfig)
+    assert issubclass(DMPOTrainer, DPOTrainer) and issubclass(DMPOConfig, DPOConfig)
 
 
 # ------------------------------------------------------------------------------------------ loss terms by hand
@@ -77,14 +102,10 @@ def test_stm_difference_regularizer_by_hand():
     before = torch.zeros(1, 1, 2, 2)
     after = torch.ones(1, 1, 2, 2) * 2.0
     assert stm_difference_loss(after, before, step=4).item() == pytest.approx(2.0 * 4.0)  # sqrt(4) * MSE(=4)
-
-
-def test_dmpo_loss_by_hand():
-    z = 0.5 * ((1.0 - 0.0) - (0.2 - 0.0))
-    got = dmpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.2]), torch.tensor([0.0]), beta=0.5)
-    assert got.item() == pytest.approx(-math.log(1 / (1 + math.exp(-z))), abs=1e-6)
-    smooth = dmpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.2]), torch.tensor([0.0]), 0.5, 0.1)
-    assert smooth.item() == pytest.approx(0.9 * got.item() - 0.1 * math.log(1 / (1 + math.exp(z))), abs=1e-6)
+    # per-row steps (TRL's batch mixes the steps of the episodes): the mean of each row's sqrt(k) * MSE
+    rows = torch.stack([torch.ones(1, 2, 2), torch.ones(1, 2, 2) * 2.0])
+    got = stm_difference_loss(rows, torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 4.0]))
+    assert got.item() == pytest.approx((1.0 * 1.0 + 2.0 * 4.0) / 2)
 
 
 def test_freezing_modes():
@@ -99,95 +120,174 @@ def test_freezing_modes():
     assert trainable_by_mode("critic.value.weight", "warmup")
 
 
-# ------------------------------------------------------------------------------------------ trainer
-def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path):
+# ------------------------------------------------------------------------------------------ IMPO trainer
+def test_impo_loss_is_trls_grpo_loss_plus_the_impo_terms(tmp_path, tok):
+    """TRL's loss (loss_type 'grpo': clipped policy term, beta x k3 KL to the reference, entropy bonus) on the
+    memory-conditioned log-probs, plus stm_diff_coef x the memory regulariser and vf_coef x the value loss,
+    equals the IMPO objective computed by hand from the stage module's outputs."""
+    args = impo_args(tmp_path, beta=0.05, entropy_coef=0.01, stm_diff_coef=0.3, vf_coef=0.7)
+    trainer = impo(tmp_path, tok, args)
+    rows = [episodes(4)[i] for i in range(4)]
+    inputs = trainer._generate_and_score_completions(rows)
+    assert inputs["prompt_ids"].shape[0] == 2 * 4  # one row per (follow-up step, episode)
+    trainer.model.eval()  # no gradient-accumulation scaling
+    loss = trainer.compute_loss(trainer.model, inputs)
+    width = inputs["completion_ids"].shape[1]
+    out = trainer.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                        attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+                        logits_to_keep=width, **{k: inputs[k] for k in IMPOTrainer._MODULE_KEYS if k in inputs})
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    policy, _ = clipped_policy_loss(out.log_probs, out.log_probs.detach(), inputs["advantages"], mask, 0.2)
+    kl = reference_kl(out.log_probs, inputs["ref_per_token_logps"], mask)
+    expected = (policy + 0.05 * kl - 0.01 * masked_mean(out.entropy, mask) + 0.3 * out.stm_diff
+                + 0.7 * out.value_loss)
+    assert out.stm_diff.detach() > 0 and out.value_loss.detach() > 0 and float(kl.detach()) == pytest.approx(0, abs=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path, tok):
     calls = []
 
     def length_reward(prompts, completions, completion_ids, **kwargs):  # TRL reward-function protocol
-        calls.append((len(prompts), kwargs["step"]))
+        assert "turn_input_ids" in kwargs and "trainer_state" in kwargs  # dataset columns, as in TRL
+        assert kwargs["references"] and kwargs["reference_ids"]
+        calls.append((len(prompts), kwargs["step"][0]))
         return [min(len(c), 4) / 4 for c in completion_ids]
 
-    model = tiny_model()
-    args = impo_args(tmp_path, max_steps=2, unfreeze_schedule="0:fetch,1:all")
-    trainer = IMPOTrainer(model, args, train_dataset=episodes(8), reward_funcs=[length_reward])
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = model()
+    args = impo_args(tmp_path, max_steps=2, unfreeze_schedule="0:fetch,1:all", interstep_kl_coef=0.01,
+                     reward_weights=[0.5, 1.0], log_completions=True, num_completions_to_print=2)
+    trainer = impo(tmp_path, tok, args, train=episodes(8), model=m,
+                   reward_funcs=[TensorBLEUReward("reference_ids"), length_reward])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    for key in ("loss", "policy_loss", "value_loss", "entropy", "kl_ref", "kl_interstep", "stm_diff", "reward",
-                "reward_step1", "reward_step2", "clip_fraction", "reward_funcs_step1", "time_share_generation",
-                "episodes_per_second"):
+    for key in ("loss", "policy_loss", "value_loss", "entropy", "kl", "kl_interstep", "stm_diff", "reward",
+                "reward_step1", "reward_step2", "clip_ratio/region_mean", "rewards/length_reward/mean",
+                "rewards/tensorbleu/mean", "time_share_generation", "episodes_per_second"):
         assert key in logs[0], key
         assert math.isfinite(logs[0][key]), key
     assert calls == [(4, 1), (4, 2), (4, 1), (4, 2)]
+    # TRL's completion log: one row per (step, episode) with the prompt, completion, rewards and advantage
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00002.parquet")
+    assert {"prompt", "completion", "tensorbleu", "length_reward", "advantage"} <= set(table.columns)
+    assert len(table) == 8
     # step 0 was "fetch": the decoder feed-forward must not move at step 0; it moves once unfrozen (step 1)
-    ff = "rxt.decoder.layers.0.ff.w1.weight" if "rxt.decoder.layers.0.ff.w1.weight" in before else next(
-        n for n in before if n.startswith("rxt.decoder.layers.0.ff"))
-    assert not torch.equal(before[ff], dict(model.named_parameters())[ff])
-    assert not torch.equal(before["rxt.memory_attention." + next(iter(model.memory_attention.state_dict()))],
-                           model.memory_attention.state_dict()[next(iter(model.memory_attention.state_dict()))])
+    ff = next(n for n in before if n.startswith("rxt.decoder.layers.0.ff"))
+    assert not torch.equal(before[ff], dict(m.named_parameters())[ff])
+    mem = next(n for n in before if n.startswith("rxt.memory_attention."))
+    assert not torch.equal(before[mem], dict(m.named_parameters())[mem])
 
 
-def test_impo_fetch_mode_keeps_decoder_body_frozen(tmp_path):
-    model = tiny_model()
-    trainer = IMPOTrainer(model, impo_args(tmp_path, unfreeze_schedule="0:fetch", advantage_estimator="batch"),
-                          train_dataset=episodes(4))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+def test_impo_fetch_mode_keeps_decoder_body_frozen(tmp_path, tok):
+    m = model()
+    trainer = impo(tmp_path, tok, impo_args(tmp_path, unfreeze_schedule="0:fetch", advantage_estimator="batch"),
+                   model=m)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainer.train()
-    after = dict(model.named_parameters())
+    after = dict(m.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert any("memory_cross_attention" in n for n in moved)
     assert not any(n.startswith("rxt.encoder.") or ".ff." in n or n.startswith("rxt.embed_tokens") for n in moved)
 
 
-def test_rollout_carries_memory_and_resets(tmp_path):
-    model = tiny_model()
-    trainer = IMPOTrainer(model, impo_args(tmp_path, curriculum_steps=2, advantage_estimator="batch"),
-                          train_dataset=episodes(4))
-    batch = trainer.data_collator([episodes(4)[i] for i in range(4)])
-    out = trainer.collect_rollout(batch)
-    s1, s2 = out["steps"]
+def _generated_interaction(m, step):
+    seqs = torch.cat([step["prompt_ids"], step["completion_ids"]], 1)
+    return m.interactions_from_generation(seqs, step["prompt_ids"].shape[1], step["prompt_mask"])
+
+
+def test_rollout_carries_memory_and_resets(tmp_path, tok):
+    m = model()
+    trainer = impo(tmp_path, tok, impo_args(tmp_path, curriculum_steps=2, advantage_estimator="batch"), model=m)
+    batch = trainer.episode_collator([episodes(4)[i] for i in range(4)])
+    s1, s2 = trainer.collect_rollout(batch)
     # step 2's pre-step memory = step 1's pre-step memory + the first interaction (so it differs), and the
     # interaction written before step 2 is step 1's generated one: [BOS][Q]query_1[A]answer[EOS]
     assert not torch.allclose(s1["prev_memory"], s2["prev_memory"])
     assert s1["prev_valid"].all() and s2["prev_valid"].all()  # 3-turn episodes: every row writes every turn
-    expect = model.compute_memory_update(s1["prev_ids"], s1["prev_mask"], s1["prev_memory"])
+    expect = m.compute_memory_update(s1["prev_ids"], s1["prev_mask"], s1["prev_memory"])
     assert torch.equal(s2["prev_memory"], expect)
-
-    def generated_interaction(step):
-        prompt_len = step["sequences"].shape[1] - step["completion_ids"].shape[1]
-        return model.interactions_from_generation(step["sequences"], prompt_len, step["sequence_mask"][:, :prompt_len])
-
-    assert all(torch.equal(a, b) for a, b in zip((s2["prev_ids"], s2["prev_mask"]), generated_interaction(s1)))
+    assert all(torch.equal(a, b) for a, b in zip((s2["prev_ids"], s2["prev_mask"]), _generated_interaction(m, s1)))
     # step 2 answered from `again`; the memory carried to the next batch adds step 2's own interaction
-    again = model.compute_memory_update(s2["prev_ids"], s2["prev_mask"], expect)
-    assert torch.equal(trainer._carried["actor"], model.compute_memory_update(*generated_interaction(s2), again))
+    again = m.compute_memory_update(s2["prev_ids"], s2["prev_mask"], expect)
+    assert torch.equal(trainer._carried["actor"], m.compute_memory_update(*_generated_interaction(m, s2), again))
     # always-reset: a new batch starts from a fresh memory, not the carried one
     trainer.args.random_resets_ratio = 1.0
-    out2 = trainer.collect_rollout(batch)
-    assert out2["metrics"]["memory_resets"] == 1.0
+    assert trainer.collect_rollout(batch)[0]["memory_resets"] == 1.0
     # never-reset: the next episode starts from the memory the previous one left
     trainer.args.random_resets_ratio = 0.0
     carried = trainer._carried["actor"].clone()
-    out3 = trainer.collect_rollout(batch)
-    assert out3["metrics"]["memory_resets"] == 0.0
-    assert torch.allclose(out3["steps"][0]["prev_memory"], carried)
+    again = trainer.collect_rollout(batch)
+    assert again[0]["memory_resets"] == 0.0
+    assert torch.allclose(again[0]["prev_memory"], carried)
+    # TRL's batch: the rows of a step read the memory the rollout left for them
+    rows = trainer._generate_and_score_completions([episodes(4)[i] for i in range(4)])
+    assert rows["prev_memory"].shape[0] == 8 and torch.equal(rows["step_index"], torch.tensor([1.0] * 4 + [2.0] * 4))
 
 
-def test_reference_memory_is_its_own(tmp_path):
-    model = tiny_model()
-    ref = tiny_model(seed=1)
-    trainer = IMPOTrainer(model, impo_args(tmp_path, curriculum_steps=1, advantage_estimator="batch"),
-                          train_dataset=episodes(4), ref_model=ref)
-    batch = trainer.data_collator([episodes(4)[i] for i in range(4)])
-    torch.manual_seed(0)
-    out = trainer.collect_rollout(batch)
-    s = out["steps"][0]
+def test_reference_memory_is_its_own(tmp_path, tok):
+    m, ref = model(), model(seed=1)
+    trainer = impo(tmp_path, tok, impo_args(tmp_path, curriculum_steps=1, advantage_estimator="batch"), model=m,
+                   ref_model=ref)
+    batch = trainer.episode_collator([episodes(4)[i] for i in range(4)])
+    (s,) = trainer.collect_rollout(batch)
     ref_mem = ref.compute_memory_update(s["prev_ids"], s["prev_mask"], s["prev_memory"])
-    logits = ref(input_ids=s["sequences"], attention_mask=s["sequence_mask"], stm=ref_mem,
+    seqs = torch.cat([s["prompt_ids"], s["completion_ids"]], 1)
+    logits = ref(input_ids=seqs, attention_mask=torch.cat([s["prompt_mask"], s["completion_mask"]], 1), stm=ref_mem,
                  logits_to_keep=s["completion_ids"].shape[1] + 1).logits[:, :-1]
     want = torch.log_softmax(logits.float(), -1).gather(-1, s["completion_ids"][..., None])[..., 0]
-    assert torch.allclose(s["ref_logp"], want, atol=1e-5)
+    assert torch.allclose(s["ref_per_token_logps"], want, atol=1e-5)
+
+
+def test_group_advantages_compare_the_samples_of_one_episode(tmp_path, tok):
+    args = impo_args(tmp_path, advantage_estimator="group", num_generations=4, random_resets_ratio=0.0,
+                     per_device_train_batch_size=8)
+    trainer = impo(tmp_path, tok, args)
+    rows = [episodes(4)[i] for i in range(2) for _ in range(4)]  # TRL's sampler: each episode 4 times in a row
+    out = trainer._generate_and_score_completions(rows)
+    adv = out["advantages"].view(2, 2, 4)  # [step, episode, sample]
+    assert torch.allclose(adv.sum(-1), torch.zeros(2, 2), atol=1e-4)  # TRL's group baseline, per episode
+    # the 4 samples of an episode start from the same memory: a fresh one, then (never reset) the memory the
+    # group's first sample left, although the samples' answers, and so their final memories, differ
+    batch = trainer.episode_collator(rows)
+    steps = trainer.collect_rollout(batch)
+    first = steps[0]["prev_memory"].view(2, 4, *steps[0]["prev_memory"].shape[1:])
+    left = trainer._carried["actor"].clone()
+    assert torch.equal(first[:, 0], first[:, 3]) and not torch.equal(first[0, 0], first[1, 0])
+    assert not torch.equal(left[0], left[1])
+    again = trainer.collect_rollout(batch)
+    assert again[0]["memory_resets"] == 0.0
+    assert torch.equal(again[0]["prev_memory"], left[::4].repeat_interleave(4, 0))
+
+
+def test_long_range_topic_change_rewards_not_repeating_the_saved_data():
+    reward = TopicChangeReward(TensorBLEUReward("saved_ids", max_n=2, smoothing="method4"))
+    comp = [[11, 12, 13, 3], [20, 21, 22, 3]]
+    saved = [[11, 12, 13, 3], [11, 12, 13, 3]]
+    plain = reward([""] * 2, [""] * 2, comp, saved_ids=saved, topic_change=[False, False])
+    change = reward([""] * 2, [""] * 2, comp, saved_ids=saved, topic_change=[True, False])
+    assert plain[0] > 0 and plain[0] > plain[1]
+    assert change == pytest.approx([1 - plain[0], plain[1]])
+    assert reward.__name__ == "tensorbleu"
+
+
+def test_impo_curriculum_driver_runs_its_stages_in_order(tmp_path, tok):
+    from transformers_rxt.training.impo import IMPOStage, exponential_schedule, run_impo_curriculum
+
+    assert [s.steps for s in exponential_schedule(10, longest=8)] == [1, 2, 4, 8]
+    m = model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    stages = [IMPOStage(steps=1, max_steps=1, unfreeze_schedule="0:fetch"),
+              IMPOStage(steps=2, max_steps=1, strategy="long_range", random_resets_ratio=0.0)]
+    results = run_impo_curriculum(m, stages, impo_args(tmp_path), train_dataset=episodes(8), processing_class=tok,
+                                  output_dir=str(tmp_path / "curriculum"))
+    assert [(r["stage"], r["steps"]) for r in results] == [(0, 1), (1, 2)]
+    assert "reward_step1" in results[0] and "reward_step2" in results[1] and "reward_step2" not in results[0]
+    assert (tmp_path / "curriculum" / "stage1_steps2" / "config.json").is_file()
+    assert any(not torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
 # ------------------------------------------------------------------------------------------ DMPO
@@ -201,106 +301,80 @@ def dmpo_dataset(n=4, turns=3, seed=0):
     return datasets.Dataset.from_list(rows)
 
 
-def test_dmpo_loss_decreases_on_fixed_batch(tmp_path):
-    model = tiny_model()
-    ds = dmpo_dataset(4)
-    args = DMPOConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, use_cpu=True,
-                      learning_rate=3e-3, logging_steps=1, beta=0.5, seed=0)
-    trainer = DMPOTrainer(model, args, train_dataset=ds)
+def dmpo_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True,
+                learning_rate=3e-3, logging_steps=1, seed=0, report_to="none", save_strategy="no")
+    base.update(kw)
+    return DMPOConfig(**base)
+
+
+def test_dmpo_loss_decreases_on_fixed_batch(tmp_path, tok):
+    trainer = DMPOTrainer(model(), args=dmpo_args(tmp_path, max_steps=6, beta=0.5), train_dataset=dmpo_dataset(4),
+                          processing_class=tok)
     trainer.train()
-    losses = [h["dpo_loss"] for h in trainer.state.log_history if "dpo_loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
     assert losses[-1] < losses[0] - 0.01
     assert all(math.isfinite(x) for x in losses)
+    assert trainer.state.log_history[-2]["rewards/accuracies"] == 1.0
 
 
-def test_dmpo_accepted_answer_not_in_memory_while_scoring(tmp_path):
-    model = tiny_model()
-    ds = dmpo_dataset(2)
-    trainer = DMPOTrainer(model, DMPOConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1),
-                          train_dataset=ds)
-    collate = DataCollatorForDMPO(trainer.data_collator.episodes)
-    batch = collate([ds[0], ds[1]])
-    gen = torch.Generator().manual_seed(0)
-    inputs = trainer.prepare_stage_inputs(dict(batch), gen)
-    rows = dict(inputs)
-    # change the accepted answer of turn 1 only: the rejected score of turn 1 must not change (no leak),
-    # while the turn-2 scores may (the accepted turn 1 is in memory by then).
-    changed = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
-    p = int(changed["prompt_lengths"][0, 1])
-    changed["input_ids"][0, 1, p] = 11 if int(changed["input_ids"][0, 1, p]) != 11 else 12
-    module = trainer.model
+def _dmpo_rows(trainer, batch, init):
+    """Per-row summed answer log-probs (accepted rows, then rejected) of the policy and of the reference."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kw = {k: v for k, v in batch.items() if k != "completion_mask"}
     with torch.no_grad():
-        out = module(**rows)
-        s_a = _episode_scores(module, batch, inputs["init_memory"], ["", "rejected_"], True)
-        s_b = _episode_scores(module, changed, inputs["init_memory"], ["", "rejected_"], True)
-    assert torch.equal(s_a["rejected_"][:, :2], s_b["rejected_"][:, :2])
-    assert not torch.equal(s_a["rejected_"][0, 2], s_b["rejected_"][0, 2])  # written after scoring turn 1
-    assert out.loss.isfinite()
+        policy = trainer.model(**kw, init_memory=init, labels=labels).log_probs.sum(1)
+        ref = trainer.ref_model(**kw, init_memory=init, labels=labels).log_probs.sum(1)
+    return policy, ref
 
 
-def test_dmpo_rpo_term_adds_alpha_times_accepted_nll(tmp_path):
-    model = tiny_model()
+def test_dmpo_accepted_answer_not_in_memory_while_scoring(tmp_path, tok):
     ds = dmpo_dataset(2)
-    losses = {}
-    for alpha in (None, 0.5):
-        trainer = DMPOTrainer(model, DMPOConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1, rpo_alpha=alpha),
-                              train_dataset=ds)
-        batch = DataCollatorForDMPO(trainer.data_collator.episodes)([ds[0], ds[1]])
-        inputs = trainer.prepare_stage_inputs(dict(batch), torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            losses[alpha] = trainer.model(**dict(inputs))
-            scores = _episode_scores(trainer.model, batch, inputs["init_memory"], [""], True)[""]
-    valid = batch["turn_mask"].float()
-    nll = -(scores * valid).sum() / valid.sum()
-    assert losses[0.5].metrics["nll_accepted"] == pytest.approx(float(nll), abs=1e-5)
-    assert float(losses[0.5].loss) == pytest.approx(float(losses[None].loss) + 0.5 * float(nll), abs=1e-5)
+    trainer = DMPOTrainer(model(), ref_model=model(seed=1), args=dmpo_args(tmp_path), train_dataset=ds,
+                          processing_class=tok)
+    collate = trainer.data_collator
+    batch = collate([ds[0], ds[1]])
+    # rows: (episode, turn) pairs, 2 episodes x 3 turns, accepted rows then rejected rows
+    assert batch["row_episode"].tolist() == [0, 0, 0, 1, 1, 1] and batch["input_ids"].shape[0] == 12
+    init = trainer.accelerator.unwrap_model(trainer.model).init_memory(2, generator=torch.Generator().manual_seed(0))
+    # change the accepted answer of turn 1 of episode 0 only: the scores of turn 1 must not change for the
+    # rejected answer (no leak), for the policy and for the reference (its own memory), while turn 2 may
+    changed = dict(ds[0])
+    turns = [list(t) for t in changed["turn_input_ids"]]
+    a = turns[1].index(6) + 1
+    turns[1][a:-1] = [11] * (len(turns[1]) - a - 1)  # a new accepted answer (one token moves a random
+    changed["turn_input_ids"] = turns  # tiny model's turn-2 scores by less than float resolution)
+    other = collate([changed, ds[1]])
+    for s_a, s_b in zip(_dmpo_rows(trainer, batch, init.memory), _dmpo_rows(trainer, other, init.memory)):
+        rejected_a, rejected_b = s_a[6:], s_b[6:]
+        assert torch.equal(rejected_a[:2], rejected_b[:2])  # episode 0, turns 0 and 1
+        assert not torch.equal(rejected_a[2], rejected_b[2])  # turn 2 reads turn 1's accepted answer
+        assert torch.equal(rejected_a[3:], rejected_b[3:])  # episode 1 untouched
 
 
-def test_group_advantages_compare_the_samples_of_one_episode(tmp_path):
-    model = tiny_model()
-    args = impo_args(tmp_path, advantage_estimator="group", num_generations=4, random_resets_ratio=0.0)
-    trainer = IMPOTrainer(model, args, train_dataset=episodes(4))
-    batch = trainer.data_collator([episodes(4)[i] for i in range(2)])
-    out = trainer.collect_rollout(batch)
-    for step in out["steps"]:
-        assert step["advantages"].shape == (8,)  # 2 episodes x 4 samples
-        per_episode = step["advantages"].view(2, 4).sum(-1)
-        assert torch.allclose(per_episode, torch.zeros(2), atol=1e-5)  # centred within each episode's group
-    # the 4 samples of an episode start from the same memory: a fresh one, then (never reset) the memory the
-    # group's first sample left, although the samples' answers, and so their final memories, differ
-    first = out["steps"][0]["prev_memory"].view(2, 4, *out["steps"][0]["prev_memory"].shape[1:])
-    assert torch.equal(first[:, 0], first[:, 3]) and not torch.equal(first[0, 0], first[1, 0])
-    left = trainer._carried["actor"].clone()
-    assert not torch.equal(left[0], left[1])
-    again = trainer.collect_rollout(batch)
-    assert again["metrics"]["memory_resets"] == 0.0
-    assert torch.equal(again["steps"][0]["prev_memory"], left[::4].repeat_interleave(4, 0))
+def test_dmpo_uses_trls_loss_types_and_beta_on_memory_conditioned_logps(tmp_path, tok):
+    """loss_type ["sigmoid", "sft"] (TRL's RPO), beta as in TRL (summed log-probs): the trainer's loss equals
+    -logsigmoid(beta * ((pi_acc - pi_rej) - (ref_acc - ref_rej))) + w * accepted-token NLL, with the
+    log-probs read from each turn's memory by the policy and by the reference (its own memory)."""
+    import torch.nn.functional as F
 
-
-def test_long_range_topic_change_rewards_not_repeating_the_saved_data(tmp_path):
-    trainer = IMPOTrainer(tiny_model(), impo_args(tmp_path, strategy="long_range", advantage_estimator="batch"),
-                          train_dataset=episodes(4))
-    comp = torch.tensor([[11, 12, 13, 3], [20, 21, 22, 3]])
-    saved = torch.tensor([[11, 12, 13, 3], [11, 12, 13, 3]])
-    mask = torch.ones_like(comp)
-    _, plain = trainer._reward(1, comp, mask, comp, mask, saved, mask, negative=False)
-    _, topic_change = trainer._reward(1, comp, mask, comp, mask, saved, mask, negative=True)
-    assert float(plain["bleu_saved"]) > 0
-    assert float(topic_change["bleu_saved"]) == pytest.approx(1 - float(plain["bleu_saved"]))
-
-
-def test_impo_curriculum_driver_runs_its_stages_in_order(tmp_path):
-    from transformers_rxt.training.impo import IMPOStage, exponential_schedule, run_impo_curriculum
-
-    assert [s.steps for s in exponential_schedule(10, longest=8)] == [1, 2, 4, 8]
-    model = tiny_model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stages = [IMPOStage(steps=1, max_steps=1, unfreeze_schedule="0:fetch"),
-              IMPOStage(steps=2, max_steps=1, strategy="long_range", random_resets_ratio=0.0)]
-    results = run_impo_curriculum(model, stages, impo_args(tmp_path), train_dataset=episodes(8),
-                                  output_dir=str(tmp_path / "curriculum"))
-    assert [(r["stage"], r["steps"]) for r in results] == [(0, 1), (1, 2)]
-    assert "reward_step1" in results[0] and "reward_step2" in results[1] and "reward_step2" not in results[0]
-    assert (tmp_path / "curriculum" / "stage1_steps2" / "config.json").is_file()
-    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    ds = dmpo_dataset(2)
+    args = dmpo_args(tmp_path, beta=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    trainer = DMPOTrainer(model(), ref_model=model(seed=1), args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer.data_collator([ds[0], ds[1]])
+    trainer.model.eval()
+    generator_state = trainer._rng
+    loss = trainer.compute_loss(trainer.model, batch)
+    trainer._rng = generator_state  # the same initial memory again
+    init = trainer.accelerator.unwrap_model(trainer.model).init_memory(
+        2, generator=trainer._step_generator(trainer.accelerator.device)).memory
+    policy, ref = _dmpo_rows(trainer, batch, init)
+    z = 0.3 * ((policy[:6] - policy[6:]) - (ref[:6] - ref[6:]))
+    labels = batch["completion_mask"][:6, 1:].bool()
+    with torch.no_grad():
+        out = trainer.model(**{k: v for k, v in batch.items() if k != "completion_mask"}, init_memory=init,
+                            labels=batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100))
+    nll = -out.log_probs[:6][labels].mean()
+    assert loss.item() == pytest.approx((-F.logsigmoid(z).mean() + 0.5 * nll).item(), abs=1e-5)
+    assert float(z.abs().max()) > 0  # the reference differs: the margin is not trivially zero

@@ -114,7 +114,7 @@ def test_stages_1_4_and_5_complete_on_two_processes_and_resume(tmp_path):
     launch("trainers/stage5_impo.py", tmp_path, "--config", "trainers/configs/mini/stage5_dmpo.yaml", "--algorithm", "dmpo",
            "--output_dir", str(tmp_path / "stage5_dmpo"), *stage5)
     report = json.loads((tmp_path / "stage5_dmpo" / "stage_report.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] == 2 and "dpo_loss" in report["last_log"]
+    assert report["world_size"] == 2 and report["steps"] == 2 and "rewards/margins" in report["last_log"]
 
 
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed next to this python")
@@ -167,3 +167,28 @@ def test_fsdp2_stages_1_and_4_resume_to_the_same_weights(tmp_path):
             torch.testing.assert_close(value, full[name], rtol=0, atol=1e-6, msg=f"stage {stage}: {name}")
             if stage == 4:
                 torch.testing.assert_close(single[name], full[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed next to this python")
+def test_trl_stage5_trainers_on_two_processes_resume_to_the_same_weights(tmp_path):
+    """IMPO (trl.GRPOTrainer) and DMPO (trl.DPOTrainer) under a 2-process `accelerate launch` (gloo DDP, the
+    shipped ddp.yaml): two steps, then the same run resumed from checkpoint-1 by Trainer's own resume: the same
+    weights (the rollouts and the episodes' initial memories are drawn from (seed, step, process))."""
+    from rxt_factories import tiny_model
+    from test_impo import VOCAB
+
+    worker = "tests/trl_stage5_steps.py"
+    launch(worker, tmp_path, str(tmp_path), "full")
+    launch(worker, tmp_path, str(tmp_path), "resume")
+    initial = tiny_model(vocab=VOCAB).state_dict()
+    for name in ("impo", "dmpo"):
+        full = RxTForConversationalGeneration.from_pretrained(tmp_path / f"{name}-full" / "final").state_dict()
+        resumed = RxTForConversationalGeneration.from_pretrained(tmp_path / f"{name}-resume" / "final").state_dict()
+        assert max(float((value - initial[key]).abs().max()) for key, value in full.items()) > 1e-4, name  # trained
+        # the resumed run really started at step 1 (it trained and saved step 2 only)
+        assert not (tmp_path / f"{name}-resume" / "checkpoint-1").exists()
+        assert (tmp_path / f"{name}-resume" / "checkpoint-2").is_dir()
+        for key, value in full.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+        state = json.loads((tmp_path / f"{name}-full" / "checkpoint-2" / "trainer_state.json").read_text())
+        assert ("rewards/margins" if name == "dmpo" else "reward_step2") in state["log_history"][0]

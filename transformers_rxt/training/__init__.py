@@ -15,7 +15,6 @@ Each stage trains a ``PreTrainedModel`` (:class:`RxTStageModel` subclasses: :cla
 directory that loads with ``RxTForConversationalGeneration.from_pretrained``.
 """
 
-from .dmpo import DataCollatorForDMPO, DMPOConfig, DMPOTrainer, RxTForDMPOTraining, make_dmpo_records, tokenize_dmpo_dataset
 from .episodes import Turn, compute_memory_update, iter_turns, sequence_log_probs, trim_padding
 from .evaluation import (
     compare_retention,
@@ -24,15 +23,6 @@ from .evaluation import (
     evaluate_memory_retention,
     forced_choice_recall,
     format_retention,
-)
-from .impo import (
-    IMPOConfig,
-    IMPOStage,
-    IMPOTrainer,
-    RxTForIMPOTraining,
-    RxTValueCritic,
-    exponential_schedule,
-    run_impo_curriculum,
 )
 from .joint import JointLMConfig, JointLMOutput, JointLMTrainer, RxTForJointLMTraining
 from .memory_attention import (
@@ -44,6 +34,26 @@ from .memory_attention import (
 from .memory_aware import GradualUnfreezeCallback, MemoryAwareConfig, MemoryAwareTrainer, RxTForMemoryAwareTraining
 from .utils import COMPONENTS, RxTStageModel, RxTStageOutput, RxTStageTrainer, load_rxt_model
 
+# Stage 5 is built on TRL's trainers (the `train` extra): imported on first use, so that the package (stages 1-4)
+# imports without TRL; without it, these names raise an ImportError naming the extra.
+_STAGE5 = {
+    "dmpo": ("DataCollatorForDMPO", "DMPOConfig", "DMPOTrainer", "RxTForDMPOTraining", "make_dmpo_records",
+             "tokenize_dmpo_dataset"),
+    "impo": ("EmbeddingCosineReward", "IMPOConfig", "IMPOStage", "IMPOTrainer", "RxTForIMPOTraining",
+             "RxTValueCritic", "TopicChangeReward", "default_impo_rewards", "exponential_schedule",
+             "run_impo_curriculum"),
+}
+
+
+def __getattr__(name: str):
+    for module, names in _STAGE5.items():
+        if name in names:
+            import importlib
+
+            return getattr(importlib.import_module(f".{module}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Turn",
     "compute_memory_update",
@@ -53,12 +63,15 @@ __all__ = [
     "DMPOConfig",
     "DMPOTrainer",
     "DataCollatorForDMPO",
+    "EmbeddingCosineReward",
     "IMPOConfig",
     "RxTForIMPOTraining",
     "RxTForDMPOTraining",
     "IMPOStage",
     "IMPOTrainer",
     "RxTValueCritic",
+    "TopicChangeReward",
+    "default_impo_rewards",
     "exponential_schedule",
     "make_dmpo_records",
     "run_impo_curriculum",

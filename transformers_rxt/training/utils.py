@@ -37,6 +37,7 @@ from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
 
 __all__ = [
     "COMPONENTS",
+    "ComponentOptimizerMixin",
     "RxTStageModel",
     "RxTStageOutput",
     "RxTStageTrainer",
@@ -198,12 +199,63 @@ class RxTStageModel(RxTForConversationalGeneration):
             self.config.save_pretrained(save_directory)
 
 
+def restore_class_forward(module: nn.Module) -> None:
+    """Undo an instance-level ``forward`` patch (TRL's ``add_fused_lm_head`` sets one, which runs the backbone on
+    ids alone): the module's class ``forward`` (a stage loss that reads the RxT memory) is used again."""
+    module.__dict__.pop("forward", None)
+
+
 def _mix_seed(*parts: int) -> int:
     # Python's hash of a tuple of ints is not salted, so this is stable across processes and runs.
     return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
+class ComponentOptimizerMixin:
+    """Trainer mixin: one optimizer group per RxT component (and decay/no-decay), each with its own learning
+    rate (:meth:`component_learning_rates`); used by the stage trainers and by the TRL-based stage-5 trainers."""
+
+    def component_learning_rates(self) -> dict[str, float]:
+        """Learning rate per component (default: ``args.learning_rate`` for all)."""
+        return {}
+
+    def create_optimizer(self, model=None):
+        """AdamW-style optimizer with one named group per (component, decay/no-decay), over **all** parameters.
+
+        Frozen parameters are in the optimizer too: ``Trainer``'s default only takes parameters that require
+        grad at creation, so a component unfrozen later would silently never be updated (the reference's
+        gradual-unfreeze bug). Parameters without a gradient are skipped by the optimizer (no step, no weight
+        decay, no state), so frozen ones do not move.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        lrs = self.component_learning_rates()
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for name, param in opt_model.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            groups.setdefault((component_of(name), name in decay), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if use_decay else 0.0,
+                "lr": lrs.get(comp, self.args.learning_rate),
+                "name": f"{comp}{'' if use_decay else '.no_decay'}",
+            }
+            for (comp, use_decay), params in groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        for key in ("params", "model", "optimizer_dict"):
+            if key in optimizer_kwargs:
+                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups; use adamw_torch")
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class RxTStageTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, Trainer):
     """Base of the stage trainers: saving as HF model directories, per-component optimizer groups,
     step-seeded randomness, component metrics and tokens/s logging. Hub pushes (`push_to_hub`,
     `args.push_to_hub`) go through `push_rxt_to_hub`: gated repository, RAML v1.0 card, model files only.
@@ -352,48 +404,6 @@ class RxTStageTrainer(RxTHubTrainerMixin, Trainer):
         self._tokens_unsynced = self._tokens_interval = self._tokens_session = 0
         self._interval_start = time.perf_counter()
         return super().train(*args, **kwargs)
-
-    # ------------------------------------------------------------------ optimizer
-    def component_learning_rates(self) -> dict[str, float]:
-        """Learning rate per component (default: ``args.learning_rate`` for all)."""
-        return {}
-
-    def create_optimizer(self, model=None):
-        """AdamW-style optimizer with one named group per (component, decay/no-decay), over **all** parameters.
-
-        Frozen parameters are in the optimizer too: ``Trainer``'s default only takes parameters that require
-        grad at creation, so a component unfrozen later would silently never be updated (the reference's
-        gradual-unfreeze bug). Parameters without a gradient are skipped by the optimizer (no step, no weight
-        decay, no state), so frozen ones do not move.
-        """
-        if self.optimizer is not None:
-            return self.optimizer
-        opt_model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        lrs = self.component_learning_rates()
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        seen: set[int] = set()
-        for name, param in opt_model.named_parameters():
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            groups.setdefault((component_of(name), name in decay), []).append(param)
-        param_groups = [
-            {
-                "params": params,
-                "weight_decay": self.args.weight_decay if use_decay else 0.0,
-                "lr": lrs.get(comp, self.args.learning_rate),
-                "name": f"{comp}{'' if use_decay else '.no_decay'}",
-            }
-            for (comp, use_decay), params in groups.items()
-        ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        for key in ("params", "model", "optimizer_dict"):
-            if key in optimizer_kwargs:
-                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups; use adamw_torch")
-        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-        return self.optimizer
-
 
 
 class _SyncTokensBeforeSave(TrainerCallback):

@@ -4,9 +4,10 @@
     python trainers/stage5_impo.py --config trainers/configs/tiny/stage5.yaml --algorithm dmpo
     accelerate launch --multi_gpu --num_processes 2 trainers/stage5_impo.py --config ...
 
-Loads ``init_from`` (the stage-4 output). IMPO: rollouts of ``curriculum_steps`` follow-ups per episode,
-TensorBLEU/cosine rewards, PPO with a critic. DMPO: accepted = reference answers, rejected = a corrupted
-recall (``make_dmpo_records``). With ``retention_dialogues > 0`` the main process measures, before and after
+Loads ``init_from`` (the stage-4 output). IMPO (a ``trl.GRPOTrainer``): rollouts of ``curriculum_steps``
+follow-ups per episode, TensorBLEU/cosine (+ fact-recall) reward functions, TRL's clipped loss with a group
+baseline. DMPO (a ``trl.DPOTrainer``): accepted = reference answers, rejected = a corrupted recall
+(``make_dmpo_records``). With ``retention_dialogues > 0`` the main process measures, before and after
 training, the fact accuracy per distance on held-out dialogues and (IMPO) the mean held-out rollout reward,
 and writes ``stage5_eval.json``.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
@@ -64,6 +65,13 @@ def print_check(algorithm: str, results: dict) -> None:
         print(f"[stage5 {algorithm}] mean held-out rollout reward: {rewards[0]:.3f} -> {rewards[1]:.3f}")
 
 
+def data_arguments_without(name: str) -> type:
+    """``DataArguments`` without the field ``name`` (for a training config that declares the same option)."""
+    kept = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            for f in fields(DataArguments) if f.name != name]
+    return make_dataclass("DataArguments", kept)
+
+
 def algorithm_of(argv: list[str]) -> str:
     """The ``--algorithm`` in ``argv`` (``impo`` when absent): it picks the training arguments to parse."""
     import argparse
@@ -81,12 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     ``["--algorithm", "dmpo"]`` for DMPO."""
     import sys
 
+    from transformers_rxt.training import load_rxt_model
     from transformers_rxt.training.dmpo import DMPOConfig, DMPOTrainer, make_dmpo_records, tokenize_dmpo_dataset
-    from transformers_rxt.training.impo import IMPOConfig, IMPOTrainer
+    from transformers_rxt.training.impo import IMPOConfig, IMPOTrainer, default_impo_rewards
 
     algorithm = algorithm_of(sys.argv[1:] if argv is None else list(argv))
-    model_args, data, args = parse(ModelArguments, DataArguments, DMPOConfig if algorithm == "dmpo" else IMPOConfig,
-                                   argv=argv)
+    if algorithm == "dmpo":  # TRL's DPOConfig has its own --max_length (the longest sequence): one option for both
+        model_args, data, args = parse(ModelArguments, data_arguments_without("max_length"), DMPOConfig, argv=argv)
+        data.max_length = args.max_length
+    else:
+        model_args, data, args = parse(ModelArguments, DataArguments, IMPOConfig, argv=argv)
     if model_args.num_threads:
         torch.set_num_threads(model_args.num_threads)
     started = time.time()
@@ -100,18 +112,20 @@ def main(argv: list[str] | None = None) -> None:
             train = tokenize_dmpo_dataset(make_dmpo_records(list(train_raw), seed=data.corpus_seed), tokenizer,
                                           data.max_length)
             heldout = None
-            trainer = DMPOTrainer(model_args.init_from, args, train_dataset=train, processing_class=tokenizer)
+            trainer = DMPOTrainer(model_args.init_from, args=args, train_dataset=train, processing_class=tokenizer)
         else:
             train = tokenize_mrl_dataset(train_raw, tokenizer, data.max_length, truncation=True)
             heldout = (tokenize_mrl_dataset(heldout_raw, tokenizer, data.max_length, truncation=True)
                        if heldout_raw is not None else None)
-            reward_funcs = []
+            model, reward_funcs = load_rxt_model(model_args.init_from), None  # None: TensorBLEU + cosine (TRL funcs)
             if model_args.fact_reward_weight:
                 from transformers_rxt.data import fact_recall_reward
 
-                reward_funcs, args.reward_weights = [fact_recall_reward], [model_args.fact_reward_weight]
-            trainer = IMPOTrainer(model_args.init_from, args, train_dataset=train, processing_class=tokenizer,
-                                  reward_funcs=reward_funcs)
+                reward_funcs, weights = default_impo_rewards(model.get_input_embeddings())
+                reward_funcs, args.reward_weights = [*reward_funcs, fact_recall_reward], [
+                    *weights, model_args.fact_reward_weight]
+            trainer = IMPOTrainer(model, reward_funcs=reward_funcs, args=args, train_dataset=train,
+                                  processing_class=tokenizer)
     results = {}
     if model_args.retention_dialogues and trainer.is_world_process_zero():
         results["before"] = evaluate(trainer, model_args, data, tokenizer, heldout)
