@@ -928,6 +928,8 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         n = self.fifo_write_slots
         fresh = self.initial_memory[:, :n].to(stm.dtype).unsqueeze(0).expand(stm.shape[0], -1, -1, -1)
         shifted = torch.cat([fresh, stm[:, :, :-n]], dim=2)
+        # Every slot is computed and only the fresh ones kept: per-slot gates and norms would otherwise need
+        # slicing; the memory write is a small share of a turn (the option is experimental, off by default).
         written = self._write(shifted, encoded, attention_mask)
         return torch.cat([written[:, :, :n], shifted[:, :, n:]], dim=2)
 
