@@ -233,6 +233,38 @@ def test_fifo_sends_a_later_turns_gradient_straight_to_the_write_of_its_fact():
     torch.testing.assert_close(later, direct, rtol=0, atol=0)  # the copies pass the gradient on unchanged
 
 
+@pytest.mark.parametrize("variant", ["simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer"])
+def test_fifo_computes_only_the_fresh_slots_and_equals_writing_every_slot(variant):
+    """The FIFO write queries only the fresh slots; the result is what writing all slots of the shifted memory
+    and keeping the fresh ones gives (the old way), in every variant, padded rows included."""
+    memory = {**FIFO, "variant": variant, "use_gate_for_self_attention": True}
+    if variant == "grouped-self-interlayer":
+        memory["num_groups"] = 2
+    model = _perturb(tiny_model(memory=memory, stm_init_type="learned"))
+    attention = model.memory_attention
+    ids, mask = interaction_batch(batch=3, length=12, vocab=model.config.vocab_size, seed=4)
+    encoded = model.encode(ids, mask)[0]
+    stm = attention(model.initial_memory_tensor(3), encoded, mask)  # a written memory, not the initial one
+    fresh = attention.initial_memory[:, :2].unsqueeze(0).expand(3, -1, -1, -1)
+    shifted = torch.cat([fresh, stm[:, :, :-2]], dim=2)
+    every_slot = attention._write(shifted, encoded, mask)
+    written = attention(stm, encoded, mask)
+    torch.testing.assert_close(written[:, :, :2], every_slot[:, :, :2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(written[:, :, 2:], stm[:, :, :-2], rtol=0, atol=0)
+
+
+def test_fifo_refuses_gates_and_norms_that_look_across_slots():
+    for bad, name in [({"residual_gate_type": "linear"}, "residual_gate_type='linear'"),
+                      ({"residual_gate_slot_status_type": "mean", "residual_per_slot_gate": False},
+                       "residual_per_slot_gate=False"),
+                      ({"residual_gate_write_budget": 2.0}, "residual_gate_write_budget"),
+                      ({"norm_type": "positional"}, "norm_type='positional'"),
+                      ({"norm_type": "adaptive"}, "norm_type='adaptive'")]:
+        with pytest.raises(ValueError, match=f"fifo_write_slots writes only the fresh slots, so every gate and norm "
+                                             f"must treat each slot on its own; {name} looks across slots"):
+            tiny_model(memory={**FIFO, **bad}, stm_init_type="learned")
+
+
 def test_fifo_is_refused_where_it_cannot_work():
     for bad in (0, 3, 8):
         with pytest.raises(ValueError, match=f"fifo_write_slots must divide stm_size=8 and be smaller, got {bad}"):

@@ -313,6 +313,18 @@ class RxTMemoryAttentionOptions:
                 0 < self.fifo_write_slots < self.stm_size and self.stm_size % self.fifo_write_slots == 0):
             raise ValueError(f"{where}: fifo_write_slots must divide stm_size={self.stm_size} and be smaller, got "
                              f"{self.fifo_write_slots}.")
+        if self.fifo_write_slots is not None:
+            # Only the fresh slots are computed, so a gate or norm that looks across slots would see a part of them.
+            across = [name for name, mixes in (
+                ("residual_gate_type='linear'", self.use_gated_residual and self.residual_gate_type == "linear"),
+                ("residual_per_slot_gate=False", self.use_gated_residual and self.residual_gate_type == "elementwise"
+                 and not self.residual_per_slot_gate),
+                ("residual_gate_write_budget", self.residual_gate_write_budget is not None),
+                (f"norm_type={self.norm_type!r}", self.norm_type in ("positional", "adaptive"))) if mixes]
+            if across:
+                raise ValueError(f"{where}: fifo_write_slots writes only the fresh slots, so every gate and norm must "
+                                 f"treat each slot on its own; {', '.join(across)} looks across slots. Use static or "
+                                 "per-slot elementwise gates and a 'classic-rms', 'rms' or 'layer' norm.")
 
     def heads(self, kind: str = "main") -> tuple[int, int]:
         prefix = {"main": "att", "interlayer": "interlayer_att", "self": "self_att"}[kind]

@@ -697,11 +697,13 @@ class RxTResidualGate(nn.Module):
             return new
         if not self.enabled:
             return old + new
+        # A write of only the first k slots (fifo_write_slots) uses the first k per-slot gates.
+        gate = self.gate[:old.shape[-2]] if self.per_slot and self.gate_type != "linear" else self.gate
         if self.gate_type == "static":
-            g = self.gate
+            g = gate
         elif self.gate_type == "elementwise":
             status = self._slot_status(old, new)
-            g = self.gate * (status if self.per_slot else status.mean(dim=-2, keepdim=True))
+            g = gate * (status if self.per_slot else status.mean(dim=-2, keepdim=True))
         else:  # linear: mixes the slots' statuses, S -> S (per slot) or S -> 1
             g = self.gate(self._slot_status(old, new).squeeze(-1)).unsqueeze(-1)
         if self.use_tanh:
@@ -901,15 +903,18 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         means = [self.mean_stm_norm(stm[:, g * size:(g + 1) * size].mean(dim=1)) for g in range(self.num_groups)]
         return [means[i // size] for i in range(n)]
 
-    def _pre_step(self, i: int, old_layer: torch.Tensor, means) -> torch.Tensor:
+    def _pre_step(self, i: int, old_layer: torch.Tensor, means, slots: int) -> torch.Tensor:
+        """Layer i's memory after the variant's pre-step, for its first `slots` slots (every slot is read)."""
+        if self.variant == "simple":
+            return old_layer[:, :slots]
         if self.variant == "self":
             p = self.self_memory_norm_layers[i](old_layer)
-            return self.self_residual_gate_layers[i](old_layer, self.self_attention_layers[i](p))
-        if self.variant == "simple":
-            return old_layer
+            update = self.self_attention_layers[i](p[:, :slots], p)
+            return self.self_residual_gate_layers[i](old_layer[:, :slots], update)
         p = self.mean_memory_norm_layers[i](old_layer)
         source = means[i] if self.variant == "interlayer" else self.interlayer_gate_layers[i](p, means[i])
-        return self.mean_residual_gate_layers[i](old_layer, self.mean_attention_layers[i](p, source))
+        update = self.mean_attention_layers[i](p[:, :slots], source)
+        return self.mean_residual_gate_layers[i](old_layer[:, :slots], update)
 
     def forward(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
@@ -928,13 +933,15 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         n = self.fifo_write_slots
         fresh = self.initial_memory[:, :n].to(stm.dtype).unsqueeze(0).expand(stm.shape[0], -1, -1, -1)
         shifted = torch.cat([fresh, stm[:, :, :-n]], dim=2)
-        # Every slot is computed and only the fresh ones kept: per-slot gates and norms would otherwise need
-        # slicing; the memory write is a small share of a turn (the option is experimental, off by default).
-        written = self._write(shifted, encoded, attention_mask)
-        return torch.cat([written[:, :, :n], shifted[:, :, n:]], dim=2)
+        # Only the fresh slots are computed (they still read every slot): in stage 4 the write of all slots was
+        # a quarter of a turn's time, and 7/8 of it was thrown away.
+        written = self._write(shifted, encoded, attention_mask, slots=n)
+        return torch.cat([written, shifted[:, :, n:]], dim=2)
 
-    def _write(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor]
-               ) -> torch.Tensor:
+    def _write(self, stm: torch.Tensor, encoded: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               slots: Optional[int] = None) -> torch.Tensor:
+        """The new memory of the first `slots` slots of every layer (all when None)."""
+        slots = stm.shape[2] if slots is None else slots
         layers, length = encoded.shape[1], encoded.shape[2]
         positions = torch.arange(length, device=encoded.device)
         key_mask = None
@@ -944,7 +951,7 @@ class RxTMemoryAttention(RxTPreTrainedModel):
         means = self._layer_means(stm) if self.variant not in ("simple", "self") else None
         new_layers = []
         for i in range(layers):
-            old = self._pre_step(i, stm[:, i], means)
+            old = self._pre_step(i, stm[:, i], means, slots)
             keys = self.memory_input_norm_layers[i](encoded[:, i])
             update = self.attention_layers[i](self.memory_norm_layers[i](old), keys, kv_positions=positions,
                                               mask=key_mask)
