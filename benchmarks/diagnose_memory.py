@@ -15,6 +15,10 @@ For each model directory (any stage's output) it prints one table per measure:
   the fact, then the question right after it. Retention cannot lose the fact here; a fall with k means the
   decoder cannot find the newest fact among the others (or the write into a used memory is weaker);
 - **scale**: RMS per slot of a fresh STM, of the encoder states, and of the STM after 1 and 8 writes;
+- **focus** (models with ``fifo_write_slots``, whose write puts each interaction in known slots): on teacher-forced
+  held-out dialogues, the decoder's memory cross-attention at the position that predicts the recalled value,
+  per layer (mean over heads): the share on the fact's slot group, and how often that group gets the most, for
+  values predicted right and wrong (facts that have already left the memory are not counted);
 - **gradients** (stage-4 training step on 6-turn episodes): gradient norms per component, and the norm of the
   gradient that reaches the STM j updates back, with the memory detached every ``--backprop-turns`` updates.
 
@@ -190,6 +194,90 @@ class Diagnoser:
                 "STM after 1 write": slot_rms(one), "STM after 8 writes": slot_rms(eight)}
 
 
+class CrossAttentionProbabilities:
+    """Records the memory cross-attention probabilities [B, T, S] (mean over heads) of every decoder layer that
+    reads the memory, recomputed from the query states and the cached memory keys the layer is called with."""
+
+    def __init__(self, model: RxTForConversationalGeneration):
+        self.layers = [layer.memory_cross_attention for layer in model.rxt.decoder.layers
+                       if layer.memory_cross_attention is not None]
+        self.recorded: list[torch.Tensor] = []
+        self.handles = [a.register_forward_hook(self._record, with_kwargs=True) for a in self.layers]
+
+    def _record(self, attention, args, kwargs, output) -> None:
+        keys = kwargs["key_value"][0]  # [B, Hkv, S, hd]
+        queries = attention._heads(attention.q_proj(args[0]), attention.num_query_heads)
+        if attention.rope in ("qk", "q"):
+            raise ValueError("focus needs unrotated memory queries (rope_memory_cross_attention: false)")
+        if queries.shape[1] > keys.shape[1]:  # query heads share key heads in contiguous groups
+            keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+        elif queries.shape[1] < keys.shape[1]:  # reverse SQA: the query block is tiled over the key heads
+            queries = queries.repeat(1, keys.shape[1] // queries.shape[1], 1, 1)
+        scores = queries @ keys.transpose(-1, -2) / queries.shape[-1] ** 0.5
+        self.recorded.append(torch.softmax(scores.float(), dim=-1).mean(dim=1))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def value_position(tokenizer, labels: torch.Tensor, expected: str) -> int | None:
+    """The last position of shifted ``labels`` [T] whose token starts the recalled value ``expected``."""
+    found = None
+    for j in (labels != -100).nonzero().flatten().tolist():
+        piece = tokenizer.decode([int(labels[j])]).strip().lower()
+        if piece and expected.lower().startswith(piece):
+            found = j
+    return found
+
+
+@torch.no_grad()
+def read_focus(model: RxTForConversationalGeneration, tokenizer, dialogues: int, seed: int) -> dict:
+    """Where the decoder's memory read looks when it predicts a recalled value (see the module docstring)."""
+    width = model.config.memory_attention_config.get("fifo_write_slots")
+    if not width:
+        raise ValueError("focus needs a model with fifo_write_slots (the fact's slots are then known)")
+    records = build_memory_dialogues(dialogues, 8, seed=seed, split="heldout").to_list()
+    groups_held = model.config.memory_attention_config["stm_size"] // width
+    probs = CrossAttentionProbabilities(model)
+    share, top = defaultdict(list), defaultdict(list)  # (layer, right) -> values
+    by_distance = defaultdict(list)  # (layer, distance) -> share
+    try:
+        for start in range(0, len(records), 64):
+            batch = records[start:start + 64]
+            turns = [dialogue_turns(r) for r in batch]
+            memory = model.init_memory(len(batch)).memory
+            for k in range(len(turns[0])):
+                enc = tokenize_interactions(tokenizer, [t[k]["query"] for t in turns],
+                                            [t[k]["answer"] for t in turns], return_labels=True)
+                probs.recorded.clear()
+                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], stm=memory).logits
+                predicted, labels = logits[:, :-1].argmax(-1), enc["labels"][:, 1:]
+                for i, record in enumerate(batch):
+                    # a fact more than stm_size / width writes back has left the FIFO memory: nothing to look at
+                    for probe in (p for p in record["probes"] if p["turn"] == k and p["distance"] <= groups_held):
+                        j = value_position(tokenizer, labels[i], probe["expected"])
+                        if j is None:
+                            continue
+                        right = bool(predicted[i, j] == labels[i, j])
+                        group = probe["distance"] - 1  # FIFO: the fact's slots moved back one group per write
+                        for layer, p in enumerate(probs.recorded):
+                            groups = p[i, j].unflatten(-1, (-1, width)).sum(-1)
+                            share[(layer, right)].append(float(groups[group]))
+                            top[(layer, right)].append(float(int(groups.argmax()) == group))
+                            by_distance[(layer, probe["distance"])].append(float(groups[group]))
+                memory = model.compute_memory_update(enc["input_ids"], enc["attention_mask"], memory)
+    finally:
+        probs.remove()
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    stm_size = model.config.memory_attention_config["stm_size"]
+    return {"uniform": width / stm_size, "layers": [
+        {"right": (len(share[(layer, True)]), mean(share[(layer, True)]), mean(top[(layer, True)])),
+         "wrong": (len(share[(layer, False)]), mean(share[(layer, False)]), mean(top[(layer, False)])),
+         "by_distance": {d: mean(v) for (l, d), v in sorted(by_distance.items()) if l == layer}}
+        for layer in range(len(probs.layers))]}
+
+
 def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0, batch: int = 32) -> dict:
     """One stage-4 loss on 6-turn episodes: gradient norm per component and dL/dSTM_j for each update j."""
     from transformers_rxt.data import tokenize_mrl_dataset
@@ -242,7 +330,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--backprop-turns", type=int, nargs="+", default=[2, 0],
                         help="backprop_turns settings for the gradient-flow measure (default: 2 0)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "gradients"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "focus", "gradients"],
                         help="measures to skip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,6 +360,19 @@ def main() -> None:
             print("\n| RMS per slot/token, per layer | values |\n|---|---|")
             for name, values in diag.scale(probes, pools).items():
                 print(f"| {name} | {values} |")
+        if "focus" not in args.skip and model.config.memory_attention_config.get("fifo_write_slots"):
+            focus = read_focus(model, tokenizer, max(args.probes // 2, 8), args.seed)
+            print(f"\n| focus: decoder layer | value predicted | n | share on the fact's slots (uniform "
+                  f"{focus['uniform']:.3f}) | fact's slots get the most |\n|---:|---|---:|---:|---:|")
+            for layer, f in enumerate(focus["layers"]):
+                for name in ("right", "wrong"):
+                    n, mass, first = f[name]
+                    print(f"| {layer} | {name} | {n} | {mass:.3f} | {first:.2f} |")
+            print("\n| focus by distance, decoder layer | " + " | ".join(
+                str(d) for d in focus["layers"][0]["by_distance"]) + " |")
+            print("|---:|" + "---:|" * len(focus["layers"][0]["by_distance"]))
+            for layer, f in enumerate(focus["layers"]):
+                print(f"| {layer} | " + " | ".join(f"{v:.2f}" for v in f["by_distance"].values()) + " |")
         if "gradients" not in args.skip:
             print("\n| backprop_turns | loss | grad norm per component | dL/dSTM after update 1..5 |")
             print("|---:|---:|---|---|")

@@ -108,3 +108,64 @@ def test_diagnose_memory_gradient_flow_reaches_every_memory_update(rxt_dir):
     assert len(flow["stm_grad_norm"]) == 5 and all(g > 0 for g in flow["stm_grad_norm"]), flow
     assert {"decoder", "encoder", "memory_attention"} <= set(flow["component_grad_norm"]), flow
     assert flow["component_grad_norm"]["memory_attention"] > 0 and flow["component_grad_norm"]["encoder"] > 0
+
+
+def _diagnose_module():
+    spec = importlib.util.spec_from_file_location("diagnose_memory", DIAGNOSE)
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    return diagnose
+
+
+def _fifo_model(vocab: int, **token_ids) -> RxTForConversationalGeneration:
+    torch.manual_seed(0)
+    memory = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+                  use_tanh_residual_gate=False, fifo_write_slots=2)
+    config = tiny_config(vocab=vocab, seq_len=64, memory=memory, decoder={"rope_memory_cross_attention": False},
+                         stm_init_type="learned", **token_ids)
+    return RxTForConversationalGeneration(config).eval()
+
+
+def test_diagnose_focus_records_the_attention_the_decoder_computes(monkeypatch):
+    """The focus measure's probabilities are the decoder's own: with the eager kernel, the weights it computes for
+    each memory cross-attention (mean over heads) equal what the measure records."""
+    import transformers_rxt.modeling_rxt as modeling
+
+    diagnose = _diagnose_module()
+    model = _fifo_model(96)
+    model.config._attn_implementation = "eager"
+    probs = diagnose.CrossAttentionProbabilities(model)
+    kernel_weights, kernel = [], modeling.eager_attention_forward
+
+    def eager(module, *args, **kwargs):
+        out, weights = kernel(module, *args, **kwargs)
+        if module in probs.layers:
+            kernel_weights.append(weights.mean(dim=1))
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", eager)
+    ids = torch.randint(4, 96, (3, 10))
+    memory = model.compute_memory_update(ids, torch.ones_like(ids), model.init_memory(3).memory)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), stm=memory)
+    probs.remove()
+    assert len(probs.recorded) == len(kernel_weights) == 2
+    for recorded, weights in zip(probs.recorded, kernel_weights):
+        torch.testing.assert_close(recorded, weights, rtol=0, atol=1e-6)
+        torch.testing.assert_close(recorded.sum(-1), torch.ones(3, 10), rtol=0, atol=1e-5)
+
+
+def test_diagnose_focus_on_held_out_dialogues(rxt_dir):
+    """read_focus end to end on a random FIFO model: every recall probe whose value token is found is counted
+    once per layer, shares are probabilities, and a model without fifo_write_slots is refused."""
+    diagnose = _diagnose_module()
+    folder, tokenizer = rxt_dir
+    model = _fifo_model(len(tokenizer), **rxt_token_ids(tokenizer))
+    focus = diagnose.read_focus(model, tokenizer, dialogues=8, seed=5)
+    assert focus["uniform"] == 2 / 8 and len(focus["layers"]) == 2
+    counts = {f["right"][0] + f["wrong"][0] for f in focus["layers"]}
+    assert len(counts) == 1 and counts.pop() > 0
+    for f in focus["layers"]:  # 8 slots, 2 per write: facts up to 4 writes back are still in memory
+        assert all(0.0 <= v <= 1.0 for v in f["by_distance"].values()) and set(f["by_distance"]) <= set(range(1, 5))
+    with pytest.raises(ValueError, match="focus needs a model with fifo_write_slots"):
+        diagnose.read_focus(RxTForConversationalGeneration.from_pretrained(folder), tokenizer, dialogues=8, seed=5)
