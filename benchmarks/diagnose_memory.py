@@ -19,6 +19,9 @@ For each model directory (any stage's output) it prints one table per measure:
   held-out dialogues, the decoder's memory cross-attention at the position that predicts the recalled value,
   per layer (mean over heads): the share on the fact's slot group, and how often that group gets the most, for
   values predicted right and wrong (facts that have already left the memory are not counted);
+- **value probe** (the write, read by a linear classifier instead of the decoder): a fact written into a fresh
+  STM; a softmax regression per memory layer predicts the recalled value from the fact's slot group (FIFO
+  models) or from all slots of the layer, trained on train-split facts and scored on held-out ones;
 - **gradients** (stage-4 training step on 6-turn episodes): gradient norms per component, and the norm of the
   gradient that reaches the STM j updates back, with the memory detached every ``--backprop-turns`` updates.
 
@@ -278,6 +281,62 @@ def read_focus(model: RxTForConversationalGeneration, tokenizer, dialogues: int,
         for layer in range(len(probs.layers))]}
 
 
+def fact_values(split: str, dialogues: int, seed: int) -> list[tuple[str, str, str]]:
+    """(fact query, fact answer, recalled value) of every recall probe of ``dialogues`` synthetic dialogues."""
+    out = []
+    for record in build_memory_dialogues(dialogues, 8, seed=seed, split=split).to_list():
+        turns = dialogue_turns(record)
+        for probe in record["probes"]:
+            fact = turns[probe["fact_turn"]]
+            out.append((fact["query"], fact["answer"], probe["expected"]))
+    return out
+
+
+@torch.no_grad()
+def written_slots(model: RxTForConversationalGeneration, tokenizer, facts: list[tuple[str, str, str]]) -> torch.Tensor:
+    """Each fact written into a fresh STM: its slot group (FIFO) or all slots, flattened per layer [N, L, F]."""
+    width = model.config.memory_attention_config.get("fifo_write_slots") or model.config.memory_attention_config[
+        "stm_size"]
+    features = []
+    for start in range(0, len(facts), 128):
+        batch = facts[start:start + 128]
+        enc = tokenize_interactions(tokenizer, [q for q, _, _ in batch], [a for _, a, _ in batch])
+        memory = model.compute_memory_update(enc["input_ids"], enc["attention_mask"], model.init_memory(len(batch)).memory)
+        features.append(memory[:, :, :width].flatten(2))
+    return torch.cat(features)
+
+
+def value_probe(model: RxTForConversationalGeneration, tokenizer, heldout_dialogues: int, seed: int,
+                train_dialogues: int = 1500, steps: int = 300) -> dict:
+    """Held-out accuracy of a linear probe for the recalled value, per memory layer (see the module docstring)."""
+    train, heldout = fact_values("train", train_dialogues, 11), fact_values("heldout", heldout_dialogues, seed)
+    values = sorted({v for *_, v in train + heldout})
+    index = {v: i for i, v in enumerate(values)}
+    x_train, x_heldout = written_slots(model, tokenizer, train), written_slots(model, tokenizer, heldout)
+    y_train = torch.tensor([index[v] for *_, v in train])
+    y_heldout = torch.tensor([index[v] for *_, v in heldout])
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for layer in range(x_train.shape[1]):
+        mean, std = x_train[:, layer].mean(0), x_train[:, layer].std(0) + 1e-6
+        fit, test = (x_train[:, layer] - mean) / std, (x_heldout[:, layer] - mean) / std
+        probe = torch.nn.Linear(fit.shape[1], len(values))
+        with torch.no_grad():
+            probe.weight.normal_(0, 0.01, generator=generator)
+            probe.bias.zero_()
+        optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(probe(fit), y_train).backward()
+            optimizer.step()
+        with torch.no_grad():
+            layers.append({"train": float((probe(fit).argmax(-1) == y_train).float().mean()),
+                           "heldout": float((probe(test).argmax(-1) == y_heldout).float().mean())})
+    seen = {v for *_, v in train}  # a value no train fact has cannot be predicted: the probe's ceiling
+    ceiling = sum(v in seen for *_, v in heldout) / len(heldout)
+    return {"facts": (len(train), len(heldout)), "values": len(values), "ceiling": ceiling, "layers": layers}
+
+
 def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0, batch: int = 32) -> dict:
     """One stage-4 loss on 6-turn episodes: gradient norm per component and dL/dSTM_j for each update j."""
     from transformers_rxt.data import tokenize_mrl_dataset
@@ -330,7 +389,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--backprop-turns", type=int, nargs="+", default=[2, 0],
                         help="backprop_turns settings for the gradient-flow measure (default: 2 0)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "focus", "gradients"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "focus", "probe", "gradients"],
                         help="measures to skip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -373,6 +432,14 @@ def main() -> None:
             print("|---:|" + "---:|" * len(focus["layers"][0]["by_distance"]))
             for layer, f in enumerate(focus["layers"]):
                 print(f"| {layer} | " + " | ".join(f"{v:.2f}" for v in f["by_distance"].values()) + " |")
+        if "probe" not in args.skip:
+            probe = value_probe(model, tokenizer, max(args.probes // 2, 8), args.seed)
+            where = "the fact's slots" if model.config.memory_attention_config.get("fifo_write_slots") else "all slots"
+            print(f"\n| value probe ({where}; {probe['facts'][0]} train / {probe['facts'][1]} held-out facts, "
+                  f"{probe['values']} values; held-out ceiling {probe['ceiling']:.3f}: values seen in training) "
+                  f"| train | held-out |\n|---:|---:|---:|")
+            for layer, r in enumerate(probe["layers"]):
+                print(f"| memory layer {layer} | {r['train']:.3f} | {r['heldout']:.3f} |")
         if "gradients" not in args.skip:
             print("\n| backprop_turns | loss | grad norm per component | dL/dSTM after update 1..5 |")
             print("|---:|---:|---|---|")
