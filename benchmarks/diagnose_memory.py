@@ -19,9 +19,10 @@ For each model directory (any stage's output) it prints one table per measure:
   held-out dialogues, the decoder's memory cross-attention at the position that predicts the recalled value,
   per layer (mean over heads): the share on the fact's slot group, and how often that group gets the most, for
   values predicted right and wrong (facts that have already left the memory are not counted);
-- **value probe** (the write, read by a linear classifier instead of the decoder): a fact written into a fresh
-  STM; a softmax regression per memory layer predicts the recalled value from the fact's slot group (FIFO
-  models) or from all slots of the layer, trained on train-split facts and scored on held-out ones;
+- **probe** (the write, read by linear classifiers instead of the decoder): a fact written into a fresh STM; a
+  softmax regression per memory layer predicts the recalled value, the person the fact is about and its object
+  from the fact's slot group (FIFO models) or from all slots of the layer, trained on train-split facts and
+  scored on held-out ones;
 - **gradients** (stage-4 training step on 6-turn episodes): gradient norms per component, and the norm of the
   gradient that reaches the STM j updates back, with the memory detached every ``--backprop-turns`` updates.
 
@@ -34,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from collections import defaultdict
 
 import torch
 
 from transformers_rxt import RxTForConversationalGeneration, load_rxt_tokenizer
-from transformers_rxt.data.synthetic import build_memory_dialogues, dialogue_turns, fact_key_correct
+from transformers_rxt.data.synthetic import (ITEMS, OBJECTS, PEOPLE, build_memory_dialogues, dialogue_turns,
+                                             fact_key_correct)
 from transformers_rxt.modeling_rxt import RxTResidualGate
 from transformers_rxt.tokenization_rxt import tokenize_interactions, tokenize_prompts
 
@@ -281,60 +284,75 @@ def read_focus(model: RxTForConversationalGeneration, tokenizer, dialogues: int,
         for layer in range(len(probs.layers))]}
 
 
-def fact_values(split: str, dialogues: int, seed: int) -> list[tuple[str, str, str]]:
-    """(fact query, fact answer, recalled value) of every recall probe of ``dialogues`` synthetic dialogues."""
+def fact_values(split: str, dialogues: int, seed: int) -> list[tuple[str, str, str, str, str]]:
+    """(fact query, fact answer, recalled value, person, object or "-") of every recall probe of ``dialogues``
+    synthetic dialogues; person and object are the closed world's words in the question."""
     out = []
     for record in build_memory_dialogues(dialogues, 8, seed=seed, split=split).to_list():
         turns = dialogue_turns(record)
         for probe in record["probes"]:
-            fact = turns[probe["fact_turn"]]
-            out.append((fact["query"], fact["answer"], probe["expected"]))
+            fact, words = turns[probe["fact_turn"]], set(re.findall(r"[A-Za-z]+", turns[probe["turn"]]["query"]))
+            person = next(p for p in PEOPLE if p in words)
+            obj = next((o for o in (*OBJECTS, *ITEMS) if o in words), "-")
+            out.append((fact["query"], fact["answer"], probe["expected"], person, obj))
     return out
 
 
 @torch.no_grad()
-def written_slots(model: RxTForConversationalGeneration, tokenizer, facts: list[tuple[str, str, str]]) -> torch.Tensor:
+def written_slots(model: RxTForConversationalGeneration, tokenizer, facts: list[tuple]) -> torch.Tensor:
     """Each fact written into a fresh STM: its slot group (FIFO) or all slots, flattened per layer [N, L, F]."""
     width = model.config.memory_attention_config.get("fifo_write_slots") or model.config.memory_attention_config[
         "stm_size"]
     features = []
     for start in range(0, len(facts), 128):
         batch = facts[start:start + 128]
-        enc = tokenize_interactions(tokenizer, [q for q, _, _ in batch], [a for _, a, _ in batch])
+        enc = tokenize_interactions(tokenizer, [f[0] for f in batch], [f[1] for f in batch])
         memory = model.compute_memory_update(enc["input_ids"], enc["attention_mask"], model.init_memory(len(batch)).memory)
         features.append(memory[:, :, :width].flatten(2))
     return torch.cat(features)
 
 
+PROBE_TARGETS = {"value": 2, "person": 3, "object": 4}  # column of fact_values
+
+
 def value_probe(model: RxTForConversationalGeneration, tokenizer, heldout_dialogues: int, seed: int,
                 train_dialogues: int = 1500, steps: int = 300) -> dict:
-    """Held-out accuracy of a linear probe for the recalled value, per memory layer (see the module docstring)."""
+    """Held-out accuracy of linear probes for what a written fact holds (its value, whose it is, about what),
+    per memory layer (see the module docstring)."""
     train, heldout = fact_values("train", train_dialogues, 11), fact_values("heldout", heldout_dialogues, seed)
-    values = sorted({v for *_, v in train + heldout})
-    index = {v: i for i, v in enumerate(values)}
     x_train, x_heldout = written_slots(model, tokenizer, train), written_slots(model, tokenizer, heldout)
-    y_train = torch.tensor([index[v] for *_, v in train])
-    y_heldout = torch.tensor([index[v] for *_, v in heldout])
+    out = {"facts": (len(train), len(heldout)), "targets": {}}
+    for target, column in PROBE_TARGETS.items():
+        classes = sorted({f[column] for f in train + heldout})
+        index = {c: i for i, c in enumerate(classes)}
+        y_train = torch.tensor([index[f[column]] for f in train])
+        y_heldout = torch.tensor([index[f[column]] for f in heldout])
+        seen = {f[column] for f in train}  # a class no train fact has cannot be predicted: the probe's ceiling
+        layers = [linear_probe(x_train[:, layer], y_train, x_heldout[:, layer], y_heldout, len(classes), steps)
+                  for layer in range(x_train.shape[1])]
+        out["targets"][target] = {"classes": len(classes), "layers": layers,
+                                  "ceiling": sum(f[column] in seen for f in heldout) / len(heldout)}
+    return out
+
+
+def linear_probe(fit: torch.Tensor, y_fit: torch.Tensor, test: torch.Tensor, y_test: torch.Tensor, classes: int,
+                 steps: int) -> dict:
+    """Train and held-out accuracy of a softmax regression on standardised features (fixed seed)."""
+    mean, std = fit.mean(0), fit.std(0) + 1e-6
+    fit, test = (fit - mean) / std, (test - mean) / std
     generator = torch.Generator().manual_seed(0)
-    layers = []
-    for layer in range(x_train.shape[1]):
-        mean, std = x_train[:, layer].mean(0), x_train[:, layer].std(0) + 1e-6
-        fit, test = (x_train[:, layer] - mean) / std, (x_heldout[:, layer] - mean) / std
-        probe = torch.nn.Linear(fit.shape[1], len(values))
-        with torch.no_grad():
-            probe.weight.normal_(0, 0.01, generator=generator)
-            probe.bias.zero_()
-        optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(probe(fit), y_train).backward()
-            optimizer.step()
-        with torch.no_grad():
-            layers.append({"train": float((probe(fit).argmax(-1) == y_train).float().mean()),
-                           "heldout": float((probe(test).argmax(-1) == y_heldout).float().mean())})
-    seen = {v for *_, v in train}  # a value no train fact has cannot be predicted: the probe's ceiling
-    ceiling = sum(v in seen for *_, v in heldout) / len(heldout)
-    return {"facts": (len(train), len(heldout)), "values": len(values), "ceiling": ceiling, "layers": layers}
+    probe = torch.nn.Linear(fit.shape[1], classes)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(fit), y_fit).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return {"train": float((probe(fit).argmax(-1) == y_fit).float().mean()),
+                "heldout": float((probe(test).argmax(-1) == y_test).float().mean())}
 
 
 def gradient_flow(model_dir: str, tokenizer, backprop_turns: int, seed: int = 0, batch: int = 32) -> dict:
@@ -435,11 +453,14 @@ def main() -> None:
         if "probe" not in args.skip:
             probe = value_probe(model, tokenizer, max(args.probes // 2, 8), args.seed)
             where = "the fact's slots" if model.config.memory_attention_config.get("fifo_write_slots") else "all slots"
-            print(f"\n| value probe ({where}; {probe['facts'][0]} train / {probe['facts'][1]} held-out facts, "
-                  f"{probe['values']} values; held-out ceiling {probe['ceiling']:.3f}: values seen in training) "
-                  f"| train | held-out |\n|---:|---:|---:|")
-            for layer, r in enumerate(probe["layers"]):
-                print(f"| memory layer {layer} | {r['train']:.3f} | {r['heldout']:.3f} |")
+            targets = probe["targets"]
+            print(f"\n| probe ({where}; {probe['facts'][0]} train / {probe['facts'][1]} held-out facts), held-out "
+                  "accuracy | " + " | ".join(f"{t} ({r['classes']} classes, ceiling {r['ceiling']:.2f})"
+                                             for t, r in targets.items()) + " |")
+            print("|---:|" + "---:|" * len(targets))
+            for layer in range(len(targets["value"]["layers"])):
+                print(f"| memory layer {layer} | " + " | ".join(
+                    f"{r['layers'][layer]['heldout']:.3f}" for r in targets.values()) + " |")
         if "gradients" not in args.skip:
             print("\n| backprop_turns | loss | grad norm per component | dL/dSTM after update 1..5 |")
             print("|---:|---:|---|---|")

@@ -171,26 +171,32 @@ def test_diagnose_focus_on_held_out_dialogues(rxt_dir):
         diagnose.read_focus(RxTForConversationalGeneration.from_pretrained(folder), tokenizer, dialogues=8, seed=5)
 
 
-def test_diagnose_value_probe_reads_a_value_that_is_there_and_not_one_that_is_not(rxt_dir, monkeypatch):
-    """The write measure's linear probe: given slots that hold the value (one-hot), it recovers held-out values
-    exactly; given slots without it (noise), it stays near chance; on a real (random) model it reports a
-    probability per memory layer, from the fact's slot group of a FIFO model."""
+def test_diagnose_probe_reads_what_the_slots_hold_and_not_what_they_do_not(rxt_dir, monkeypatch):
+    """The write measure's linear probes: given slots that hold the value (one-hot), the value probe recovers every
+    held-out value seen in training (its ceiling) and the person probe stays near chance; given noise, both stay
+    near chance; on a real (random) FIFO model they report an accuracy per memory layer from the fact's slots."""
     diagnose = _diagnose_module()
     folder, tokenizer = rxt_dir
     model = _fifo_model(len(tokenizer), **rxt_token_ids(tokenizer))
     real = diagnose.value_probe(model, tokenizer, heldout_dialogues=8, seed=5, train_dialogues=40, steps=50)
-    assert len(real["layers"]) == 2 and all(0.0 <= r["heldout"] <= 1.0 for r in real["layers"])
-    assert diagnose.written_slots(model, tokenizer, [("Q?", "A.", "red")] * 3).shape == (3, 2, 2 * 32)
-
-    values = sorted({v for *_, v in diagnose.fact_values("train", 300, 11) + diagnose.fact_values("heldout", 8, 5)})
+    assert set(real["targets"]) == {"value", "person", "object"}
+    assert all(len(t["layers"]) == 2 and all(0.0 <= r["heldout"] <= 1.0 for r in t["layers"])
+               for t in real["targets"].values())
+    fact = ("Q?", "A.", "red", "Mia", "kite")
+    assert diagnose.written_slots(model, tokenizer, [fact] * 3).shape == (3, 2, 2 * 32)
+    facts = diagnose.fact_values("train", 300, 11) + diagnose.fact_values("heldout", 8, 5)
+    assert all(f[3] in f[0] or f[3] in f[1] for f in facts)  # the person is named in the fact itself
+    values = sorted({f[2] for f in facts})
 
     def holding_the_value(model, tokenizer, facts):
-        return torch.nn.functional.one_hot(torch.tensor([values.index(v) for *_, v in facts]),
+        return torch.nn.functional.one_hot(torch.tensor([values.index(f[2]) for f in facts]),
                                            len(values)).float()[:, None, :]
 
     monkeypatch.setattr(diagnose, "written_slots", holding_the_value)
-    exact = diagnose.value_probe(model, tokenizer, 8, 5, train_dialogues=300, steps=100)
-    assert 0.5 < exact["ceiling"] < 1.0  # some held-out values (numbers) never occur in the train facts
-    assert exact["layers"][0]["heldout"] == pytest.approx(exact["ceiling"])  # every value seen in training
+    probed = diagnose.value_probe(model, tokenizer, 8, 5, train_dialogues=300, steps=100)["targets"]
+    assert 0.5 < probed["value"]["ceiling"] < 1.0  # some held-out values (numbers) never occur in the train facts
+    assert probed["value"]["layers"][0]["heldout"] == pytest.approx(probed["value"]["ceiling"])
+    assert probed["person"]["layers"][0]["heldout"] < 0.3
     monkeypatch.setattr(diagnose, "written_slots", lambda m, t, facts: torch.randn(len(facts), 1, 16))
-    assert diagnose.value_probe(model, tokenizer, 8, 5, train_dialogues=300, steps=100)["layers"][0]["heldout"] < 0.3
+    noise = diagnose.value_probe(model, tokenizer, 8, 5, train_dialogues=300, steps=100)["targets"]
+    assert noise["value"]["layers"][0]["heldout"] < 0.3 and noise["person"]["layers"][0]["heldout"] < 0.3
