@@ -2,7 +2,8 @@
 
 One `rxt serve` process on localhost serves a random-weight RxT (dim 128, 4 layers, STM 4 x 64 slots,
 interaction window 256; EOS and pad suppressed so that every answer has exactly `--new-tokens` tokens). Then
-`--conversations` client threads each hold a `--turns`-turn conversation, all at once, twice:
+`--conversations` conversations of `--turns` turns run in two modes, interleaved turn by turn (turn t of every
+stateful conversation, sent together, one client thread each; then turn t of every stateless one; then t + 1):
 
 * stateful: `POST /v1/responses` with `previous_response_id`; each request carries only the new query, the
   server reads the conversation's stored STM, answers, writes the interaction into the memory and stores it;
@@ -10,8 +11,9 @@ interaction window 256; EOS and pad suppressed so that every answer has exactly 
   answers included); the server writes every earlier turn into a fresh memory, then answers: the same model and
   decoder, served as stateless OpenAI servers serve (every turn re-reads the history).
 
-Requests are bounded loops (turns x conversations, no retries). Printed: p50/p99 client-side latency per turn
-number, the ratio turn-last / turn-2, and conversation-turns per second over the whole run and from turn 10 on.
+Requests are bounded loops (turns x conversations x 2 requests, no retries). Printed: p50/p99 client-side latency
+per turn number, the ratio turn-last / turn-2 of the medians, and conversation-turns per second of each mode's own
+time (the sum of its turns' spans), over the whole run and from turn 10 on.
 Run: `python benchmarks/bench_serve.py [--conversations 4 --turns 20 --new-tokens 16]`.
 """
 
@@ -75,56 +77,79 @@ def query(conversation: int, turn: int) -> str:
     return " ".join(WORDS[(conversation * 5 + turn * 3 + k) % len(WORDS)] for k in range(12))
 
 
-def run_mode(url: str, mode: str, conversations: int, turns: int, new_tokens: int) -> list[dict]:
-    """Every conversation in its own thread, all started together; one record per turn."""
-    records: list[dict] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(conversations)
+class Conversation:
+    """One client conversation in one mode: what it sends each turn and what it keeps between turns."""
 
-    def converse(c: int) -> None:
-        previous, messages = None, []
-        barrier.wait()
-        for turn in range(1, turns + 1):
-            text = query(c, turn)
-            started = time.perf_counter()
-            if mode == "stateful":
-                body = {"input": text, "max_output_tokens": new_tokens, "seed": c}
-                if previous:
-                    body["previous_response_id"] = previous
-                reply = post(url + "/v1/responses", body)
-                previous = reply["id"]
-                answer = reply["output"][0]["content"][0]["text"]
-                tokens = reply["usage"]["output_tokens"]
-            else:
-                messages.append({"role": "user", "content": text})
-                reply = post(url + "/v1/chat/completions", {"messages": messages, "max_tokens": new_tokens,
-                                                            "seed": c})
-                answer = reply["choices"][0]["message"]["content"]
-                tokens = reply["usage"]["completion_tokens"]
-                messages.append({"role": "assistant", "content": answer or "."})
-            ended = time.perf_counter()
-            assert tokens == new_tokens, f"{mode} turn {turn}: {tokens} tokens, expected {new_tokens}"
-            with lock:
-                records.append({"conversation": c, "turn": turn, "start": started, "end": ended})
+    def __init__(self, url: str, mode: str, index: int, new_tokens: int):
+        self.url, self.mode, self.index, self.new_tokens = url, mode, index, new_tokens
+        self.previous, self.messages = None, []
 
-    threads = [threading.Thread(target=converse, args=(c,)) for c in range(conversations)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if len(records) != conversations * turns:
-        raise SystemExit(f"{mode}: only {len(records)} of {conversations * turns} turns completed (see the log)")
+    def turn(self, turn: int, advance: bool = True) -> dict:
+        """Send turn `turn`; with `advance=False` it is a repeat (the same request again, the state unchanged)."""
+        text = query(self.index, turn)
+        started = time.perf_counter()
+        if self.mode == "stateful":  # only the new query; the server holds the rest as the STM
+            body = {"input": text, "max_output_tokens": self.new_tokens, "seed": self.index}
+            if self.previous:
+                body["previous_response_id"] = self.previous
+            reply = post(self.url + "/v1/responses", body)
+            self.previous = reply["id"] if advance else self.previous
+            tokens = reply["usage"]["output_tokens"]
+        else:  # the whole history again, the server's own earlier answers included
+            messages = self.messages + [{"role": "user", "content": text}]
+            reply = post(self.url + "/v1/chat/completions", {"messages": messages, "max_tokens": self.new_tokens,
+                                                             "seed": self.index})
+            tokens = reply["usage"]["completion_tokens"]
+            if advance:
+                answer = reply["choices"][0]["message"]["content"] or "."
+                self.messages = messages + [{"role": "assistant", "content": answer}]
+        ended = time.perf_counter()
+        assert tokens == self.new_tokens, f"{self.mode} turn {turn}: {tokens} tokens, expected {self.new_tokens}"
+        return {"turn": turn, "start": started, "end": ended}
+
+
+def run(url: str, conversations: int, turns: int, new_tokens: int, repeats: int) -> dict[str, list[dict]]:
+    """Turn by turn, the two modes interleaved (so that load from other jobs falls on both alike): the N
+    conversations of a mode send their turn-t request together (one thread each) and the round ends when all
+    have their answers. Each turn is sent `repeats` times per mode (stateful, stateless, stateful, ...; the same
+    request again, from the same state), the last one carries the conversation on. One record per request;
+    bounded: turns x repeats x conversations x 2 requests, no retries."""
+    clients = {mode: [Conversation(url, mode, c, new_tokens) for c in range(conversations)]
+               for mode in ("stateful", "stateless")}
+    records: dict[str, list[dict]] = {mode: [] for mode in clients}
+    for turn, repeat in ((t, r) for t in range(1, turns + 1) for r in range(repeats)):
+        advance = repeat == repeats - 1
+        for mode, group in clients.items():
+            results: list = [None] * conversations
+            threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, group[c].turn(turn, advance)))
+                       for c in range(conversations)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if any(result is None for result in results):
+                raise SystemExit(f"{mode} turn {turn}: a request failed (see above)")
+            records[mode] += [dict(result, round=(turn, repeat)) for result in results]
     return records
 
 
 def quantile(values: list[float], q: float) -> float:
+    """The median for q=0.5; otherwise the nearest-rank quantile (p99 of a few samples is their maximum)."""
+    if q == 0.5:
+        return statistics.median(values)
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def throughput(records: list[dict], from_turn: int = 1) -> float:
-    chosen = [r for r in records if r["turn"] >= from_turn]
-    return len(chosen) / (max(r["end"] for r in chosen) - min(r["start"] for r in chosen))
+    """Conversation-turns per second of the mode's own time: each round's span (first request sent to last answer
+    received), summed over the rounds of the turns from `from_turn` on."""
+    rounds: dict = {}
+    for r in records:
+        if r["turn"] >= from_turn:
+            rounds.setdefault(r["round"], []).append(r)
+    spans = [max(r["end"] for r in group) - min(r["start"] for r in group) for group in rounds.values()]
+    return sum(len(group) for group in rounds.values()) / sum(spans)
 
 
 def main() -> None:
@@ -132,7 +157,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=4, help="concurrent conversations")
     parser.add_argument("--turns", type=int, default=20, help="turns per conversation")
     parser.add_argument("--new-tokens", type=int, default=16, help="answer length (tokens) of every turn")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="times each turn is sent per mode (the same request from the same state); the "
+                             "latencies of all repeats form the turn's p50/p99")
     parser.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="the server's --batch-wait-ms (how long a batch waits for more requests to join)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +174,7 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "transformers_rxt_cli", "serve", str(tmp / "model"), "--port", str(port),
              "--store", str(tmp / "stm.sqlite3"), "--max-batch-size", str(args.conversations),
+             "--batch-wait-ms", str(args.batch_wait_ms),
              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -157,15 +188,15 @@ def main() -> None:
                         raise SystemExit("rxt serve did not start:\n" + (tmp / "serve.log").read_text())
                     time.sleep(0.2)
             post(url + "/v1/responses", {"input": "warm up", "max_output_tokens": 4, "store": False})
-            results = {mode: run_mode(url, mode, args.conversations, args.turns, args.new_tokens)
-                       for mode in ("stateful", "stateless")}
+            results = run(url, args.conversations, args.turns, args.new_tokens, args.repeats)
             metrics = json.loads(urllib.request.urlopen(url + "/metrics").read())
         finally:
             server.terminate()
             server.wait(timeout=60)
 
     print(f"rxt serve, {args.conversations} concurrent conversations x {args.turns} turns, {args.new_tokens} new "
-          f"tokens per turn, server OMP_NUM_THREADS={args.server_threads}, batches up to {args.conversations}")
+          f"tokens per turn, each turn sent {args.repeats}x per mode, server OMP_NUM_THREADS={args.server_threads}, batches up to {args.conversations}, "
+          f"--batch-wait-ms {args.batch_wait_ms:g}")
     print("| turn | stateful p50 (ms) | stateful p99 (ms) | stateless p50 (ms) | stateless p99 (ms) |")
     print("|---:|---:|---:|---:|---:|")
     by_turn = {mode: {t: [1e3 * (r["end"] - r["start"]) for r in records if r["turn"] == t]
@@ -183,7 +214,9 @@ def main() -> None:
         if start <= last:
             print(f"| {label} | {throughput(results['stateful'], start):.2f} | "
                   f"{throughput(results['stateless'], start):.2f} |")
-    print(f"\nscheduler: {metrics['scheduler']}")
+    stats = metrics["scheduler"]
+    print(f"\nscheduler (both runs): {stats['batches']} batches, {stats['batched_requests']} requests, mean batch "
+          f"{stats['batched_requests'] / stats['batches']:.2f}, largest {stats['max_batch']}")
 
 
 if __name__ == "__main__":
