@@ -284,11 +284,28 @@ def test_bad_requests_get_clear_4xx_errors(server, reference, model_dir):
     assert metrics["statuses"]["404"] >= 2 and metrics["statuses"]["401"] >= 2
 
 
-def test_a_sigkilled_server_continues_every_stored_conversation(model_dir, reference, tmp_path):
+def test_a_sigkilled_server_continues_every_stored_conversation_and_a_full_queue_is_a_503(model_dir, reference,
+                                                                                           tmp_path):
     store = str(tmp_path / "stm.sqlite3")
-    first = Server(model_dir, store).wait_ready()
+    first = Server(model_dir, store, "--max-queue", "1").wait_ready()
     seeds = [31, 32, 33]
     started = {seed: converse(first, TURNS[:2], seed=seed) for seed in seeds}
+    # a burst beyond the bounded queue: the excess gets a 503 before any stream starts, the rest are answered
+    barrier, statuses = threading.Barrier(8), []
+
+    def burst(index):
+        barrier.wait()
+        statuses.append(first.request("/v1/responses", {"input": f"the fox {index}", "max_output_tokens": 8,
+                                                        "store": False, "stream": True}))
+
+    threads = [threading.Thread(target=burst, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    busy = [reply for status, reply in statuses if status == 503]
+    assert busy and all("--max-queue 1" in reply["error"]["message"] for reply in busy)
+    assert all(reply[-1]["type"] == "response.completed" for status, reply in statuses if status == 200)
     first.stop(signal.SIGKILL)
     second = Server(model_dir, store).wait_ready()
     try:

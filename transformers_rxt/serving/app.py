@@ -26,6 +26,7 @@ completions) draws a fresh conversation's initial memory; without it the server'
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -239,32 +240,49 @@ class RxTServer:
             raise APIError(409, str(error), "foreign_memory", "previous_response_id") from error
         return stored.memory
 
-    @asynccontextmanager
-    async def conversation(self, response_id: Optional[str]):
-        """Serialise, in arrival order, the requests that continue the same response (asyncio.Lock is FIFO)."""
-        if response_id is None:
-            yield
-            return
-        lock = self._conversation_locks.setdefault(response_id, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._conversation_locks.pop(response_id, None)
+    async def start(self, job: Job, after: Optional[str] = None, on_done=None) -> asyncio.Queue:
+        """Queue `job` and return the queue its scheduler events arrive on (read them with `events`).
 
-    # ------------------------------------------------------------------ one turn
-    async def turn(self, job: Job) -> AsyncIterator[tuple]:
-        """Submit `job` and yield its scheduler events until it is committed; an error event raises."""
+        With `after` (the response it continues), jobs continuing the same response are queued one after another
+        in arrival order (asyncio.Lock is FIFO). The lock, and `on_done`, are released by the job's own end
+        ("committed" or "error"), not by the HTTP response, so a client that disconnects releases nothing early.
+        Queue full or shutting down: a 503 before any stream starts."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)
+        lock = None
+        if after is not None:
+            lock = self._conversation_locks.setdefault(after, asyncio.Lock())
+            await lock.acquire()
+        finished = []
+
+        def finish() -> None:
+            if finished:
+                return
+            finished.append(True)
+            if lock is not None:
+                lock.release()
+                if not lock.locked() and not getattr(lock, "_waiters", None):
+                    self._conversation_locks.pop(after, None)
+            if on_done is not None:
+                on_done()
+
+        def deliver(event: tuple) -> None:
+            events.put_nowait(event)
+            if event[0] in ("committed", "error"):
+                finish()
+
+        job.emit = lambda *event: loop.call_soon_threadsafe(deliver, event)
         try:
             self.scheduler.submit(job)
-        except QueueFullError as error:
-            raise APIError(503, str(error), "server_busy") from error
-        except RuntimeError as error:
-            raise APIError(503, str(error), "shutting_down") from error
+        except (QueueFullError, RuntimeError) as error:
+            finish()
+            code = "server_busy" if isinstance(error, QueueFullError) else "shutting_down"
+            raise APIError(503, str(error), code) from error
+        return events
+
+    @staticmethod
+    async def events(events: asyncio.Queue) -> AsyncIterator[tuple]:
+        """A started job's events until it is committed; an error event raises (a ValueError as a 400)."""
         while True:
             event = await events.get()
             if event[0] == "error":
@@ -355,18 +373,19 @@ async def _responses(server: RxTServer, body: ResponsesRequest, request_id: str)
               emit=lambda *event: None, memory=memory, seed=body.seed, history=tuple(history),
               store_as=response_id if body.store else None, request_id=request_id)
     committed = asyncio.get_running_loop().create_future() if body.store else None
+
+    def settled() -> None:  # the memory is stored, or the turn failed: waiters may look in the store now
+        server._committing.pop(response_id, None)
+        committed.set_result(None)
+
     if committed is not None:  # before the stream announces the id
         server._committing[response_id] = committed
-
-    async def run() -> AsyncIterator[tuple]:
-        try:
-            async with server.conversation(body.previous_response_id):
-                async for event in server.turn(job):
-                    yield event
-        finally:
-            if committed is not None:
-                server._committing.pop(response_id, None)
-                committed.set_result(None)
+    try:
+        queue = await server.start(job, body.previous_response_id, settled if committed is not None else None)
+    except BaseException:
+        if committed is not None and not committed.done():
+            settled()
+        raise
 
     def usage(answer: list[int]) -> dict:
         return {"input_tokens": len(prompt), "output_tokens": len(answer), "total_tokens": len(prompt) + len(answer),
@@ -376,7 +395,7 @@ async def _responses(server: RxTServer, body: ResponsesRequest, request_id: str)
     text = _Text(server.tokenizer)
     if not body.stream:
         answer, finish = [], None
-        async for event in run():
+        async for event in server.events(queue):
             if event[0] == "answered":
                 answer, finish = event[1], event[2]
         final = text.finish(answer)[0]
@@ -405,7 +424,7 @@ async def _responses(server: RxTServer, body: ResponsesRequest, request_id: str)
                     part={"type": "output_text", "text": "", "annotations": []})
         answer, finish = [], None
         try:
-            async for item in run():
+            async for item in server.events(queue):
                 if item[0] == "token":
                     delta = text.add(item[1])
                     if delta:
@@ -459,9 +478,10 @@ async def _chat_completions(server: RxTServer, body: ChatCompletionRequest, requ
                 "total_tokens": len(prompt) + len(answer)}
 
     extra = f"history_turns={len(history)} "
+    queue = await server.start(job)
     if not body.stream:
         answer, finish = [], None
-        async for event in server.turn(job):
+        async for event in server.events(queue):
             if event[0] == "answered":
                 answer, finish = event[1], event[2]
         server.log_turn("/v1/chat/completions", request_id, job, started, 200, len(answer), extra)
@@ -477,7 +497,7 @@ async def _chat_completions(server: RxTServer, body: ChatCompletionRequest, requ
         yield chunk({"role": "assistant", "content": ""})
         answer, finish = [], None
         try:
-            async for event in server.turn(job):
+            async for event in server.events(queue):
                 if event[0] == "token":
                     delta = text.add(event[1])
                     if delta:
@@ -558,7 +578,8 @@ def build_app(config: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     async def request_id_and_auth(request: Request, call_next):
         request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
         if config.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):  # constant time
                 error = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
                                       "with the key the server was started with (--api-key)", "invalid_api_key")
                 return await api_error(request, error)
