@@ -15,7 +15,7 @@ from rxt_factories import tiny_model
 from transformers_rxt import train_rxt_tokenizer
 from transformers_rxt_cli import build_parser
 
-COMMANDS = ["convert-rxlm", "chat", "train", "eval-memory", "bench", "push"]
+COMMANDS = ["convert-rxlm", "chat", "train", "eval-memory", "bench", "push", "serve"]
 REPO = Path(__file__).resolve().parents[1]
 
 

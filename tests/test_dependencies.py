@@ -21,7 +21,7 @@ PINS = {
     )
 }
 #: what the core must not import: the extras' packages (PyYAML is not among them: huggingface_hub imports it)
-EXTRA_ONLY = ("trl", "datasets", "evaluate", "peft")
+EXTRA_ONLY = ("trl", "datasets", "evaluate", "peft", "fastapi", "uvicorn", "redis")
 
 
 def requirements() -> list[Requirement]:

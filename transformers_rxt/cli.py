@@ -8,7 +8,7 @@ import sys
 
 from transformers_rxt_cli import build_parser, main
 
-__all__ = ["build_parser", "main", "bench", "chat", "convert_rxlm", "eval_memory", "train"]
+__all__ = ["build_parser", "main", "bench", "chat", "convert_rxlm", "eval_memory", "serve", "train"]
 
 
 def convert_rxlm(args: argparse.Namespace) -> int:
@@ -297,3 +297,37 @@ def bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`rxt serve`: run the OpenAI-compatible stateful server until SIGINT/SIGTERM (then return 0)."""
+    import contextlib
+    import logging
+    import os
+
+    try:
+        import uvicorn
+
+        from .serving.app import ServeConfig, build_app
+    except ImportError as error:
+        raise SystemExit(f"rxt serve: error: {error.name} is missing: pip install 'transformers-rxt[serve]'")
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process would end killed by the
+        signal; for `rxt serve` they are the normal way to stop, and a clean stop exits with status 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(model=args.model, store=args.store, api_key=args.api_key or os.environ.get("RXT_API_KEY"),
+                         model_name=args.model_name, max_batch_size=args.max_batch_size,
+                         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_age_s=args.max_age,
+                         max_stored=args.max_stored)
+    app = build_app(config)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          timeout_graceful_shutdown=5)).run()
+    return 0

@@ -157,13 +157,16 @@ class RxTTextGenerationPipeline(TextGenerationPipeline):
     def memory_from_history(self, histories: Sequence[ChatHistory]) -> STMCache:
         """One fresh STM row per conversation, with its earlier interactions written in order (batch 1 each: the
         conversations have different numbers of turns)."""
-        rows = []
-        for history in histories:
-            stm = self.model.init_memory(1)
-            for ids in history.interactions:
-                self.model.update_memory(torch.tensor([ids], device=self.model.device), stm=stm)
-            rows.append(stm)
+        rows = [write_history(self.model, self.model.init_memory(1), history.interactions) for history in histories]
         return type(rows[0]).cat(rows)  # the model's own STMCache class (remote code has its own copy)
+
+
+def write_history(model, stm: STMCache, interactions: Sequence[Sequence[int]]) -> STMCache:
+    """Write a conversation's earlier interactions (token ids, oldest first) into its one-row `stm`, in order,
+    through `model.update_memory`; shared by the pipeline and `rxt serve`'s `/v1/chat/completions`."""
+    for ids in interactions:
+        model.update_memory(torch.tensor([list(ids)], device=model.device), stm=stm)
+    return stm
 
 
 def register_text_generation_pipeline() -> None:
@@ -178,4 +181,5 @@ def register_text_generation_pipeline() -> None:
         entry["impl"] = RxTTextGenerationPipeline
 
 
-__all__ = ["ChatHistory", "RxTTextGenerationPipeline", "register_text_generation_pipeline", "split_chat"]
+__all__ = ["ChatHistory", "RxTTextGenerationPipeline", "register_text_generation_pipeline", "split_chat",
+           "write_history"]

@@ -136,6 +136,37 @@ def _add_eval_memory_parser(commands: Any) -> None:
     evaluate.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
+def _add_serve_parser(commands: Any) -> None:
+    serve = _add_command(
+        commands, "serve", "transformers_rxt.cli:serve",
+        help="serve an RxT model over an OpenAI-compatible HTTP API, each conversation kept as its memory",
+        description="POST /v1/responses continues a conversation from its stored memory (previous_response_id) "
+                    "and answers only the new input; POST /v1/chat/completions writes a whole history into a fresh "
+                    "memory (stateless clients); GET /v1/models, /health, /metrics. Needs the serve extra: "
+                    "pip install 'transformers-rxt[serve]'.")
+    serve.add_argument("model", help="RxT model directory or Hub id (with its tokenizer)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--store", default="rxt-stm.sqlite3",
+                       help="where conversation memories are stored: a SQLite file (a path or sqlite:///PATH) or a "
+                            "shared Redis server (redis://HOST:PORT/DB)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* (default: the RXT_API_KEY environment "
+                            "variable; none: open)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model id clients send and /v1/models lists (default: the model directory's name)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together in one batch")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long the scheduler waits for more requests to join a batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones get a 503")
+    serve.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
+                       help="evict stored memories older than this (default: keep them)")
+    serve.add_argument("--max-stored", type=int, default=None, metavar="N",
+                       help="keep at most N stored memories, evicting the oldest (default: no limit)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="log level of the server's request log")
+
+
 def _add_bench_parser(commands: Any) -> None:
     bench = _add_command(
         commands, "bench", "transformers_rxt.cli:bench",
@@ -188,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_eval_memory_parser(commands)
     _add_bench_parser(commands)
+    _add_serve_parser(commands)
     add_push_parser(commands)
     return parser
 
