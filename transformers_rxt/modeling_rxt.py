@@ -84,7 +84,8 @@ def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B or 1, 1, T, hd/2] for `positions` ([B, T] or [T]).
+    """cos/sin [B or 1, 1, T, hd] for `positions` ([B, T] or [T]), laid out for the interleaved pairs: cos once
+    per element of a pair (c0, c0, c1, c1, ...), sin with the sign of its term (-s0, s0, -s1, s1, ...).
 
     The angles are cast to the activation dtype before cos/sin, as the reference does (this matters for bf16
     parity). Computed once per forward and shared by every attention of a component.
@@ -93,19 +94,20 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dt
     angles = angles.to(dtype)
     if angles.dim() == 2:
         angles = angles[None]
-    return angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1)[:, None], torch.stack((-sin, sin), dim=-1).flatten(-2)[:, None]
 
 
 def apply_rope(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, T, hd] by angle position * inv_freq[i].
 
-    `positions` is a position tensor or the `(cos, sin)` pair from `rope_tables`.
+    `positions` is a position tensor or the `(cos, sin)` pair from `rope_tables`. `x * cos + swapped * sin`, with
+    each pair's elements swapped, is (x[2i] c - x[2i+1] s, x[2i+1] c + x[2i] s): the rotation's products and sums,
+    bit for bit (negation is exact, addition commutes), in three elementwise ops rather than six and a stack.
     """
     cos, sin = positions if isinstance(positions, tuple) else rope_tables(positions, inv_freq, x.dtype)
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * sin
 
 
 # ============================================================================================= attention
@@ -300,6 +302,25 @@ class RxTRouter(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
 
+def selected_mm_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """An experts function (transformers' signature) that runs only the chosen experts: for every (token, expert)
+    pair, the token's row times views of that expert's weights. The routing is read on the host (no cost on CPU,
+    a sync on an accelerator), so few pairs are cheap and no weight is gathered into a copy."""
+    rows = []
+    for token, experts in enumerate(top_k_index.tolist()):
+        x = hidden_states[token:token + 1]
+        for e in experts:
+            h = x @ module.gate_up_proj[e]
+            if module.has_bias:
+                h = h + module.gate_up_proj_bias[e]
+            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            out = h @ module.down_proj[e]
+            rows.append(out + module.down_proj_bias[e] if module.has_bias else out)
+    weighted = torch.cat(rows) * top_k_weights.reshape(-1, 1)
+    return weighted.view(hidden_states.shape[0], top_k_index.shape[-1], -1).sum(dim=1).to(hidden_states.dtype)
+
+
 class RxTMoeFeedForward(nn.Module):
     """Mixture of experts with optional shared experts (the reference's stacked layout).
 
@@ -307,13 +328,16 @@ class RxTMoeFeedForward(nn.Module):
     over all experts, top-k, renormalise. Output = sum_k w_k expert_k(x) + global bias + shared expert(s).
 
     The routed experts run through transformers' experts functions (`transformers.integrations.moe`): tokens
-    sorted by expert and two grouped matmuls (`"grouped_mm"`, the default), or each (token, expert) pair's
-    weights gathered for a batched matmul (`"batched_mm"`). Neither loops over experts in Python nor reads the
-    routing back to the host. The attributes below (`has_gate`, `is_transposed`, `gate_up_proj`, ...) are the
-    interface those functions read.
+    sorted by expert and two grouped matmuls (`"grouped_mm"`), or each (token, expert) pair's weights gathered
+    for a batched matmul (`"batched_mm"`). Neither loops over experts in Python nor reads the routing back to the
+    host. The attributes below (`has_gate`, `is_transposed`, `gate_up_proj`, ...) are the interface those
+    functions read. `"selected_mm"` runs only the chosen experts, one matmul pair per (token, expert) on views of
+    their weights: it reads the routing on the host. The default, `"auto"`, takes it for a CPU decode step (at
+    most `num_experts` token-expert pairs, not under `torch.compile`), where the CPU `grouped_mm` runs a matmul
+    for every expert, empty ones included, and `"grouped_mm"` everywhere else.
     """
 
-    experts_implementations = ("grouped_mm", "batched_mm")
+    experts_implementations = ("auto", "grouped_mm", "batched_mm", "selected_mm")
     is_transposed = True  # w1/w2 are [E, in, out]
     has_post_expert_norm = False
     _is_expert_parallel = False
@@ -339,7 +363,7 @@ class RxTMoeFeedForward(nn.Module):
         elif self.bias_mode == "local":
             self.b1 = nn.Parameter(torch.zeros(experts, in_width))
             self.b2 = nn.Parameter(torch.zeros(experts, dim))
-        self.experts_implementation = "grouped_mm"
+        self.experts_implementation = "auto"
         shared_hidden = cfg.shared_expert_dim or hidden
         shared_bias = cfg.moe_shared_experts_bias_mode
         if self.num_shared == 1:
@@ -398,6 +422,14 @@ class RxTMoeFeedForward(nn.Module):
         out = h @ w2
         return out if b2 is None else out + b2
 
+    def _experts_function(self, tokens: int):
+        impl = self.experts_implementation
+        if impl == "auto":
+            decode_step = (tokens * self.top_k <= self.num_experts and self.w1.device.type == "cpu"
+                           and not torch.compiler.is_compiling())
+            impl = "selected_mm" if decode_step else "grouped_mm"
+        return selected_mm_experts_forward if impl == "selected_mm" else ALL_EXPERTS_FUNCTIONS[impl]
+
     def route(self, x: torch.Tensor):
         logits = self.router.gate(x)
         if self.router_dtype is not None:
@@ -413,7 +445,7 @@ class RxTMoeFeedForward(nn.Module):
         probs, top_w, top_idx = self.route(flat)
         if self.num_shared and self.weighted_shared:
             top_w = top_w * (self.top_k / (self.top_k + self.num_shared))
-        out = ALL_EXPERTS_FUNCTIONS[self.experts_implementation](self, flat, top_idx, top_w)
+        out = self._experts_function(flat.shape[0])(self, flat, top_idx, top_w)
         if self.bias_mode == "global":
             out = out + self.global_bias
         shared_gate_loss = None
@@ -1447,7 +1479,9 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
         else:
             kv_length = past_key_values.get_mask_sizes(length, 0)[0] if past_key_values is not None else length
             self_mask = self_attention_mask(attention_mask, length, past, kv_length, hidden.device)
-            pad = None if attention_mask is None else attention_mask[:, -length:, None].to(hidden.dtype)
+            padded = attention_mask is not None and not bool(attention_mask.bool().all())
+            # the padding factor of the memory cross-attention queries (x 1.0 is exact: skipped without padding)
+            pad = attention_mask[:, -length:, None].to(hidden.dtype) if padded else None
         memory_kv = self._memory_kv(memory, past_key_values, batch)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
