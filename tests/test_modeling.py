@@ -290,6 +290,19 @@ def test_rope_rotates_interleaved_pairs():
     assert out[0, 0, 0, 2:].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_pairwise_rotation_bit_for_bit(dtype):
+    """`x * cos + swapped(x) * sin` computes each pair's rotation (x0 c - x1 s, x1 c + x0 s) with the same roundings."""
+    inv = rope_inv_freq(16, 10000.0)
+    x = torch.randn(2, 3, 7, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 30, 31, 32]])
+    angles = (positions.float()[..., None] * inv).to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    assert torch.equal(apply_rope(x, positions, inv), expected)
+
+
 def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_path):
     model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
     logits, memory = _run_turn(model)
