@@ -18,6 +18,9 @@
      attention on query + answer); ours: `update_memory` on the same-length interaction.
    * batch-16 throughput: 16 queries, `--batch-tokens` new tokens each, memory update excluded. Reference:
      `batch_interact` up to its -1 marker; ours: `generate(memory_update="none")`. Tokens/s = 16 x new / wall.
+   * the same two figures in CPU time (`time.process_time()` of the worker: the decode tokens per CPU second,
+     the update's CPU ms): on a shared, loaded CPU a worker also waits for a core, which wall time counts and CPU
+     time does not; with 1 thread, CPU time is the work each implementation does.
    * a check that the weights are the same: the first generated token of every contender is printed (the
      reference's later steps use positions one too far, so only the first is comparable).
    * `--compile`: one more contender, `ours-compiled`: ours with `generate(cache_implementation="static",
@@ -126,7 +129,7 @@ class RxlmWorker:
         stamps, update, tokens = [], {}, []
         for token in model.interact(ids, torch.ones_like(ids), temperature=1.0, top_k=1,
                                     max_seq_len=QUERY_LEN + 1 + new_tokens):
-            now = time.perf_counter()
+            now = (time.perf_counter(), time.process_time())
             if token == -1:
                 update["start"] = now
             elif token == -2:
@@ -135,8 +138,10 @@ class RxlmWorker:
                 stamps.append(now)
                 tokens.append(token)
         assert len(stamps) == new_tokens, len(stamps)
-        return {"tps": (new_tokens - 1) / (stamps[-1] - stamps[0]),
-                "update_ms": 1e3 * (update["end"] - update["start"]), "first": tokens[0]}
+        return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]),
+                "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]),
+                "update_ms": 1e3 * (update["end"][0] - update["start"][0]),
+                "update_cpu_ms": 1e3 * (update["end"][1] - update["start"][1]), "first": tokens[0]}
 
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
@@ -192,7 +197,7 @@ class OursWorker:
 
             def put(self, value):
                 if self.seen_prompt:
-                    stamps.append(time.perf_counter())
+                    stamps.append((time.perf_counter(), time.process_time()))
                 self.seen_prompt = True
 
             def end(self):
@@ -209,10 +214,11 @@ class OursWorker:
         stm = self._stm(1)
         out = model.generate(prompt, stm=stm, streamer=Streamer(), **kwargs)
         assert len(stamps) == new_tokens, len(stamps)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.update_memory(input_ids=out[:, : QUERY_LEN + 1 + new_tokens], stm=stm)
-        update = time.perf_counter() - start
-        return {"tps": (new_tokens - 1) / (stamps[-1] - stamps[0]), "update_ms": 1e3 * update,
+        update, update_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]), "update_ms": 1e3 * update,
+                "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]), "update_cpu_ms": 1e3 * update_cpu,
                 "first": int(out[0, QUERY_LEN + 1]), "answer": out[0, QUERY_LEN + 1:].tolist(),
                 "compile_s": compile_s}
 
@@ -326,7 +332,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.rounds} alternating rounds, {args.new_tokens} new tokens (batch 1), "
           f"{args.batch} x {args.batch_tokens} (batch)\n", flush=True)
-    table = []
+    table, cpu_table = [], []
     base = "rxlm" if args.rxlm_python else "ours-before"
     for threads in args.threads:
         clients = [Client("ours", sys.executable, "ours", ours_dir, threads)]
@@ -354,6 +360,9 @@ def main() -> None:
                           med(batch[name], "tokens_per_s"), med(decode[name], "tps") / med(decode[base], "tps"),
                           med(decode[base], "update_ms") / med(decode[name], "update_ms"),
                           med(batch[name], "tokens_per_s") / med(batch[base], "tokens_per_s")))
+            cpu_table.append((threads, name, med(decode[name], "tps_cpu"), med(decode[name], "update_cpu_ms"),
+                              med(decode[name], "tps_cpu") / med(decode[base], "tps_cpu"),
+                              med(decode[base], "update_cpu_ms") / med(decode[name], "update_cpu_ms")))
         print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
     print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "
@@ -361,6 +370,11 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for threads, name, tps, upd, btps, r1, r2, r3 in table:
         print(f"| {threads} | {name} | {tps:.1f} | {upd:.1f} | {btps:.1f} | {r1:.2f}x | {r2:.2f}x | {r3:.2f}x |")
+    print(f"\nCPU time (process_time of each worker):\n\n| threads | implementation | decode tok per CPU s "
+          f"| memory update CPU ms | decode vs {base} (CPU) | update vs {base} (CPU) |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for threads, name, tps, upd, r1, r2 in cpu_table:
+        print(f"| {threads} | {name} | {tps:.1f} | {upd:.1f} | {r1:.2f}x | {r2:.2f}x |")
 
 
 if __name__ == "__main__":

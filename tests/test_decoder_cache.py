@@ -199,12 +199,14 @@ def test_prompt_lookup_and_assisted_decoding_give_the_greedy_tokens_and_leave_th
 
 
 @torch.no_grad()
-def test_generate_compiles_the_static_cache_decode_step_into_one_graph():
+@pytest.mark.parametrize("decoder", [None, dict(use_moe=True, num_experts=4, moe_top_k=2)], ids=["dense", "moe"])
+def test_generate_compiles_the_static_cache_decode_step_into_one_graph(decoder):
     """transformers' automatic `torch.compile` of the decode step (static cache, `compile_config`; on CPU only when
     asked): traced with `fullgraph=True` (no graph break), once for every step and for a second call, with the
     eager tokens. A counting backend that runs the traced graph as is keeps this to seconds; the inductor backend is
-    timed by `benchmarks/bench_decode.py --compile`."""
-    model = _model(layers=1)
+    timed by `benchmarks/bench_decode.py --compile`. With MoE, the eager decode steps run only the chosen experts
+    (reading the routing on the host) and the traced ones the grouped matmul."""
+    model = _model(layers=1, decoder=decoder)
     ids, mask = _prompts(model, [9, 6])
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(8))
     kw = dict(max_new_tokens=6, do_sample=False, memory_update="none")

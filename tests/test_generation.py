@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from transformers_rxt import MemoryUpdateError, RxTForConversationalGeneration, STMCache
+from transformers_rxt import MemoryUpdateError, RxTForConversationalGeneration, RxTInteractor, STMCache
 
 from conftest import golden_fixture_params
-from rxt_factories import tiny_config, tiny_model
+from rxt_factories import story_tokenizer, tiny_config, tiny_model
 
 ATOL = 1e-5
 
@@ -78,13 +78,36 @@ def test_interact_turn_one_tokens_and_memory(path):
     if turn is None or not turn.get("cached_vs_teacher_forced", {}).get("teacher_forced_argmax_equals_interact_tokens"):
         pytest.skip("turn 1 of this fixture is not comparable token by token")
     model = RxTForConversationalGeneration.from_rxlm_pretrained(str(path))
-    model.set_tokenizer(load_rxt_tokenizer(str(path)))
+    interactor = RxTInteractor(model, load_rxt_tokenizer(str(path)))
     stm = _stm(golden["turn1.stm_before"])
-    query = model.tokenize_query(turn["query"], max_seq_len=64)
+    query = interactor.tokenize_query(turn["query"], max_seq_len=64)
     assert torch.equal(query["input_ids"], golden["turn1.query.input_ids"])
-    tokens = list(model.interact(**query, stm=stm, max_seq_len=turn["interact_kwargs"]["max_seq_len"], top_k=1))
+    tokens = list(interactor.interact(**query, stm=stm, max_seq_len=turn["interact_kwargs"]["max_seq_len"], top_k=1))
     assert tokens == golden["turn1.interact.tokens"].tolist()
     assert (stm.memory.transpose(0, 1) - golden["turn1.stm_after"]).abs().max() <= ATOL
+
+
+def test_rxlm_helpers_are_a_facade_the_model_delegates_to():
+    """`RxTInteractor` is not in the model's class hierarchy; rxlm users' calls on the model reach it unchanged."""
+    assert not any("Interact" in cls.__name__ for cls in RxTForConversationalGeneration.__mro__)
+    model = tiny_model(seed=1)
+    query = torch.tensor([[2, 5, 30, 31, 32]])
+    start = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+    via_model, via_facade = start.clone(), start.clone()
+    tokens = list(model.interact(query, stm=via_model, max_seq_len=16, top_k=1, memory_update="sync"))
+    assert tokens == list(RxTInteractor(model).interact(query, stm=via_facade, max_seq_len=16, top_k=1,
+                                                        memory_update="sync"))
+    assert tokens[-2:] == [-1, -2] and torch.equal(via_model.memory, via_facade.memory)
+    prompt = torch.tensor([[2, 5, 30, 6, 40, 3], [2, 5, 31, 6, 41, 3]])
+    pair = model.init_memory(2, generator=torch.Generator().manual_seed(1))
+    written, direct = model.init_stm_state(prompt, stm=pair.clone()), model.update_memory(prompt, stm=pair.clone())
+    assert torch.equal(written.memory, direct.memory) and not torch.equal(written.memory, pair.memory)
+    with pytest.raises(ValueError, match="this helper needs a tokenizer"):
+        model.stringify_token(40)
+    tokenizer = story_tokenizer(300)  # the smallest byte-level BPE; ids below 96 are the model's
+    model.set_tokenizer(tokenizer)
+    assert model.stringify_token(-1, show_memory_update=True) == "\n[Memory update]"
+    assert model.stringify_token(40) == RxTInteractor(model, tokenizer).stringify_token(40) == tokenizer.decode([40])
 
 
 # ------------------------------------------------------------------------------------------- consistency

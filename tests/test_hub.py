@@ -36,7 +36,7 @@ MOE = dict(use_moe=True, num_experts=6, moe_top_k=2, num_shared_experts=1, share
            use_head_norm=True, head_norm_type="rms_norm", stateless_layers_config=["dense"], dense_layer_dim=40)
 MEMORY = dict(variant="self-interlayer", use_gated_residual=True, residual_gate_type="elementwise",
               use_tanh_residual_gate=False)
-CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py", "interaction_rxt.py", "tokenization_rxt.py"}
+CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py"}
 STAGES = [
     {"stage": "joint-pretraining", "dataset": "roneneldan/TinyStories", "steps": 1200, "tokens": 3_500_000},
     {"stage": "smat", "dataset": ["ReactiveAI/TinyStories-MRL"], "steps": 80, "final_loss": 2.25},

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from transformers import AutoModel, AutoModelForCausalLM
 
-from transformers_rxt import RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, RxTModel, STMCache
+from transformers_rxt import (RxTConfig, RxTForConversationalGeneration, RxTMemoryAttention, RxTMemoryAttentionConfig,
+                              RxTModel, STMCache)
 from transformers_rxt.conversion import save_rxlm_checkpoint
 from transformers_rxt.modeling_rxt import RxTAttention, apply_rope, rope_inv_freq
 from transformers_rxt.training.utils import load_rxt_model
@@ -321,6 +322,19 @@ def test_rope_rotates_interleaved_pairs():
     assert out[0, 0, 0, 2:].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_pairwise_rotation_bit_for_bit(dtype):
+    """`x * cos + swapped(x) * sin` computes each pair's rotation (x0 c - x1 s, x1 c + x0 s) with the same roundings."""
+    inv = rope_inv_freq(16, 10000.0)
+    x = torch.randn(2, 3, 7, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 30, 31, 32]])
+    angles = (positions.float()[..., None] * inv).to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    assert torch.equal(apply_rope(x, positions, inv), expected)
+
+
 def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_path):
     model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
     logits, memory = _run_turn(model)
@@ -337,9 +351,19 @@ def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_pat
     torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
 
 
+REMOTE_CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py"}
+
+
 def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path):
+    """A save copies exactly the modules the model needs (no rxlm loader, no interact layer, no tokenizer code);
+    from them alone, a fresh interpreter that cannot import transformers_rxt loads the model and gives the
+    package class's logits, generated tokens and memory updates."""
     model = _perturb(tiny_model(decoder=ATTENTION["gated"]))
     model.save_pretrained(tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").glob("*.py")} == REMOTE_CODE_FILES
+    RxTMemoryAttention(RxTMemoryAttentionConfig(memory_attention_config=model.config.memory_attention_config)
+                       ).save_pretrained(tmp_path / "memattn")
+    assert {p.name for p in (tmp_path / "memattn").glob("*.py")} == REMOTE_CODE_FILES
     model.save_pretrained(tmp_path / "broken")  # the same, with one weight missing: refused remotely too
     weights = load_file(tmp_path / "broken" / "model.safetensors")
     save_file({k: v for k, v in weights.items() if k != "lm_head.bias"}, tmp_path / "broken" / "model.safetensors",
@@ -348,27 +372,58 @@ def test_remote_code_loads_in_a_process_that_never_imports_the_package(tmp_path)
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
-    torch.save({"ids": ids, "mask": mask, "stm": stm.memory, "logits": logits}, tmp_path / "ref.pt")
+    # two turns of greedy generation, each followed by its memory update, from the same starting memory
+    prompts = [(torch.tensor([[2, 5, 30, 31, 32, 6], [0, 0, 2, 5, 33, 6]]), torch.tensor([[1] * 6, [0, 0] + [1] * 4])),
+               (torch.tensor([[0, 2, 5, 40, 41, 6], [2, 5, 42, 43, 44, 6]]), torch.tensor([[0] + [1] * 5, [1] * 6]))]
+    conversation = stm.clone()
+    generated = [model.generate(p, attention_mask=m, stm=conversation, max_new_tokens=6, do_sample=False,
+                                memory_update="sync") for p, m in prompts]
+    torch.save({"ids": ids, "mask": mask, "stm": stm.memory, "logits": logits, "prompts": prompts,
+                "generated": generated, "memory": conversation.memory}, tmp_path / "ref.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         sys.modules["transformers_rxt"] = None  # any import of the package would fail
-        from transformers import AutoModelForCausalLM
+        try:
+            import transformers_rxt
+            raise SystemExit("transformers_rxt is importable")
+        except ImportError:
+            pass
+        from transformers import AutoModel, AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__
         ref = torch.load({str(tmp_path / 'ref.pt')!r})
         with torch.no_grad():
             out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
         print("MAXDIFF", (out - ref["logits"]).abs().max().item())
+        stm = type(model.init_memory(1))(ref["stm"].clone())  # the remote code's STMCache
+        same = [torch.equal(model.generate(p, attention_mask=m, stm=stm, max_new_tokens=6, do_sample=False,
+                                           memory_update="sync"), g)
+                for (p, m), g in zip(ref["prompts"], ref["generated"])]
+        print("SAME_TOKENS", same, "MEMORY_DIFF", (stm.memory - ref["memory"]).abs().max().item())
+        memattn = AutoModel.from_pretrained({str(tmp_path / 'memattn')!r}, trust_remote_code=True)
+        print("MEMATTN", type(memattn).__name__)
+        for call in (lambda: model.interact(ref["prompts"][0][0][:1], stm=stm),
+                     lambda: type(model).from_rxlm_pretrained({str(tmp_path)!r})):
+            try:
+                call()
+            except ImportError as error:
+                print("NEEDS_PACKAGE", str(error).split(":")[0])
         try:
             AutoModelForCausalLM.from_pretrained({str(tmp_path / 'broken')!r}, trust_remote_code=True)
         except ValueError as error:
             print("REFUSED", str(error).splitlines()[1])
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MAXDIFF 0.0" in result.stdout
+    assert "SAME_TOKENS [True, True] MEMORY_DIFF 0.0" in result.stdout
+    assert "MEMATTN RxTMemoryAttention" in result.stdout
+    assert result.stdout.count("NEEDS_PACKAGE") == 2, result.stdout
+    assert "NEEDS_PACKAGE the rxlm-style helpers (interact, batch_interact, init_stm_state, tokenize_query, " \
+           "stringify_token) need the transformers-rxt package" in result.stdout
+    assert "NEEDS_PACKAGE loading rxlm checkpoints needs the transformers-rxt package" in result.stdout
     assert "REFUSED   missing weights (1): ['lm_head.bias']" in result.stdout
 
 

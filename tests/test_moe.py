@@ -62,7 +62,7 @@ def run(ff, impl, x):
     return out.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "selected_mm"])
 @pytest.mark.parametrize("name", list(MOE))
 @pytest.mark.parametrize("shape,training", [((1, 1), False), ((3, 1), True), ((2, 9), True)])  # decode, batch, prefill
 def test_moe_equals_per_token_reference(name, impl, shape, training):
@@ -79,7 +79,7 @@ def test_moe_equals_per_token_reference(name, impl, shape, training):
         torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-6, rtol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "selected_mm"])
 def test_moe_top_k_ties_match_reference(impl):
     """Two experts with identical router rows tie exactly in every token's probabilities."""
     ff = moe_layer(MOE["shared1-global"])
@@ -104,3 +104,17 @@ def test_moe_refuses_unknown_experts_implementation():
         ff.set_experts_implementation("loop")
     ff.set_experts_implementation("batched_mm")
     assert ff.experts_implementation == "batched_mm"
+
+
+def test_auto_experts_runs_only_the_chosen_experts_for_a_cpu_decode_step():
+    """"auto": the selected experts' matmuls when a step has at most num_experts token-expert pairs (a decode step),
+    the grouped matmul otherwise; both equal the per-token reference (test_moe_equals_per_token_reference)."""
+    from transformers_rxt.modeling_rxt import selected_mm_experts_forward
+
+    ff = moe_layer(MOE["shared1-global"])  # 4 experts, top-2
+    assert ff.experts_implementation == "auto"
+    assert ff._experts_function(1) is selected_mm_experts_forward
+    assert ff._experts_function(2) is selected_mm_experts_forward
+    assert ff._experts_function(3) is ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    ff.set_experts_implementation("grouped_mm")
+    assert ff._experts_function(1) is ALL_EXPERTS_FUNCTIONS["grouped_mm"]

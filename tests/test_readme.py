@@ -51,7 +51,7 @@ def test_quickstart_snippets_run_as_written_on_the_main_jobs_model(micro_run, tm
     ns = run(snippet("tokenize_prompts(tokenizer, queries)"), ns, {})
     assert ns["stm"].memory.shape[0] == 3 and ns["out"].shape[0] == 4
 
-    ns = run(snippet("model.interact("), ns, {})
+    ns = run(snippet("chat.interact("), ns, {})
     streamed = capsys.readouterr().out
     assert streamed.endswith("\n[Memory update]\n[Memory updated]") and len(streamed) > len(
         "\n[Memory update]\n[Memory updated]"), streamed

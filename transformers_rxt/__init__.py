@@ -18,8 +18,9 @@ from .modeling_rxt import (
     RxTModel,
     RxTModelOutput,
     RxTOutput,
-    rxlm_config_to_rxt,
 )
+from .conversion import rxlm_config_to_rxt
+from .interaction_rxt import RxTInteractor
 
 from .pipeline_rxt import RxTTextGenerationPipeline, register_text_generation_pipeline
 from .sqa import (
@@ -58,6 +59,7 @@ register_sqa_attention()  # attn_implementation="sqa" for Llama/Qwen2/Mistral-st
 register_text_generation_pipeline()  # pipeline("text-generation") on RxT: chat history -> fresh memory -> answer
 
 __all__ = [
+    "RxTInteractor",
     "RxTTextGenerationPipeline",
     "SQAAttention",
     "convert_to_sqa",

@@ -15,7 +15,9 @@ Differences from rxlm 0.3.80 (all deliberate):
   finishes the answer and its update first;
 * RxTBeta `thinking_mode="auto"` chooses between [A] and [T] once, at the first step.
 
-This file is copied next to the weights by `save_pretrained` (remote code).
+`RxTInteractor(model, tokenizer)` is a facade over the model, not part of its class hierarchy: a saved model's
+code (remote code) does not include it. The model's `interact`, `batch_interact`, `init_stm_state`,
+`tokenize_query`, `tokenize_full_interaction` and `stringify_token` delegate to it, for rxlm users' call sites.
 """
 
 from __future__ import annotations
@@ -70,31 +72,40 @@ def _sampling_kwargs(temperature: float, top_k: Optional[int], top_p: Optional[f
     return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p}
 
 
-class RxTInteractionMixin:
-    """`interact`, `batch_interact`, `init_stm_state` and the tokenize/stringify helpers of rxlm's RxTAlpha/RxTBeta."""
+class RxTInteractor:
+    """rxlm's RxTAlpha/RxTBeta conversation API over an RxT model: `interact`, `batch_interact`, `init_stm_state`
+    and the tokenize/stringify helpers.
 
-    tokenizer = None
+    Args:
+        model: an `RxTForConversationalGeneration` (the package class or its remote-code copy).
+        tokenizer: the model's tokenizer, needed by the text helpers (`tokenize_query`, `stringify_token`, ...).
+    """
 
-    def set_tokenizer(self, tokenizer) -> None:
-        """Attach a tokenizer for the text helpers (`tokenize_query`, `stringify_token`, ...)."""
+    def __init__(self, model, tokenizer=None):
+        self.model = model
         self.tokenizer = tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this helper needs a tokenizer: call model.set_tokenizer(tokenizer) first")
+            raise ValueError("this helper needs a tokenizer: pass it as RxTInteractor(model, tokenizer) (or call "
+                             "model.set_tokenizer(tokenizer) before the model's own helpers)")
         return self.tokenizer
 
     # ------------------------------------------------------------------ text helpers
     def tokenize_query(self, text: str, max_seq_len: int = 256, device=None) -> dict:
         """`[BOS][Q]text` (no [A]; `interact` appends it), as tensors [1, T]."""
         enc = tokenize_query(self._require_tokenizer(), text, max_length=max_seq_len, return_tensors="pt")
-        return {k: v.to(device or self.device) for k, v in enc.items()}
+        return {k: v.to(device or self.model.device) for k, v in enc.items()}
 
     def tokenize_full_interaction(self, query: str, answer: str, max_seq_len: int = 256, device=None, **extra) -> dict:
         """`[BOS][Q]query[A]answer[EOS]` (Beta: thinking/tool/internal sections via keyword arguments)."""
         enc = tokenize_interaction(self._require_tokenizer(), query, answer, max_length=max_seq_len,
                                    return_tensors="pt", **extra)
-        return {k: v.to(device or self.device) for k, v in enc.items()}
+        return {k: v.to(device or self.model.device) for k, v in enc.items()}
 
     def stringify_token(self, token_id: int, skip_special_tokens: bool = True, show_memory_update: bool = False) -> str:
         """Text of one yielded id; -1/-2 become memory-update markers (or nothing)."""
@@ -108,8 +119,8 @@ class RxTInteractionMixin:
     def init_stm_state(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                        stm: Optional[STMCache] = None) -> STMCache:
         """One memory update with a text (e.g. a system prompt as an interaction) on `stm` or on a fresh memory."""
-        stm = self.init_memory(input_ids.shape[0]) if stm is None else stm
-        return self.update_memory(input_ids=input_ids, attention_mask=attention_mask, stm=stm)
+        stm = self.model.init_memory(input_ids.shape[0]) if stm is None else stm
+        return self.model.update_memory(input_ids=input_ids, attention_mask=attention_mask, stm=stm)
 
     # ------------------------------------------------------------------ generation
     def _start_marker(self, prompt: torch.LongTensor, stm: STMCache, thinking_mode: Optional[str]) -> int:
@@ -125,7 +136,7 @@ class RxTInteractionMixin:
         if thinking_mode != "auto":
             raise ValueError(f"thinking_mode={thinking_mode!r}; expected 'fast', 'extended' or 'auto'")
         with torch.no_grad():
-            logits = self(input_ids=prompt, stm=stm, logits_to_keep=1).logits[0, -1]
+            logits = self.model(input_ids=prompt, stm=stm, logits_to_keep=1).logits[0, -1]
         return think if logits[think] >= logits[answer] else answer  # a tie goes to [T], as in the reference
 
     def interact(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
@@ -140,7 +151,7 @@ class RxTInteractionMixin:
         if not isinstance(stm, STMCache):
             raise ValueError("interact needs the conversation state as an STMCache (its update runs in the "
                              "background): pass stm=model.init_memory() or stm=STMCache(memory)")
-        self._check_token_ids(input_ids, attention_mask, "input_ids")
+        self.model._check_token_ids(input_ids, attention_mask, "input_ids")
         if input_ids.shape[0] != 1:
             raise ValueError(f"interact streams one conversation; got a batch of {input_ids.shape[0]} "
                              "(use batch_interact or generate for batches)")
@@ -160,7 +171,7 @@ class RxTInteractionMixin:
 
         def run() -> None:
             try:
-                self.generate(prompt, stm=stm, max_new_tokens=max_new, streamer=streamer, memory_update=memory_update,
+                self.model.generate(prompt, stm=stm, max_new_tokens=max_new, streamer=streamer, memory_update=memory_update,
                               **_sampling_kwargs(temperature, top_k, top_p), **generate_kwargs)
             except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
                 failure.append(error)
@@ -195,7 +206,7 @@ class RxTInteractionMixin:
         if not isinstance(stm, STMCache):
             raise ValueError("batch_interact needs the conversations' state as an STMCache: pass "
                              "stm=model.init_memory(batch_size) or stm=STMCache(memory)")
-        self._check_token_ids(input_ids, attention_mask, "input_ids")
+        self.model._check_token_ids(input_ids, attention_mask, "input_ids")
         lengths = attention_mask.long().sum(dim=1)
         batch = input_ids.shape[0]
         width = int(lengths.max()) + 1
@@ -213,7 +224,7 @@ class RxTInteractionMixin:
         limit = _RowLengthLimit(lengths + 1, width, max_seq_len)
         criteria = StoppingCriteriaList([limit] + list(generate_kwargs.pop("stopping_criteria", [])))
         streamer = _QueueStreamer()
-        self.generate(prompt, attention_mask=prompt_mask, stm=stm, max_new_tokens=max_new, streamer=streamer,
+        self.model.generate(prompt, attention_mask=prompt_mask, stm=stm, max_new_tokens=max_new, streamer=streamer,
                       stopping_criteria=criteria, memory_update=memory_update,
                       **_sampling_kwargs(temperature, top_k, top_p), **generate_kwargs)
         finished = torch.zeros(batch, dtype=torch.bool)

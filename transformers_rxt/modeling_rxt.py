@@ -11,7 +11,9 @@ the reference implementation (rxlm 0.3.80) so that its checkpoints map by prefix
 `architecture.md` (interleaved RoPE, SQA head layouts, MoE routing, memory norms and residual gates).
 
 This file is copied next to the weights by `save_pretrained` (remote code): it imports torch,
-transformers and its two sibling files only.
+transformers and its two sibling files only. The rxlm checkpoint loader (`conversion/rxlm.py`) and rxlm's
+`interact` API (`interaction_rxt.RxTInteractor`) are not part of the model: `from_rxlm_pretrained` and the
+delegating `interact`-style methods import them from the installed package when called.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
 from .cache_rxt import STMCache, init_memory_tensor
-from .interaction_rxt import RxTInteractionMixin
 from .configuration_rxt import (
     RxTComponentConfig,
     RxTConfig,
@@ -83,7 +84,8 @@ def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B or 1, 1, T, hd/2] for `positions` ([B, T] or [T]).
+    """cos/sin [B or 1, 1, T, hd] for `positions` ([B, T] or [T]), laid out for the interleaved pairs: cos once
+    per element of a pair (c0, c0, c1, c1, ...), sin with the sign of its term (-s0, s0, -s1, s1, ...).
 
     The angles are cast to the activation dtype before cos/sin, as the reference does (this matters for bf16
     parity). Computed once per forward and shared by every attention of a component.
@@ -92,19 +94,20 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dt
     angles = angles.to(dtype)
     if angles.dim() == 2:
         angles = angles[None]
-    return angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1)[:, None], torch.stack((-sin, sin), dim=-1).flatten(-2)[:, None]
 
 
 def apply_rope(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, T, hd] by angle position * inv_freq[i].
 
-    `positions` is a position tensor or the `(cos, sin)` pair from `rope_tables`.
+    `positions` is a position tensor or the `(cos, sin)` pair from `rope_tables`. `x * cos + swapped * sin`, with
+    each pair's elements swapped, is (x[2i] c - x[2i+1] s, x[2i+1] c + x[2i] s): the rotation's products and sums,
+    bit for bit (negation is exact, addition commutes), in three elementwise ops rather than six and a stack.
     """
     cos, sin = positions if isinstance(positions, tuple) else rope_tables(positions, inv_freq, x.dtype)
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * sin
 
 
 # ============================================================================================= attention
@@ -299,6 +302,25 @@ class RxTRouter(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
 
+def selected_mm_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """An experts function (transformers' signature) that runs only the chosen experts: for every (token, expert)
+    pair, the token's row times views of that expert's weights. The routing is read on the host (no cost on CPU,
+    a sync on an accelerator), so few pairs are cheap and no weight is gathered into a copy."""
+    rows = []
+    for token, experts in enumerate(top_k_index.tolist()):
+        x = hidden_states[token:token + 1]
+        for e in experts:
+            h = x @ module.gate_up_proj[e]
+            if module.has_bias:
+                h = h + module.gate_up_proj_bias[e]
+            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            out = h @ module.down_proj[e]
+            rows.append(out + module.down_proj_bias[e] if module.has_bias else out)
+    weighted = torch.cat(rows) * top_k_weights.reshape(-1, 1)
+    return weighted.view(hidden_states.shape[0], top_k_index.shape[-1], -1).sum(dim=1).to(hidden_states.dtype)
+
+
 class RxTMoeFeedForward(nn.Module):
     """Mixture of experts with optional shared experts (the reference's stacked layout).
 
@@ -306,13 +328,16 @@ class RxTMoeFeedForward(nn.Module):
     over all experts, top-k, renormalise. Output = sum_k w_k expert_k(x) + global bias + shared expert(s).
 
     The routed experts run through transformers' experts functions (`transformers.integrations.moe`): tokens
-    sorted by expert and two grouped matmuls (`"grouped_mm"`, the default), or each (token, expert) pair's
-    weights gathered for a batched matmul (`"batched_mm"`). Neither loops over experts in Python nor reads the
-    routing back to the host. The attributes below (`has_gate`, `is_transposed`, `gate_up_proj`, ...) are the
-    interface those functions read.
+    sorted by expert and two grouped matmuls (`"grouped_mm"`), or each (token, expert) pair's weights gathered
+    for a batched matmul (`"batched_mm"`). Neither loops over experts in Python nor reads the routing back to the
+    host. The attributes below (`has_gate`, `is_transposed`, `gate_up_proj`, ...) are the interface those
+    functions read. `"selected_mm"` runs only the chosen experts, one matmul pair per (token, expert) on views of
+    their weights: it reads the routing on the host. The default, `"auto"`, takes it for a CPU decode step (at
+    most `num_experts` token-expert pairs, not under `torch.compile`), where the CPU `grouped_mm` runs a matmul
+    for every expert, empty ones included, and `"grouped_mm"` everywhere else.
     """
 
-    experts_implementations = ("grouped_mm", "batched_mm")
+    experts_implementations = ("auto", "grouped_mm", "batched_mm", "selected_mm")
     is_transposed = True  # w1/w2 are [E, in, out]
     has_post_expert_norm = False
     _is_expert_parallel = False
@@ -338,7 +363,7 @@ class RxTMoeFeedForward(nn.Module):
         elif self.bias_mode == "local":
             self.b1 = nn.Parameter(torch.zeros(experts, in_width))
             self.b2 = nn.Parameter(torch.zeros(experts, dim))
-        self.experts_implementation = "grouped_mm"
+        self.experts_implementation = "auto"
         shared_hidden = cfg.shared_expert_dim or hidden
         shared_bias = cfg.moe_shared_experts_bias_mode
         if self.num_shared == 1:
@@ -397,6 +422,14 @@ class RxTMoeFeedForward(nn.Module):
         out = h @ w2
         return out if b2 is None else out + b2
 
+    def _experts_function(self, tokens: int):
+        impl = self.experts_implementation
+        if impl == "auto":
+            decode_step = (tokens * self.top_k <= self.num_experts and self.w1.device.type == "cpu"
+                           and not torch.compiler.is_compiling())
+            impl = "selected_mm" if decode_step else "grouped_mm"
+        return selected_mm_experts_forward if impl == "selected_mm" else ALL_EXPERTS_FUNCTIONS[impl]
+
     def route(self, x: torch.Tensor):
         logits = self.router.gate(x)
         if self.router_dtype is not None:
@@ -412,7 +445,7 @@ class RxTMoeFeedForward(nn.Module):
         probs, top_w, top_idx = self.route(flat)
         if self.num_shared and self.weighted_shared:
             top_w = top_w * (self.top_k / (self.top_k + self.num_shared))
-        out = ALL_EXPERTS_FUNCTIONS[self.experts_implementation](self, flat, top_idx, top_w)
+        out = self._experts_function(flat.shape[0])(self, flat, top_idx, top_w)
         if self.bias_mode == "global":
             out = out + self.global_bias
         shared_gate_loss = None
@@ -980,12 +1013,7 @@ class RxTMemoryAttention(RxTPreTrainedModel):
 
         `variant` is inferred from the weights when None.
         """
-        raw_config, weights = _rxlm_load_files(path, **kwargs)
-        weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
-        options = _rxlm_memory_attention_config(raw_config, weights, variant, prefix="")
-        model = cls(RxTMemoryAttentionConfig(memory_attention_config=options))
-        _load_exact(model, _rxlm_map_memory_attention(weights, ""), source=path)
-        return model.eval()
+        return rxlm_conversion().load_rxlm_memory_attention(path, cls, variant=variant, **kwargs)
 
 
 # ============================================================================================= full model
@@ -1458,7 +1486,9 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
         else:
             kv_length = past_key_values.get_mask_sizes(length, 0)[0] if past_key_values is not None else length
             self_mask = self_attention_mask(attention_mask, length, past, kv_length, hidden.device)
-            pad = None if attention_mask is None else attention_mask[:, -length:, None].to(hidden.dtype)
+            padded = attention_mask is not None and not bool(attention_mask.bool().all())
+            # the padding factor of the memory cross-attention queries (x 1.0 is exact: skipped without padding)
+            pad = attention_mask[:, -length:, None].to(hidden.dtype) if padded else None
         memory_kv = self._memory_kv(memory, past_key_values, batch)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -1474,7 +1504,7 @@ class RxTModel(RxTMemoryMixin, RxTPreTrainedModel):
 
 
 
-class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, GenerationMixin, RxTInteractionMixin):
+class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, GenerationMixin):
     """Reactive Transformer: a decoder conditioned on a Short-Term Memory, plus the encoder and memory
     attention that write each finished interaction into that memory; [`RxTModel`] (`self.rxt`) and the LM head.
 
@@ -1713,6 +1743,47 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
         ids = ids.masked_fill(~mask, self.config.pad_token_id)
         return ids, mask.long()
 
+    # -------------------------------------------------------------- rxlm-style conveniences
+    # rxlm users' call sites (`model.interact(...)`, ...) delegate to `transformers_rxt.RxTInteractor`, which is not
+    # part of the model (nor of its remote code): each call builds the facade over this model and its tokenizer.
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach a tokenizer for the delegating text helpers (`tokenize_query`, `stringify_token`, ...)."""
+        self._rxt_tokenizer = tokenizer
+
+    def interactor(self):
+        """`transformers_rxt.RxTInteractor(self, tokenizer)`: rxlm's `interact` API (needs the package)."""
+        try:
+            from transformers_rxt.interaction_rxt import RxTInteractor
+        except ImportError as error:  # the remote-code copy, without the package
+            raise ImportError("the rxlm-style helpers (interact, batch_interact, init_stm_state, tokenize_query, "
+                              "stringify_token) need the transformers-rxt package: pip install transformers-rxt; "
+                              "without it, use model.generate(..., stm=stm)") from error
+        return RxTInteractor(self, getattr(self, "_rxt_tokenizer", None))
+
+    def interact(self, *args, **kwargs):
+        """`RxTInteractor.interact`: stream one answer's ids, then -1 / -2 around the memory update."""
+        return self.interactor().interact(*args, **kwargs)
+
+    def batch_interact(self, *args, **kwargs):
+        """`RxTInteractor.batch_interact`: rxlm-style batch streaming."""
+        return self.interactor().batch_interact(*args, **kwargs)
+
+    def init_stm_state(self, *args, **kwargs) -> STMCache:
+        """`RxTInteractor.init_stm_state`: one memory update with a text (e.g. a system prompt)."""
+        return self.interactor().init_stm_state(*args, **kwargs)
+
+    def tokenize_query(self, *args, **kwargs) -> dict:
+        """`RxTInteractor.tokenize_query`: `[BOS][Q]text` tensors (needs `set_tokenizer`)."""
+        return self.interactor().tokenize_query(*args, **kwargs)
+
+    def tokenize_full_interaction(self, *args, **kwargs) -> dict:
+        """`RxTInteractor.tokenize_full_interaction`: `[BOS][Q]query[A]answer[EOS]` tensors (needs `set_tokenizer`)."""
+        return self.interactor().tokenize_full_interaction(*args, **kwargs)
+
+    def stringify_token(self, *args, **kwargs) -> str:
+        """`RxTInteractor.stringify_token`: one yielded id as text (needs `set_tokenizer`)."""
+        return self.interactor().stringify_token(*args, **kwargs)
+
     # -------------------------------------------------------------- rxlm checkpoints
     @classmethod
     def from_rxlm_pretrained(cls, path: str, *, torch_dtype: Optional[torch.dtype] = None, **kwargs):
@@ -1722,14 +1793,7 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
         config keys take the reference's defaults; the memory-attention variant is the one the weights hold.
         Every weight must be accounted for: missing or unexpected weights raise with their names.
         """
-        raw_config, weights = _rxlm_load_files(path, **kwargs)
-        config = rxlm_config_to_rxt(raw_config, weights)
-        model = cls(config)
-        _load_exact(model, {model_rxt_key(k): v for k, v in _rxlm_map_full_model(weights, config).items()},
-                    source=path)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        return rxlm_conversion().load_rxlm_model(path, cls, torch_dtype=torch_dtype, **kwargs)
 
 
 # ============================================================================================= STM ownership
@@ -1746,212 +1810,20 @@ def architecture_fingerprint(config: RxTConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ============================================================================================= rxlm loading
-_RXLM_COMPONENT_ONLY = {  # reference fields with no effect on softmax-attention checkpoints
-    "linear_attn_mode", "linear_attn_expand_k", "linear_attn_expand_v", "linear_attn_use_short_conv",
-    "linear_attn_conv_size", "linear_attn_use_gate", "linear_attn_norm_eps", "linear_attn_heads",
-    "moe_use_cutlass_grouped_gemm", "is_causal", "use_post_norm",
-}
-
-
-def _rxlm_load_files(path: str, **hub_kwargs) -> tuple[dict, dict]:
-    """config.json and the state dict of a reference checkpoint (local directory or Hub repo)."""
-    from safetensors.torch import load_file
-
-    if os.path.isdir(path):
-        config_file = os.path.join(path, "config.json")
-        weights_file = os.path.join(path, "model.safetensors")
-        if not os.path.isfile(weights_file) and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            weights_file = os.path.join(path, "pytorch_model.bin")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        config_file = hf_hub_download(path, "config.json", **hub_kwargs)
-        weights_file = hf_hub_download(path, "model.safetensors", **hub_kwargs)
-    for f in (config_file, weights_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{path}: missing {os.path.basename(f)}; an rxlm checkpoint has config.json and "
-                                    "model.safetensors (from the reference's save_pretrained/push_to_hub)")
+def rxlm_conversion():
+    """The rxlm checkpoint loader, `transformers_rxt.conversion.rxlm`, imported when first used: this file is also
+    the remote code copied next to the weights, which must load without the conversion code (or the package)."""
     try:
-        with open(config_file) as fh:
-            raw_config = json.load(fh)
-        weights = (load_file(weights_file) if weights_file.endswith(".safetensors")
-                   else torch.load(weights_file, map_location="cpu", weights_only=True))
-    except Exception as error:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read the checkpoint ({error}); the file is corrupt or not an rxlm "
-                         "checkpoint") from error
-    # `rxlm.compile` wraps FFNs; its `_orig_mod.` segment is not part of the weight's identity.
-    weights = {k.replace("._orig_mod", ""): v for k, v in weights.items()}
-    return raw_config, weights
-
-
-def _component_options(raw: dict, cls_fields: set, where: str) -> dict:
-    options = {}
-    for key, value in (raw or {}).items():
-        if key in cls_fields:
-            options[key] = value
-        elif key not in _RXLM_COMPONENT_ONLY:
-            logger.warning(f"rxlm {where}: ignoring unknown option {key}={value!r}")
-    return options
-
-
-def _infer_memory_variant(weights: dict, prefix: str, declared: Optional[str], gated: bool, full_model: bool) -> str:
-    """The variant the weights really hold.
-
-    rxlm 0.3.80's RxTAlpha builds self-interlayer for every variant name except 'grouped-self-interlayer'.
-    With gated residuals the weights tell (self-interlayer has `interlayer_gate_layers`); with plain-sum gates
-    those layers have no parameters, so a full model follows the reference's build rule and a stand-alone
-    component follows its declared name (defaulting to the interlayer class).
-    """
-    has = lambda part: any(k.startswith(prefix + part) for k in weights)  # noqa: E731
-    grouped = declared == "grouped-self-interlayer"
-    if has("self_attention_layers."):
-        return "self"
-    if not has("mean_attention_layers."):
-        return "simple"
-    if has("interlayer_gate_layers."):
-        return "grouped-self-interlayer" if grouped else "self-interlayer"
-    if gated:  # gates have weights, and no interlayer gate was saved: a genuine interlayer model
-        return "interlayer"
-    if full_model:
-        return "grouped-self-interlayer" if grouped else "self-interlayer"
-    if declared in ("self-interlayer", "grouped-self-interlayer"):
-        return declared
-    logger.warning("memory attention with ungated residuals: interlayer and self-interlayer weights look the "
-                   "same; loading as 'interlayer' (pass variant= to choose)")
-    return "interlayer"
-
-
-def _rxlm_memory_attention_config(raw: dict, weights: dict, variant: Optional[str], prefix: str) -> dict:
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(RxTMemoryAttentionOptions)}
-    options = _component_options(raw, fields, "memory_attention_config")
-    declared = raw.get("variant") or ("grouped-self-interlayer" if "num_groups" in raw else None)
-    options["variant"] = variant or _infer_memory_variant(weights, prefix, declared,
-                                                          bool(raw.get("use_gated_residual")), full_model=False)
-    return options
-
-
-def rxlm_config_to_rxt(raw: dict, weights: Optional[dict] = None) -> RxTConfig:
-    """Translate a reference RxTAlpha/RxTBeta `config.json` into an `RxTConfig` (reference defaults fill gaps)."""
-    import dataclasses
-
-    for key in ("decoder_config", "encoder_config", "memory_attention_config"):
-        if key not in raw:
-            raise ValueError(f"not an rxlm RxTAlpha/RxTBeta config: missing {key!r} (a component repo? use "
-                             "RxTMemoryAttention.from_rxlm_pretrained for memory-attention components)")
-    fields = {f.name for f in dataclasses.fields(RxTComponentConfig)}
-    decoder = _component_options(raw["decoder_config"], fields, "decoder_config")
-    encoder = _component_options(raw["encoder_config"], fields, "encoder_config")
-    # The reference encoder never uses cross-attention, whatever its config says.
-    encoder["skip_memory_cross_attention"] = True
-    declared = raw.get("memory_attention_variant", "interlayer")
-    gated = bool(raw["memory_attention_config"].get("use_gated_residual"))
-    variant = _infer_memory_variant(weights or {}, "memory_attention.model.", declared, gated, full_model=True)
-    if weights is None:
-        variant = "grouped-self-interlayer" if declared == "grouped-self-interlayer" else "self-interlayer"
-    mem = _rxlm_memory_attention_config(raw["memory_attention_config"], {}, variant, "")
-    for legacy in ("decoder", "encoder"):
-        opts = decoder if legacy == "decoder" else encoder
-        if opts.get("use_moe") and opts.get("use_vectorized_moe") is False:
-            # Legacy per-expert modules are stacked into the vectorized layout at load time.
-            opts["use_vectorized_moe"] = True
-            opts["moe_bias_mode"] = "local"
-    tok = raw.get("tokenizer_config") or {}
-    beta = "system_prompt_title" in raw or "think_token_id" in tok
-    return RxTConfig(
-        decoder_config=decoder, encoder_config=encoder, memory_attention_config=mem, stm_init_type="standard",
-        bos_token_id=tok.get("bos_token_id", 2), eos_token_id=tok.get("eos_token_id", 3),
-        pad_token_id=tok.get("pad_token_id", 0), query_token_id=tok.get("query_token_id", 5),
-        answer_token_id=tok.get("answer_token_id", 6), think_token_id=tok.get("think_token_id"),
-        tool_call_token_id=tok.get("tool_call_token_id"), tool_use_token_id=tok.get("tool_use_token_id"),
-        internal_token_id=tok.get("internal_token_id"), model_variant="beta" if beta else "alpha",
-        system_prompt_title=raw.get("system_prompt_title", "SYSTEM INSTRUCTIONS"),
-    )
-
-
-def _stack_legacy_experts(weights: dict, prefix: str, config: RxTComponentConfig) -> dict:
-    """Turn legacy per-expert MoE modules (`ff.experts.e.*`) into the stacked in-by-out layout."""
-    out = dict(weights)
-    layer_prefixes = {k.split("ff.experts.")[0] for k in weights if k.startswith(prefix) and ".ff.experts." in k}
-    for lp in sorted(layer_prefixes):
-        if lp + "ff.w1" in weights:  # vectorized copy present too (vectorized_moe_from_legacy): use it
-            for k in [k for k in out if k.startswith(lp + "ff.experts.") or k.startswith(lp + "ff.shared_experts.")]:
-                out.pop(k)
-            continue
-        fc1 = "fc1.linear" if config.use_gated else "fc1"
-        n = config.num_experts
-        out[lp + "ff.w1"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.{fc1}.weight").t() for e in range(n)])
-        out[lp + "ff.w2"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.fc2.weight").t() for e in range(n)])
-        out[lp + "ff.b1"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.{fc1}.bias") for e in range(n)])
-        out[lp + "ff.b2"] = torch.stack([out.pop(f"{lp}ff.experts.{e}.fc2.bias") for e in range(n)])
-        shared = sorted({int(k[len(lp + "ff.shared_experts."):].split(".")[0])
-                         for k in out if k.startswith(lp + "ff.shared_experts.")})
-        if len(shared) == 1:
-            for k in [k for k in out if k.startswith(lp + "ff.shared_experts.0.")]:
-                out[k.replace("ff.shared_experts.0.", "ff.shared_expert.")] = out.pop(k)
-        elif shared:
-            s_n = len(shared)
-            out[lp + "ff.shared_w1"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.{fc1}.weight").t() for s in range(s_n)])
-            out[lp + "ff.shared_w2"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.fc2.weight").t() for s in range(s_n)])
-            out[lp + "ff.shared_b1"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.{fc1}.bias") for s in range(s_n)])
-            out[lp + "ff.shared_b2"] = torch.stack([out.pop(f"{lp}ff.shared_experts.{s}.fc2.bias") for s in range(s_n)])
-    return out
-
-
-def _is_reference_alias(key: str) -> bool:
-    """Reference state that has no weight of ours: RoPE tables (recomputed) and the STM (caller-owned state)."""
-    return ".rope." in key or key.endswith("stm.memory")
-
-
-def _rxlm_map_memory_attention(weights: dict, prefix: str) -> dict:
-    mapped = {}
-    for key, value in weights.items():
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix):]
-        if not _is_reference_alias(rest):
-            mapped[rest] = value
-    return mapped
-
-
-def _rxlm_map_full_model(weights: dict, config: RxTConfig) -> dict:
-    """Reference keys (`decoder.model.*`, `encoder.model.*`, `memory_attention.model.*`) -> ours."""
-    weights = _stack_legacy_experts(weights, "decoder.model.", config.decoder_options)
-    weights = _stack_legacy_experts(weights, "encoder.model.", config.encoder_options)
-    embeddings = [weights[k] for k in ("encoder.model.embedding.weight", "decoder.model.embedding.weight") if k in weights]
-    mapped = {}
-    if embeddings:
-        if len(embeddings) == 2 and not torch.equal(embeddings[0], embeddings[1]):
-            raise ValueError("the checkpoint's decoder and encoder embeddings differ, but RxT shares one embedding "
-                             "(the reference ties them with share_components()); refusing to pick one silently")
-        mapped["embed_tokens.weight"] = embeddings[0]
-    unexpected = []
-    for key, value in weights.items():
-        if key.endswith("embedding.weight") or _is_reference_alias(key):
-            continue
-        if key.startswith("decoder.model."):
-            mapped["decoder." + key[len("decoder.model."):]] = value
-        elif key.startswith("encoder.model."):
-            rest = key[len("encoder.model."):]
-            # Encoder cross-attention exists in some reference checkpoints but is never used: dead weights.
-            if any(part in rest for part in (".memory_cross_attention.", ".norm2.", ".stm_norm.")):
-                continue
-            mapped["encoder." + rest] = value
-        elif key.startswith("memory_attention.model."):
-            mapped["memory_attention." + key[len("memory_attention.model."):]] = value
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise ValueError(f"unexpected weights in the rxlm checkpoint (not decoder/encoder/memory_attention): {unexpected}")
-    return mapped
+        from transformers_rxt.conversion import rxlm
+    except ImportError as error:  # the remote-code copy, without the package
+        raise ImportError("loading rxlm checkpoints needs the transformers-rxt package (its conversion code is not "
+                          "part of a saved model's code): pip install transformers-rxt, then call "
+                          "from_rxlm_pretrained again, or convert once with `rxt convert-rxlm SRC DST`") from error
+    return rxlm
 
 
 HF_CHECKPOINT_FIX = ("config.json and the weights must come from the same save_pretrained: re-save or re-convert "
                      "the model (rxlm checkpoints load with from_rxlm_pretrained / `rxt convert-rxlm`)")
-RXLM_CHECKPOINT_FIX = ("config.json and model.safetensors must come from the same rxlm save_pretrained/push_to_hub, "
-                       "unedited")
 
 
 def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatched=(), *, fix: str) -> None:
@@ -1970,14 +1842,3 @@ def raise_on_unaccounted_weights(source: str, missing=(), unexpected=(), mismatc
                      + ", ".join(f"{name} checkpoint {ckpt} vs model {ours}" for name, ckpt, ours in mismatched))
     lines.append(f"Fix: {fix}.")
     raise ValueError("\n".join(lines))
-
-
-def _load_exact(model: nn.Module, state: dict, source: str) -> None:
-    """Load `state` (rxlm weights mapped to our names) into `model`, refusing any missing, unexpected or
-    mis-shaped weight."""
-    expected = model.state_dict()
-    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    raise_on_unaccounted_weights(source, missing=set(expected) - set(state), unexpected=set(state) - set(expected),
-                                 mismatched=mismatched, fix=RXLM_CHECKPOINT_FIX)
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
