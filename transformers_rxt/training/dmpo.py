@@ -48,6 +48,7 @@ import torch
 from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
+from .episodes import compute_memory_update, iter_turns
 from .utils import RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
 trl = require_extra("trl")
@@ -111,13 +112,12 @@ class RxTForDMPOTraining(RxTStageModel):
     def episode_memories(self, episode_input_ids: torch.Tensor, episode_attention_mask: torch.Tensor,
                          turn_mask: torch.Tensor, init_memory: torch.Tensor) -> torch.Tensor:
         """Memory before each turn, [B, N, L, S, D]: turn k reads the accepted turns < k (score, then write)."""
-        memory, out = init_memory, []
-        for k in range(episode_input_ids.shape[1]):
+        memory, out, last = init_memory, [], episode_input_ids.shape[1] - 1
+        for turn in iter_turns(episode_input_ids, episode_attention_mask, turn_mask):
             out.append(memory)
-            if k + 1 < episode_input_ids.shape[1]:
-                prev = memory.detach()  # one update back-propagated per turn
-                new = self.compute_memory_update(episode_input_ids[:, k], episode_attention_mask[:, k], prev)
-                memory = torch.where(turn_mask[:, k].bool()[:, None, None, None], new, prev)
+            if turn.index < last:  # the last turn's write is read by no row
+                # one update back-propagated per turn: the memory is detached before it
+                memory = compute_memory_update(self, turn.input_ids, turn.attention_mask, memory.detach(), turn.valid)
         return torch.stack(out, 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, init_memory: torch.Tensor,

@@ -60,6 +60,7 @@ from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..metrics import TensorBLEUReward
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
+from .episodes import compute_memory_update, iter_turns
 from .utils import ComponentOptimizerMixin, RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
 trl = require_extra("trl")
@@ -379,8 +380,8 @@ class RxTForIMPOTraining(RxTStageModel):
                 rewards: torch.Tensor | None = None, prev_step_logp: torch.Tensor | None = None,
                 prev_step_mask: torch.Tensor | None = None, **_: Any) -> IMPOForwardOutput:
         a = self.stage_args
-        memory = self.compute_memory_update(prev_ids, prev_mask, prev_memory)
-        memory = torch.where(prev_valid.bool()[:, None, None, None], memory, prev_memory)  # padding turns keep it
+        # rows whose previous turn is padding (a finished episode) keep their memory
+        memory = compute_memory_update(self, prev_ids, prev_mask, prev_memory, prev_valid.bool())
         logits = RxTForConversationalGeneration.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                                         stm=memory, logits_to_keep=logits_to_keep + 1).logits
         logits = logits[:, :-1].float() / a.temperature
@@ -626,17 +627,18 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(a.seed + self.state.global_step)
         mem, ref_mem, reset = self._initial_memories(bsz, generator, train)
-        first_ids, first_mask = ids[:, 0], amask[:, 0]
-        prev_ids, prev_mask, prev_valid = first_ids, first_mask, turn_mask[:, 0]
+        turns = iter_turns(ids[:, : n_steps + 1], amask[:, : n_steps + 1], turn_mask[:, : n_steps + 1])
+        first = next(turns)  # the interaction to save: only written into the memory
+        first_ids, first_mask = first.input_ids, first.attention_mask
+        prev_ids, prev_mask, prev_valid = first_ids, first_mask, first.valid
         steps, prev_logits, prev_cmask = [], None, None
         want_old = self._needs_old_logps()
-        for k in range(1, n_steps + 1):
-            t0 = time.perf_counter()
+        for turn in turns:
+            k, t0 = turn.index, time.perf_counter()
             prev_memory = mem  # memory before step k's answer = previous memory + previous interaction
-            valid_prev = prev_valid.bool()[:, None, None, None]
-            mem = torch.where(valid_prev, actor.compute_memory_update(prev_ids, prev_mask, mem), mem)
-            ref_mem = torch.where(valid_prev, ref.compute_memory_update(prev_ids, prev_mask, ref_mem), ref_mem)
-            prompt, pmask = left_pad_prompts(ids[:, k], plen[:, k], pad)
+            mem = compute_memory_update(actor, prev_ids, prev_mask, mem, prev_valid)
+            ref_mem = compute_memory_update(ref, prev_ids, prev_mask, ref_mem, prev_valid)
+            prompt, pmask = left_pad_prompts(turn.input_ids, plen[:, k], pad)
             budget = min(a.max_completion_length, cfg.max_interaction_length - prompt.shape[1])
             if budget < 1:
                 raise ValueError("a query leaves no room for an answer within the model's seq_len")
@@ -652,7 +654,7 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             t1 = time.perf_counter()
             step = {"prompt_ids": prompt, "prompt_mask": pmask, "completion_ids": comp, "completion_mask": cmask,
                     "prev_memory": prev_memory, "prev_ids": prev_ids, "prev_mask": prev_mask,
-                    "prev_valid": prev_valid.float(), "row_valid": turn_mask[:, k].float()}
+                    "prev_valid": prev_valid.float(), "row_valid": turn.valid.float()}
             if self.beta != 0.0:
                 logits = _teacher_forced_logits(ref, seqs, seq_mask, ref_mem, comp.shape[1], a.temperature)
                 step["ref_per_token_logps"] = selective_log_softmax(logits, comp)
@@ -666,10 +668,11 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
                 prev_logits, prev_cmask = logits, cmask
             t2 = time.perf_counter()
             # what the rewards compare the answer with: the reference answer and the saved interaction
-            answer_mask = amask[:, k] * (torch.arange(ids.shape[2], device=device)[None] >= plen[:, k][:, None])
+            positions = torch.arange(turn.input_ids.shape[1], device=device)[None]
+            answer_mask = turn.attention_mask * (positions >= plen[:, k][:, None])
             long_range = a.strategy == "long_range"
             saved_ids, saved_mask = (first_ids, first_mask) if long_range and k == n_steps else (prev_ids, prev_mask)
-            step["reward_kwargs"] = {"step": [k] * bsz, "reference_ids": _rows(ids[:, k], answer_mask),
+            step["reward_kwargs"] = {"step": [k] * bsz, "reference_ids": _rows(turn.input_ids, answer_mask),
                                      "saved_ids": _rows(saved_ids, saved_mask),
                                      "topic_change": [long_range and k == 1] * bsz}
             # critic state: the next query followed by the saved (previous) interaction
@@ -681,17 +684,16 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             steps.append(step)
             # the interaction written into memory for the next step
             if a.teacher_forcing:
-                prev_ids, prev_mask = ids[:, k], amask[:, k]
+                prev_ids, prev_mask = turn.input_ids, turn.attention_mask
             else:
                 prev_ids, prev_mask = actor.interactions_from_generation(seqs, prompt.shape[1], pmask)
-            prev_valid = turn_mask[:, k]
+            prev_valid = turn.valid
             self.timings["generation"] += t1 - t0
             self.timings["reference"] += t2 - t1
         # memory after the last answer, for episodes that continue in the next batch (random resets)
         if train:
-            valid_prev = prev_valid.bool()[:, None, None, None]
-            final = torch.where(valid_prev, actor.compute_memory_update(prev_ids, prev_mask, mem), mem)
-            ref_final = torch.where(valid_prev, ref.compute_memory_update(prev_ids, prev_mask, ref_mem), ref_mem)
+            final = compute_memory_update(actor, prev_ids, prev_mask, mem, prev_valid)
+            ref_final = compute_memory_update(ref, prev_ids, prev_mask, ref_mem, prev_valid)
             self._carried = {"actor": final.detach(), "ref": ref_final.detach()}
         steps[0]["memory_resets"] = reset.float().mean()
         actor.train(was_training)
