@@ -33,6 +33,10 @@ The TRL methods overridden, and why:
   ``evaluate`` (held-out rollout reward on fresh memories), ``log`` (time shares), ``create_optimizer`` (one
   learning rate per component: ``critic_lr``, ``memory_lr``).
 
+The turns, the memory writes (only the rows whose turn exists) and every per-token log-prob (policy, reference,
+rollout) go through the episode engine (:mod:`.episodes`: ``iter_turns``, ``compute_memory_update``,
+``sequence_log_probs``, whose log-probs are TRL's ``selective_log_softmax`` to the bit).
+
 TRL's ``rollout_func`` is not used: it returns one completion per prompt with no way to carry a memory between
 turns or to return the per-row memories the loss needs.
 
@@ -60,12 +64,12 @@ from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..metrics import TensorBLEUReward
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
-from .episodes import compute_memory_update, iter_turns
+from .episodes import compute_memory_update, iter_turns, sequence_log_probs
 from .utils import ComponentOptimizerMixin, RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
 trl = require_extra("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax  # noqa: E402
+from trl.trainer.utils import entropy_from_logits, nanstd  # noqa: E402
 
 from ..hub.trainer import RxTHubTrainerMixin  # noqa: E402
 
@@ -384,10 +388,9 @@ class RxTForIMPOTraining(RxTStageModel):
         memory = compute_memory_update(self, prev_ids, prev_mask, prev_memory, prev_valid.bool())
         logits = RxTForConversationalGeneration.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                                         stm=memory, logits_to_keep=logits_to_keep + 1).logits
-        logits = logits[:, :-1].float() / a.temperature
-        completion = input_ids[:, -logits_to_keep:]
-        out = IMPOForwardOutput(log_probs=selective_log_softmax(logits, completion),
-                                entropy=entropy_from_logits(logits),
+        logits = logits[:, :-1].float() / a.temperature  # the last prompt position predicts the first answer token
+        log_probs, _ = sequence_log_probs(logits, input_ids[:, -logits_to_keep:], shift=False)
+        out = IMPOForwardOutput(log_probs=log_probs, entropy=entropy_from_logits(logits),
                                 stm_diff=stm_difference_loss(memory, prev_memory, step_index))
         if self.critic is not None:
             c = a.critic_value_clip
@@ -446,10 +449,13 @@ def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _teacher_forced_logits(model: RxTForConversationalGeneration, sequences, sequence_mask, memory, width: int,
-                           temperature: float) -> torch.Tensor:
+def _teacher_forced(model: RxTForConversationalGeneration, sequences, sequence_mask, memory, width: int,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [B, width] of the last ``width`` tokens of ``sequences`` read from ``memory`` (what
+    the training forward computes), and the logits [B, width, V] that predicted them (temperature-scaled)."""
     logits = model(input_ids=sequences, attention_mask=sequence_mask, stm=memory, logits_to_keep=width + 1).logits
-    return logits[:, :-1].float() / temperature
+    logits = logits[:, :-1].float() / temperature
+    return sequence_log_probs(logits, sequences[:, -width:], shift=False)[0], logits
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -656,12 +662,12 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
                     "prev_memory": prev_memory, "prev_ids": prev_ids, "prev_mask": prev_mask,
                     "prev_valid": prev_valid.float(), "row_valid": turn.valid.float()}
             if self.beta != 0.0:
-                logits = _teacher_forced_logits(ref, seqs, seq_mask, ref_mem, comp.shape[1], a.temperature)
-                step["ref_per_token_logps"] = selective_log_softmax(logits, comp)
+                step["ref_per_token_logps"], _ = _teacher_forced(ref, seqs, seq_mask, ref_mem, comp.shape[1],
+                                                                 a.temperature)
             if want_old or a.interstep_kl_coef:
-                logits = _teacher_forced_logits(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature)
+                log_probs, logits = _teacher_forced(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature)
                 if want_old:
-                    step["old_per_token_logps"] = selective_log_softmax(logits, comp)
+                    step["old_per_token_logps"] = log_probs
                 if a.interstep_kl_coef and prev_logits is not None:
                     step["prev_step_logp"] = torch.log_softmax(prev_logits, -1)
                     step["prev_step_mask"] = prev_cmask
