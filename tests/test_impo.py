@@ -228,6 +228,36 @@ def test_rollout_carries_memory_and_resets(tmp_path, tok):
     assert rows["prev_memory"].shape[0] == 8 and torch.equal(rows["step_index"], torch.tensor([1.0] * 4 + [2.0] * 4))
 
 
+def test_resume_continues_with_the_carried_memory_of_the_uninterrupted_run(tmp_path, tok):
+    """With random_resets_ratio < 1 the memory a batch leaves is carried into the next one: it is saved next to
+    every checkpoint, so a run resumed from checkpoint-2 continues with the same memory (and so the same
+    rollouts, rewards and updates) as the run that was not interrupted."""
+    from safetensors.torch import load_file
+
+    def run(out, max_steps, resume=None):
+        args = impo_args(out, max_steps=max_steps, per_device_train_batch_size=4, num_generations=2, beta=0.05,
+                         advantage_estimator="group", random_resets_ratio=0.0, save_strategy="steps", save_steps=1)
+        trainer = impo(out, tok, args, train=episodes(16))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full", 3)
+    saved = load_file(str(tmp_path / "full" / "checkpoint-2" / "impo_carried_memory-0.safetensors"))
+    assert set(saved) == {"actor", "ref"} and saved["actor"].shape[0] == 4
+    resumed = run(tmp_path / "resumed", 3, resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert torch.equal(resumed._carried["actor"], full._carried["actor"])
+    assert torch.equal(resumed._carried["ref"], full._carried["ref"])
+    full_params = dict(full.model.named_parameters())
+    assert all(torch.equal(p, full_params[n]) for n, p in resumed.model.named_parameters())
+    # the resumed history is the checkpoint's two steps and the third step again, the same rewards
+    reward = [h["reward"] for h in full.state.log_history if "reward" in h]
+    assert len(reward) == 3 and [h["reward"] for h in resumed.state.log_history if "reward" in h] == reward
+    # without the saved memory the resumed run starts its episodes from fresh memories: another run
+    (tmp_path / "full" / "checkpoint-2" / "impo_carried_memory-0.safetensors").unlink()
+    fresh = run(tmp_path / "fresh", 3, resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert not torch.equal(fresh._carried["actor"], full._carried["actor"])
+
+
 def test_reference_memory_is_its_own(tmp_path, tok):
     m, ref = model(), model(seed=1)
     trainer = impo(tmp_path, tok, impo_args(tmp_path, curriculum_steps=1, advantage_estimator="batch"), model=m,

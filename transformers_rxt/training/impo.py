@@ -40,14 +40,19 @@ rollout) go through the episode engine (:mod:`.episodes`: ``iter_turns``, ``comp
 TRL's ``rollout_func`` is not used: it returns one completion per prompt with no way to carry a memory between
 turns or to return the per-row memories the loss needs.
 
+The memory carried between batches (``random_resets_ratio < 1``) is saved next to every checkpoint (one file per
+process, :class:`CarriedMemoryCallback`, a public ``TrainerCallback.on_save``) and read back by
+``train(resume_from_checkpoint=...)``, so a resumed run continues from the memory the interrupted one had.
+
 Not done (see the report in the stage notes): the running-mean embedding term of the reward, GAE, a replay
-buffer, memory warm-up; the memory carried between batches (``random_resets_ratio < 1``) is not checkpointed.
+buffer, memory warm-up.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +62,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 from transformers.modeling_outputs import ModelOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
 
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
@@ -460,6 +468,32 @@ def _teacher_forced(model: RxTForConversationalGeneration, sequences, sequence_m
 
 # ---------------------------------------------------------------------------------------------------- trainer
 RewardFunc = Callable[..., list]
+logger = logging.get_logger(__name__)
+CARRIED_MEMORY_NAME = "impo_carried_memory"
+
+
+def carried_memory_file(checkpoint_dir: str | os.PathLike, process_index: int) -> str:
+    """Where a process's carried memories are saved in a checkpoint directory (one file per process: each
+    process carries the memories of its own episodes)."""
+    return os.path.join(checkpoint_dir, f"{CARRIED_MEMORY_NAME}-{process_index}.safetensors")
+
+
+class CarriedMemoryCallback(TrainerCallback):
+    """Saves the memories the last training batch left (actor's and reference's, carried into the next batch
+    when ``random_resets_ratio < 1``) next to each checkpoint ``Trainer`` writes."""
+
+    def __init__(self, trainer: IMPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        carried = self.trainer._carried
+        if carried is None:
+            return
+        from safetensors.torch import save_file
+
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_file({k: v.detach().contiguous().cpu() for k, v in carried.items()},
+                  carried_memory_file(checkpoint, args.process_index))
 
 
 class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
@@ -516,8 +550,8 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         try:
             super().__init__(model=module, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class,
-                             reward_processing_classes=reward_processing_classes, callbacks=callbacks,
-                             optimizers=optimizers)
+                             reward_processing_classes=reward_processing_classes,
+                             callbacks=[*(callbacks or []), CarriedMemoryCallback(self)], optimizers=optimizers)
         finally:
             args.beta = beta
         self.beta = beta
@@ -540,6 +574,27 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         self._frozen: list[nn.Parameter] = []
         self.timings = {"generation": 0.0, "reward": 0.0, "reference": 0.0, "update": 0.0}
         self.episodes_seen = 0
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
+        """TRL's ``train``; resuming from a checkpoint also restores the memories the interrupted run carried
+        into its next batch (saved by :class:`CarriedMemoryCallback`), so the resumed run continues as the
+        uninterrupted one would."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._carried = self._load_carried_memory(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _load_carried_memory(self, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+        path = carried_memory_file(checkpoint, self.args.process_index)
+        if not os.path.isfile(path):
+            if self.args.random_resets_ratio < 1.0:
+                logger.warning(f"{path} not found: the resumed run starts its episodes from fresh memories, not "
+                               "from those the interrupted run carried (a checkpoint written before they were saved)")
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(path, device=str(self.accelerator.device))
 
     @staticmethod
     def _maybe_tokenize(ds, tokenizer):
