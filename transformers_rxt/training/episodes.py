@@ -12,9 +12,9 @@ one batch may have different lengths). The memory runs turn-synchronously over t
   per row (the one log-prob helper: IMPO's policy, reference and rollout log-probs, DMPO's answer scores and
   the evaluation's forced choices all come from it).
 
-Stage 3 (:mod:`.memory_attention`) walks its episodes with :func:`iter_turns`; stage 4 (:mod:`.memory_aware`)
-writes turns and system prompts with :func:`compute_memory_update` (its loop also visits the review questions
-asked after an episode's last turn, so it indexes turns itself); stage 5's IMPO rollout (:mod:`.impo`) walks the
+Stages 3 (:mod:`.memory_attention`) and 4 (:mod:`.memory_aware`) walk their episodes with :func:`iter_turns`
+(stage 4 visits one boundary more: the review question asked after an episode's last turn) and stage 4 writes
+turns and system prompts with :func:`compute_memory_update`; stage 5's IMPO rollout (:mod:`.impo`) walks the
 saved interaction and the follow-ups with :func:`iter_turns`, and IMPO's training forward, the rollout and DMPO
 (:mod:`.dmpo`) write their memories with :func:`compute_memory_update`; the evaluation (:mod:`.evaluation`)
 scores answers with :func:`sequence_log_probs` and writes its forced-choice memories with
