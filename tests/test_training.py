@@ -161,6 +161,31 @@ def test_memory_attention_trainer_with_fewer_slots_than_tokens(tok, episodes, tm
         assert changed == (component_of(name) == "memory_attention") or "inv_freq" in name, name
 
 
+def test_stage3_accumulated_step_equals_one_step_on_the_concatenated_batch(tok, episodes, tmp_path):
+    """One SGD step of stage 3 on 4 episodes of 2, 2, 4 and 3 turns: two accumulated micro-batches of 2 give
+    the update of one batch of 4. Each turn's loss is a mean over the step's whole batch (the trainer sums
+    ``loss_item_counts`` over micro-batches and processes, as in stage 4), not each micro-batch's own mean (with
+    those, turns 2-3 would weigh double: only the second micro-batch has them)."""
+    rows = [{"turn_input_ids": episodes[i]["turn_input_ids"][:n]} for i, n in enumerate((2, 2, 4, 3))]
+    assert all(len(episodes[i]["turn_input_ids"]) >= 4 for i in range(4))
+
+    def one_step(per_device: int, accumulation: int, out: str) -> tuple[dict, dict]:
+        model = make_model(tok, stm_init_type="learned")
+        initial = {n: p.detach().clone() for n, p in model.memory_attention.named_parameters()}
+        args = MemoryAttentionConfig(**common_args(
+            tmp_path / out, max_steps=1, per_device_train_batch_size=per_device, optim="sgd", learning_rate=1.0,
+            weight_decay=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential",
+            gradient_accumulation_steps=accumulation), stm_diff_weight=0.5)
+        MemoryAttentionTrainer(model, args, train_dataset=rows, processing_class=tok).train()
+        return initial, {n: p.detach() for n, p in model.memory_attention.named_parameters()}
+
+    initial, whole = one_step(4, 1, "one")
+    _, accumulated = one_step(2, 2, "two")
+    assert max(float((whole[n] - p).abs().max()) for n, p in initial.items()) > 1e-2  # a real step
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_memory_attention_position_alignment_needs_short_turns(tok, episodes, tmp_path):
     args = MemoryAttentionConfig(**common_args(tmp_path, max_steps=1), slot_alignment="position")
     trainer = MemoryAttentionTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
