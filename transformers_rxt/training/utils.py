@@ -131,7 +131,8 @@ class RxTStageModel(RxTForConversationalGeneration):
 
     # The saved code and auto_map are the RxT model's (see save_pretrained), not this training class's.
     _auto_class = None
-    # Trainer must not inject `num_items_in_batch` into forward: our losses are per-batch means.
+    # Trainer must not inject its own `num_items_in_batch` (label tokens) into forward: a stage that normalises
+    # over the optimizer step's batch gets its own counts (`loss_item_counts`) from RxTStageTrainer.
     accepts_loss_kwargs = False
     #: stage-only modules (not part of the RxT model), saved under their own names next to its weights
     stage_heads: tuple[str, ...] = ()
