@@ -594,7 +594,7 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             return None
         from safetensors.torch import load_file
 
-        return load_file(path, device=str(self.accelerator.device))
+        return {k: v.to(self.accelerator.device) for k, v in load_file(path).items()}  # safetensors refuses "cpu:0"
 
     @staticmethod
     def _maybe_tokenize(ds, tokenizer):
