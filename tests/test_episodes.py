@@ -83,3 +83,19 @@ def test_sequence_log_probs_score_the_labels_only():
     assert token[labels[:, 1:] == -100].eq(0).all()
     with pytest.raises(ValueError, match=r"labels \(2, 4\) do not match the logits' positions \(2, 6\)"):
         sequence_log_probs(logits, labels[:, :4])
+
+
+def test_sequence_log_probs_are_trls_selective_log_softmax_to_the_bit():
+    """IMPO's policy, reference and rollout log-probs come from the engine's helper; they are TRL's (its
+    ``selective_log_softmax``) bit for bit, so IMPO's GRPO loss sees what TRL's own GRPO would compute."""
+    from trl.trainer.utils import selective_log_softmax
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 9, 300, generator=generator) * 4
+    ids = torch.randint(0, 300, (5, 9), generator=generator)
+    aligned, counts = sequence_log_probs(logits[:, :-1], ids[:, 1:], shift=False)
+    assert torch.equal(aligned, selective_log_softmax(logits[:, :-1], ids[:, 1:])) and counts.tolist() == [8] * 5
+    shifted, _ = sequence_log_probs(logits, ids)
+    assert torch.equal(shifted, aligned)
+    with pytest.raises(ValueError, match=r"labels \(5, 9\) do not match the logits' positions \(5, 8\)"):
+        sequence_log_probs(logits[:, :-1], ids, shift=False)

@@ -145,6 +145,43 @@ def test_impo_loss_is_trls_grpo_loss_plus_the_impo_terms(tmp_path, tok):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_num_iterations_reuses_memory_conditioned_old_log_probs(tmp_path, tok):
+    """TRL's multi-iteration GRPO (num_iterations=2): one rollout serves two optimizer steps, and the policy ratio
+    is taken against the rollout's stored per-token log-probs. Those are read from each row's memory (other
+    memories give other log-probs); the ratio is 1 in the first iteration (the rollout's policy is the current
+    one) and differs from 1 in the second (one update later), so the clip acts on it."""
+    args = impo_args(tmp_path, max_steps=2, num_iterations=2, num_generations=2, advantage_estimator="group",
+                     beta=0.0, learning_rate=1e-2)
+    trainer = impo(tmp_path, tok, args, train=episodes(8))
+    assert trainer._needs_old_logps()
+    seen = []
+    forward = trainer._get_per_token_logps_and_entropies
+
+    def recording(model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        logps, entropy, aux = forward(model, input_ids, attention_mask, logits_to_keep, *a, **kw)
+        inputs = trainer._impo_inputs
+        keys = {k: inputs[k] for k in IMPOTrainer._MODULE_KEYS if k in inputs}
+        fresh = trainer.accelerator.unwrap_model(model).init_memory(input_ids.shape[0],
+                                                                    generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():  # the same rows and weights, read from other (fresh) memories
+            other = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                          **{**keys, "prev_memory": fresh.memory}).log_probs
+        seen.append(dict(logps=logps.detach(), old=inputs["old_per_token_logps"], other=other, ids=input_ids,
+                         loss_mask=inputs["completion_mask"].bool()))
+        return logps, entropy, aux
+
+    trainer._get_per_token_logps_and_entropies = recording
+    trainer.train()
+    first, second = seen
+    assert torch.equal(first["old"], second["old"]) and torch.equal(first["ids"], second["ids"])  # one rollout
+    ratio_1 = torch.exp(first["logps"] - first["old"])[first["loss_mask"]]
+    ratio_2 = torch.exp(second["logps"] - second["old"])[second["loss_mask"]]
+    torch.testing.assert_close(ratio_1, torch.ones_like(ratio_1), rtol=0, atol=1e-5)
+    assert float((ratio_2 - 1).abs().max()) > 1e-3
+    # the stored log-probs are the memory's: the same rows and weights read from fresh memories score otherwise
+    assert float((first["other"] - first["old"])[first["loss_mask"]].abs().max()) > 1e-3
+
+
 def test_impo_two_steps_finite_losses_and_terms_logged(tmp_path, tok):
     calls = []
 
@@ -226,6 +263,36 @@ def test_rollout_carries_memory_and_resets(tmp_path, tok):
     # TRL's batch: the rows of a step read the memory the rollout left for them
     rows = trainer._generate_and_score_completions([episodes(4)[i] for i in range(4)])
     assert rows["prev_memory"].shape[0] == 8 and torch.equal(rows["step_index"], torch.tensor([1.0] * 4 + [2.0] * 4))
+
+
+def test_resume_continues_with_the_carried_memory_of_the_uninterrupted_run(tmp_path, tok):
+    """With random_resets_ratio < 1 the memory a batch leaves is carried into the next one: it is saved next to
+    every checkpoint, so a run resumed from checkpoint-2 continues with the same memory (and so the same
+    rollouts, rewards and updates) as the run that was not interrupted."""
+    from safetensors.torch import load_file
+
+    def run(out, max_steps, resume=None):
+        args = impo_args(out, max_steps=max_steps, per_device_train_batch_size=4, num_generations=2, beta=0.05,
+                         advantage_estimator="group", random_resets_ratio=0.0, save_strategy="steps", save_steps=1)
+        trainer = impo(out, tok, args, train=episodes(16))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full", 3)
+    saved = load_file(str(tmp_path / "full" / "checkpoint-2" / "impo_carried_memory-0.safetensors"))
+    assert set(saved) == {"actor", "ref"} and saved["actor"].shape[0] == 4
+    resumed = run(tmp_path / "resumed", 3, resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert torch.equal(resumed._carried["actor"], full._carried["actor"])
+    assert torch.equal(resumed._carried["ref"], full._carried["ref"])
+    full_params = dict(full.model.named_parameters())
+    assert all(torch.equal(p, full_params[n]) for n, p in resumed.model.named_parameters())
+    # the resumed history is the checkpoint's two steps and the third step again, the same rewards
+    reward = [h["reward"] for h in full.state.log_history if "reward" in h]
+    assert len(reward) == 3 and [h["reward"] for h in resumed.state.log_history if "reward" in h] == reward
+    # without the saved memory the resumed run starts its episodes from fresh memories: another run
+    (tmp_path / "full" / "checkpoint-2" / "impo_carried_memory-0.safetensors").unlink()
+    fresh = run(tmp_path / "fresh", 3, resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert not torch.equal(fresh._carried["actor"], full._carried["actor"])
 
 
 def test_reference_memory_is_its_own(tmp_path, tok):

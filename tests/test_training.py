@@ -161,6 +161,64 @@ def test_memory_attention_trainer_with_fewer_slots_than_tokens(tok, episodes, tm
         assert changed == (component_of(name) == "memory_attention") or "inv_freq" in name, name
 
 
+def test_stage3_accumulated_step_equals_one_step_on_the_concatenated_batch(tok, episodes, tmp_path):
+    """One SGD step of stage 3 on 4 episodes of 2, 2, 4 and 3 turns: two accumulated micro-batches of 2 give
+    the update of one batch of 4. Each turn's loss is a mean over the step's whole batch (the trainer sums
+    ``loss_item_counts`` over micro-batches and processes, as in stage 4), not each micro-batch's own mean (with
+    those, turns 2-3 would weigh double: only the second micro-batch has them)."""
+    rows = [{"turn_input_ids": episodes[i]["turn_input_ids"][:n]} for i, n in enumerate((2, 2, 4, 3))]
+    assert all(len(episodes[i]["turn_input_ids"]) >= 4 for i in range(4))
+
+    def one_step(per_device: int, accumulation: int, out: str) -> tuple[dict, dict]:
+        model = make_model(tok, stm_init_type="learned")
+        initial = {n: p.detach().clone() for n, p in model.memory_attention.named_parameters()}
+        args = MemoryAttentionConfig(**common_args(
+            tmp_path / out, max_steps=1, per_device_train_batch_size=per_device, optim="sgd", learning_rate=1.0,
+            weight_decay=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential",
+            gradient_accumulation_steps=accumulation), stm_diff_weight=0.5)
+        MemoryAttentionTrainer(model, args, train_dataset=rows, processing_class=tok).train()
+        return initial, {n: p.detach() for n, p in model.memory_attention.named_parameters()}
+
+    initial, whole = one_step(4, 1, "one")
+    _, accumulated = one_step(2, 2, "two")
+    assert max(float((whole[n] - p).abs().max()) for n, p in initial.items()) > 1e-2  # a real step
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_stage1_accumulated_step_equals_one_step_on_the_concatenated_batch(tok, text_data, tmp_path):
+    """One SGD step of stage 1 on 4 texts with 4, 10, 40 and 60 trained decoder tokens: two accumulated
+    micro-batches of 2 give the update of one batch of 4. The MLM and LM losses are token means over the step's
+    whole batch (the trainer masks each micro-batch when it fetches the step's batches and sums
+    ``loss_item_counts`` over them and the processes), not each micro-batch's own mean. Masking every token with
+    [MASK] makes the masks the same in both runs; the texts have one length (the decoder's stand-in memory, the
+    encoder's states, includes the padding, so padding would change the rows' losses)."""
+    rows = []
+    for i, trained in enumerate((4, 10, 40, 60)):
+        ids = list(text_data[i]["input_ids"])
+        assert len(ids) == 64
+        rows.append({"input_ids": ids, "labels": [-100] * (64 - trained) + ids[64 - trained:]})
+
+    def one_step(per_device: int, accumulation: int, out: str) -> tuple[dict, dict, float]:
+        model = make_model(tok)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = JointLMConfig(**common_args(
+            tmp_path / out, max_steps=1, per_device_train_batch_size=per_device, optim="sgd", learning_rate=1.0,
+            weight_decay=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential",
+            gradient_accumulation_steps=accumulation), mlm_probability=1.0, mask_replace_prob=1.0,
+            random_replace_prob=0.0)
+        trainer = JointLMTrainer(model, args, train_dataset=rows, processing_class=tok)
+        trainer.train()
+        return initial, {n: p.detach() for n, p in model.named_parameters()}, losses(trainer)[0]
+
+    initial, whole, loss = one_step(4, 1, "one")
+    _, accumulated, accumulated_loss = one_step(2, 2, "two")
+    assert max(float((whole[n] - p).abs().max()) for n, p in initial.items()) > 1e-2  # a real step
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5, msg=name)
+    assert accumulated_loss == pytest.approx(loss, abs=1e-5)
+
+
 def test_memory_attention_position_alignment_needs_short_turns(tok, episodes, tmp_path):
     args = MemoryAttentionConfig(**common_args(tmp_path, max_steps=1), slot_alignment="position")
     trainer = MemoryAttentionTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)

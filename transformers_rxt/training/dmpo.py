@@ -28,6 +28,8 @@ turn) with the episode's accepted turns alongside for the memory. The TRL method
   :class:`RxTForDMPOTraining.forward` returns the same outputs (per-token log-probs, entropy, mean logits,
   top-1 hits) from memory-conditioned logits, so the patch is removed.
 
+The turns, the row-masked memory writes and the answer log-probs go through the episode engine (:mod:`.episodes`).
+
 Gradient: the policy's decoder, and the encoder/memory attention through the memory update of the previous turn
 (the memory is detached before each update, so one update is back-propagated, like SMAT's ``backprop_turns=1``).
 
@@ -48,6 +50,7 @@ import torch
 from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
+from .episodes import compute_memory_update, iter_turns, sequence_log_probs
 from .utils import RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
 trl = require_extra("trl")
@@ -86,12 +89,11 @@ def lm_head_outputs(logits: torch.Tensor, labels: torch.Tensor) -> FusedCausalLM
     """What TRL's fused LM head returns (``FusedCausalLMOutput``), from full logits [B, T, V] and labels [B, T]
     (-100 = not scored): next-token log-probs (with gradient), entropy, ``log(sum p^2)``, mean logit and top-1
     hits (without), all zero where the label is -100."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    log_probs, _ = sequence_log_probs(logits, labels)
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
     mask = targets != -100
-    logp = torch.log_softmax(logits, -1)
-    log_probs = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0].masked_fill(~mask, 0.0)
     with torch.no_grad():
+        logp = torch.log_softmax(logits, -1)
         entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0)
         log_sum_sq = torch.logsumexp(2 * logp, -1).masked_fill(~mask, 0.0)
         mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
@@ -111,13 +113,12 @@ class RxTForDMPOTraining(RxTStageModel):
     def episode_memories(self, episode_input_ids: torch.Tensor, episode_attention_mask: torch.Tensor,
                          turn_mask: torch.Tensor, init_memory: torch.Tensor) -> torch.Tensor:
         """Memory before each turn, [B, N, L, S, D]: turn k reads the accepted turns < k (score, then write)."""
-        memory, out = init_memory, []
-        for k in range(episode_input_ids.shape[1]):
+        memory, out, last = init_memory, [], episode_input_ids.shape[1] - 1
+        for turn in iter_turns(episode_input_ids, episode_attention_mask, turn_mask):
             out.append(memory)
-            if k + 1 < episode_input_ids.shape[1]:
-                prev = memory.detach()  # one update back-propagated per turn
-                new = self.compute_memory_update(episode_input_ids[:, k], episode_attention_mask[:, k], prev)
-                memory = torch.where(turn_mask[:, k].bool()[:, None, None, None], new, prev)
+            if turn.index < last:  # the last turn's write is read by no row
+                # one update back-propagated per turn: the memory is detached before it
+                memory = compute_memory_update(self, turn.input_ids, turn.attention_mask, memory.detach(), turn.valid)
         return torch.stack(out, 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, init_memory: torch.Tensor,

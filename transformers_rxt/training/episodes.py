@@ -9,12 +9,16 @@ one batch may have different lengths). The memory runs turn-synchronously over t
 - :func:`compute_memory_update` writes one interaction per row into the memory, only for the rows a row mask
   selects (the other rows keep their memory);
 - :func:`sequence_log_probs` is the log-probability of the label tokens of a decoder pass, per token and summed
-  per row.
+  per row (the one log-prob helper: IMPO's policy, reference and rollout log-probs, DMPO's answer scores and
+  the evaluation's forced choices all come from it).
 
-Stage 3 (:mod:`.memory_attention`) walks its episodes with :func:`iter_turns`; stage 4 (:mod:`.memory_aware`)
-writes turns and system prompts with :func:`compute_memory_update` (its loop also visits the review questions
-asked after an episode's last turn, so it indexes turns itself); the evaluation (:mod:`.evaluation`) scores
-answers with :func:`sequence_log_probs` and writes its forced-choice memories with :func:`compute_memory_update`.
+Stages 3 (:mod:`.memory_attention`) and 4 (:mod:`.memory_aware`) walk their episodes with :func:`iter_turns`
+(stage 4 visits one boundary more: the review question asked after an episode's last turn) and stage 4 writes
+turns and system prompts with :func:`compute_memory_update`; stage 5's IMPO rollout (:mod:`.impo`) walks the
+saved interaction and the follow-ups with :func:`iter_turns`, and IMPO's training forward, the rollout and DMPO
+(:mod:`.dmpo`) write their memories with :func:`compute_memory_update`; the evaluation (:mod:`.evaluation`)
+scores answers with :func:`sequence_log_probs` and writes its forced-choice memories with
+:func:`compute_memory_update`.
 """
 
 from __future__ import annotations
@@ -76,14 +80,20 @@ def compute_memory_update(model, input_ids: torch.Tensor, attention_mask: torch.
     return memory.index_copy(0, index, new)
 
 
-def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
     """Log-probabilities of the label tokens of a causal LM pass: ``logits`` [B, T, V] predict ``labels`` [B, T]
     shifted by one (-100: not scored). Returns (per-token log-probs [B, T - 1], 0 where not scored; the number
-    of scored tokens per row [B]); their row sums are the sequence log-probs."""
+    of scored tokens per row [B]); their row sums are the sequence log-probs. ``shift=False``: the logits are
+    already aligned with their targets (position t predicts ``labels[:, t]``, as in TRL's completion log-probs),
+    and the per-token log-probs are [B, T].
+
+    Computed as ``logit[label] - logsumexp(logits)`` in fp32 (TRL's ``selective_log_softmax``): the [B, T, V]
+    log-softmax is never materialised, and IMPO's log-probs are TRL's to the bit."""
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"labels {tuple(labels.shape)} do not match the logits' positions {tuple(logits.shape[:2])}")
-    targets = labels[:, 1:]
+    targets = labels[:, 1:] if shift else labels
     scored = targets != -100
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    logits = (logits[:, :-1] if shift else logits).float()
+    token = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
     return token * scored, scored.sum(dim=1)

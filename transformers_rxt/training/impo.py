@@ -33,17 +33,26 @@ The TRL methods overridden, and why:
   ``evaluate`` (held-out rollout reward on fresh memories), ``log`` (time shares), ``create_optimizer`` (one
   learning rate per component: ``critic_lr``, ``memory_lr``).
 
+The turns, the memory writes (only the rows whose turn exists) and every per-token log-prob (policy, reference,
+rollout) go through the episode engine (:mod:`.episodes`: ``iter_turns``, ``compute_memory_update``,
+``sequence_log_probs``, whose log-probs are TRL's ``selective_log_softmax`` to the bit).
+
 TRL's ``rollout_func`` is not used: it returns one completion per prompt with no way to carry a memory between
 turns or to return the per-row memories the loss needs.
 
+The memory carried between batches (``random_resets_ratio < 1``) is saved next to every checkpoint (one file per
+process, :class:`CarriedMemoryCallback`, a public ``TrainerCallback.on_save``) and read back by
+``train(resume_from_checkpoint=...)``, so a resumed run continues from the memory the interrupted one had.
+
 Not done (see the report in the stage notes): the running-mean embedding term of the reward, GAE, a replay
-buffer, memory warm-up; the memory carried between batches (``random_resets_ratio < 1``) is not checkpointed.
+buffer, memory warm-up.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -53,18 +62,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 from transformers.modeling_outputs import ModelOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
 
 from ..cache_rxt import STMCache
 from ..data import DataCollatorForRxTEpisodes
 from ..extras import require_extra
 from ..metrics import TensorBLEUReward
 from ..modeling_rxt import RxTForConversationalGeneration, flat_rxt_key
+from .episodes import compute_memory_update, iter_turns, sequence_log_probs
 from .utils import ComponentOptimizerMixin, RxTStageModel, _mix_seed, load_rxt_model, restore_class_forward
 
 trl = require_extra("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax  # noqa: E402
+from trl.trainer.utils import entropy_from_logits, nanstd  # noqa: E402
 
 from ..hub.trainer import RxTHubTrainerMixin  # noqa: E402
 
@@ -379,14 +392,13 @@ class RxTForIMPOTraining(RxTStageModel):
                 rewards: torch.Tensor | None = None, prev_step_logp: torch.Tensor | None = None,
                 prev_step_mask: torch.Tensor | None = None, **_: Any) -> IMPOForwardOutput:
         a = self.stage_args
-        memory = self.compute_memory_update(prev_ids, prev_mask, prev_memory)
-        memory = torch.where(prev_valid.bool()[:, None, None, None], memory, prev_memory)  # padding turns keep it
+        # rows whose previous turn is padding (a finished episode) keep their memory
+        memory = compute_memory_update(self, prev_ids, prev_mask, prev_memory, prev_valid.bool())
         logits = RxTForConversationalGeneration.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                                         stm=memory, logits_to_keep=logits_to_keep + 1).logits
-        logits = logits[:, :-1].float() / a.temperature
-        completion = input_ids[:, -logits_to_keep:]
-        out = IMPOForwardOutput(log_probs=selective_log_softmax(logits, completion),
-                                entropy=entropy_from_logits(logits),
+        logits = logits[:, :-1].float() / a.temperature  # the last prompt position predicts the first answer token
+        log_probs, _ = sequence_log_probs(logits, input_ids[:, -logits_to_keep:], shift=False)
+        out = IMPOForwardOutput(log_probs=log_probs, entropy=entropy_from_logits(logits),
                                 stm_diff=stm_difference_loss(memory, prev_memory, step_index))
         if self.critic is not None:
             c = a.critic_value_clip
@@ -445,14 +457,43 @@ def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _teacher_forced_logits(model: RxTForConversationalGeneration, sequences, sequence_mask, memory, width: int,
-                           temperature: float) -> torch.Tensor:
+def _teacher_forced(model: RxTForConversationalGeneration, sequences, sequence_mask, memory, width: int,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [B, width] of the last ``width`` tokens of ``sequences`` read from ``memory`` (what
+    the training forward computes), and the logits [B, width, V] that predicted them (temperature-scaled)."""
     logits = model(input_ids=sequences, attention_mask=sequence_mask, stm=memory, logits_to_keep=width + 1).logits
-    return logits[:, :-1].float() / temperature
+    logits = logits[:, :-1].float() / temperature
+    return sequence_log_probs(logits, sequences[:, -width:], shift=False)[0], logits
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
 RewardFunc = Callable[..., list]
+logger = logging.get_logger(__name__)
+CARRIED_MEMORY_NAME = "impo_carried_memory"
+
+
+def carried_memory_file(checkpoint_dir: str | os.PathLike, process_index: int) -> str:
+    """Where a process's carried memories are saved in a checkpoint directory (one file per process: each
+    process carries the memories of its own episodes)."""
+    return os.path.join(checkpoint_dir, f"{CARRIED_MEMORY_NAME}-{process_index}.safetensors")
+
+
+class CarriedMemoryCallback(TrainerCallback):
+    """Saves the memories the last training batch left (actor's and reference's, carried into the next batch
+    when ``random_resets_ratio < 1``) next to each checkpoint ``Trainer`` writes."""
+
+    def __init__(self, trainer: IMPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        carried = self.trainer._carried
+        if carried is None:
+            return
+        from safetensors.torch import save_file
+
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_file({k: v.detach().contiguous().cpu() for k, v in carried.items()},
+                  carried_memory_file(checkpoint, args.process_index))
 
 
 class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
@@ -509,8 +550,8 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         try:
             super().__init__(model=module, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class,
-                             reward_processing_classes=reward_processing_classes, callbacks=callbacks,
-                             optimizers=optimizers)
+                             reward_processing_classes=reward_processing_classes,
+                             callbacks=[*(callbacks or []), CarriedMemoryCallback(self)], optimizers=optimizers)
         finally:
             args.beta = beta
         self.beta = beta
@@ -533,6 +574,27 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         self._frozen: list[nn.Parameter] = []
         self.timings = {"generation": 0.0, "reward": 0.0, "reference": 0.0, "update": 0.0}
         self.episodes_seen = 0
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
+        """TRL's ``train``; resuming from a checkpoint also restores the memories the interrupted run carried
+        into its next batch (saved by :class:`CarriedMemoryCallback`), so the resumed run continues as the
+        uninterrupted one would."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._carried = self._load_carried_memory(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _load_carried_memory(self, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+        path = carried_memory_file(checkpoint, self.args.process_index)
+        if not os.path.isfile(path):
+            if self.args.random_resets_ratio < 1.0:
+                logger.warning(f"{path} not found: the resumed run starts its episodes from fresh memories, not "
+                               "from those the interrupted run carried (a checkpoint written before they were saved)")
+            return None
+        from safetensors.torch import load_file
+
+        return {k: v.to(self.accelerator.device) for k, v in load_file(path).items()}  # safetensors refuses "cpu:0"
 
     @staticmethod
     def _maybe_tokenize(ds, tokenizer):
@@ -626,17 +688,18 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(a.seed + self.state.global_step)
         mem, ref_mem, reset = self._initial_memories(bsz, generator, train)
-        first_ids, first_mask = ids[:, 0], amask[:, 0]
-        prev_ids, prev_mask, prev_valid = first_ids, first_mask, turn_mask[:, 0]
+        turns = iter_turns(ids[:, : n_steps + 1], amask[:, : n_steps + 1], turn_mask[:, : n_steps + 1])
+        first = next(turns)  # the interaction to save: only written into the memory
+        first_ids, first_mask = first.input_ids, first.attention_mask
+        prev_ids, prev_mask, prev_valid = first_ids, first_mask, first.valid
         steps, prev_logits, prev_cmask = [], None, None
         want_old = self._needs_old_logps()
-        for k in range(1, n_steps + 1):
-            t0 = time.perf_counter()
+        for turn in turns:
+            k, t0 = turn.index, time.perf_counter()
             prev_memory = mem  # memory before step k's answer = previous memory + previous interaction
-            valid_prev = prev_valid.bool()[:, None, None, None]
-            mem = torch.where(valid_prev, actor.compute_memory_update(prev_ids, prev_mask, mem), mem)
-            ref_mem = torch.where(valid_prev, ref.compute_memory_update(prev_ids, prev_mask, ref_mem), ref_mem)
-            prompt, pmask = left_pad_prompts(ids[:, k], plen[:, k], pad)
+            mem = compute_memory_update(actor, prev_ids, prev_mask, mem, prev_valid)
+            ref_mem = compute_memory_update(ref, prev_ids, prev_mask, ref_mem, prev_valid)
+            prompt, pmask = left_pad_prompts(turn.input_ids, plen[:, k], pad)
             budget = min(a.max_completion_length, cfg.max_interaction_length - prompt.shape[1])
             if budget < 1:
                 raise ValueError("a query leaves no room for an answer within the model's seq_len")
@@ -652,24 +715,25 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             t1 = time.perf_counter()
             step = {"prompt_ids": prompt, "prompt_mask": pmask, "completion_ids": comp, "completion_mask": cmask,
                     "prev_memory": prev_memory, "prev_ids": prev_ids, "prev_mask": prev_mask,
-                    "prev_valid": prev_valid.float(), "row_valid": turn_mask[:, k].float()}
+                    "prev_valid": prev_valid.float(), "row_valid": turn.valid.float()}
             if self.beta != 0.0:
-                logits = _teacher_forced_logits(ref, seqs, seq_mask, ref_mem, comp.shape[1], a.temperature)
-                step["ref_per_token_logps"] = selective_log_softmax(logits, comp)
+                step["ref_per_token_logps"], _ = _teacher_forced(ref, seqs, seq_mask, ref_mem, comp.shape[1],
+                                                                 a.temperature)
             if want_old or a.interstep_kl_coef:
-                logits = _teacher_forced_logits(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature)
+                log_probs, logits = _teacher_forced(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature)
                 if want_old:
-                    step["old_per_token_logps"] = selective_log_softmax(logits, comp)
+                    step["old_per_token_logps"] = log_probs
                 if a.interstep_kl_coef and prev_logits is not None:
                     step["prev_step_logp"] = torch.log_softmax(prev_logits, -1)
                     step["prev_step_mask"] = prev_cmask
                 prev_logits, prev_cmask = logits, cmask
             t2 = time.perf_counter()
             # what the rewards compare the answer with: the reference answer and the saved interaction
-            answer_mask = amask[:, k] * (torch.arange(ids.shape[2], device=device)[None] >= plen[:, k][:, None])
+            positions = torch.arange(turn.input_ids.shape[1], device=device)[None]
+            answer_mask = turn.attention_mask * (positions >= plen[:, k][:, None])
             long_range = a.strategy == "long_range"
             saved_ids, saved_mask = (first_ids, first_mask) if long_range and k == n_steps else (prev_ids, prev_mask)
-            step["reward_kwargs"] = {"step": [k] * bsz, "reference_ids": _rows(ids[:, k], answer_mask),
+            step["reward_kwargs"] = {"step": [k] * bsz, "reference_ids": _rows(turn.input_ids, answer_mask),
                                      "saved_ids": _rows(saved_ids, saved_mask),
                                      "topic_change": [long_range and k == 1] * bsz}
             # critic state: the next query followed by the saved (previous) interaction
@@ -681,17 +745,16 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             steps.append(step)
             # the interaction written into memory for the next step
             if a.teacher_forcing:
-                prev_ids, prev_mask = ids[:, k], amask[:, k]
+                prev_ids, prev_mask = turn.input_ids, turn.attention_mask
             else:
                 prev_ids, prev_mask = actor.interactions_from_generation(seqs, prompt.shape[1], pmask)
-            prev_valid = turn_mask[:, k]
+            prev_valid = turn.valid
             self.timings["generation"] += t1 - t0
             self.timings["reference"] += t2 - t1
         # memory after the last answer, for episodes that continue in the next batch (random resets)
         if train:
-            valid_prev = prev_valid.bool()[:, None, None, None]
-            final = torch.where(valid_prev, actor.compute_memory_update(prev_ids, prev_mask, mem), mem)
-            ref_final = torch.where(valid_prev, ref.compute_memory_update(prev_ids, prev_mask, ref_mem), ref_mem)
+            final = compute_memory_update(actor, prev_ids, prev_mask, mem, prev_valid)
+            ref_final = compute_memory_update(ref, prev_ids, prev_mask, ref_mem, prev_valid)
             self._carried = {"actor": final.detach(), "ref": ref_final.detach()}
         steps[0]["memory_resets"] = reset.float().mean()
         actor.train(was_training)

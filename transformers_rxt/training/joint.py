@@ -118,6 +118,14 @@ class RxTForJointLMTraining(RxTStageModel):
             memory = memory + noise_std * noise
         return memory
 
+    def loss_item_counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[MLM-masked tokens, trained decoder tokens (shifted labels)] of a prepared batch (after masking): each
+        loss is a token mean over the optimizer step's whole batch, so data parallelism and gradient
+        accumulation give the update of one process on the concatenated batch."""
+        mlm = (batch["encoder_labels"] != -100).sum()
+        lm = (batch["decoder_labels"][:, 1:] != -100).sum()
+        return torch.stack([mlm, lm])
+
     def forward(
         self,
         encoder_input_ids: torch.LongTensor,
@@ -126,12 +134,23 @@ class RxTForJointLMTraining(RxTStageModel):
         decoder_labels: torch.LongTensor,
         attention_mask: torch.Tensor,
         generator: torch.Generator | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> JointLMOutput:
+        """The weighted MLM and autoregressive losses of the batch (token means). With ``num_items_in_batch``
+        (the :meth:`loss_item_counts` of the optimizer step's whole batch, from the trainer) each is this batch's
+        share of the whole batch's token mean (its token-loss sum over the step's token count), as
+        transformers' ``num_items_in_batch``."""
+        mlm_tokens, lm_tokens = self.loss_item_counts({"encoder_labels": encoder_labels,
+                                                       "decoder_labels": decoder_labels})
+        mlm_total, lm_total = (None, None) if num_items_in_batch is None else num_items_in_batch.unbind()
         encoded, encoder_aux = self.encode(encoder_input_ids, attention_mask)
         mlm_logits = self.mlm_head(encoded[:, -1])
         if bool((encoder_labels != -100).any()):
-            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), encoder_labels.flatten(), ignore_index=-100)
+            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), encoder_labels.flatten(), ignore_index=-100,
+                                       reduction="mean" if mlm_total is None else "sum")
+            if mlm_total is not None:
+                mlm_loss = mlm_loss / mlm_total
         else:  # nothing masked in this batch: keep the head in the graph with a zero loss
             mlm_loss = mlm_logits.sum() * 0.0
         out = super().forward(  # the decoder pass of the RxT model itself
@@ -139,17 +158,22 @@ class RxTForJointLMTraining(RxTStageModel):
             attention_mask=attention_mask,
             encoder_memory=self.fake_memory(encoded, generator),
             labels=decoder_labels,
+            **({} if lm_total is None else {"num_items_in_batch": lm_total}),
         )
         aux_terms = ([out.aux_loss] if out.aux_loss is not None else []) + list(encoder_aux)
         aux = torch.stack([a.float() for a in aux_terms]).mean() if aux_terms else None
         loss = (self.stage_arg("encoder_loss_weight", 1.0) * mlm_loss
                 + self.stage_arg("decoder_loss_weight", 1.0) * out.lm_loss)
         if aux is not None and self.training:
-            loss = loss + self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef) * aux
+            share = 1.0 if lm_total is None else lm_tokens / lm_total.clamp(min=1)  # this batch's share of tokens
+            loss = loss + self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef) * aux * share
         with torch.no_grad():
+            # this batch's own token means (the shares above are scaled by the whole step's counts)
+            mlm_mean = mlm_loss if mlm_total is None else mlm_loss * mlm_total / mlm_tokens.clamp(min=1)
+            lm_mean = out.lm_loss if lm_total is None else out.lm_loss * lm_total / lm_tokens.clamp(min=1)
             metrics = {
-                "mlm_loss": mlm_loss.detach(),
-                "lm_loss": out.lm_loss.detach(),
+                "mlm_loss": mlm_mean.detach(),
+                "lm_loss": lm_mean.detach(),
                 "mlm_accuracy": masked_token_accuracy(mlm_logits, encoder_labels, shift=False),
                 "lm_accuracy": masked_token_accuracy(out.logits, decoder_labels, shift=True),
             }

@@ -166,6 +166,12 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
         set_component_trainable(self, ("embedding", "decoder", "encoder"), False)
         set_component_trainable(self, ("memory_attention",), True)
 
+    def loss_item_counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Episodes per turn (entry k: the rows that have turn k). Each turn's loss is a mean over the optimizer
+        step's whole batch (all micro-batches and processes) and the loss the mean over the turns it has, so
+        data parallelism and gradient accumulation give the update of one process on the concatenated batch."""
+        return batch["turn_mask"].bool().sum(dim=0)
+
     def label_source(self, encoded: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
         if self.stage_args.slot_alignment == "segment":
             return segment_pooling(encoded, mask, slots)
@@ -183,8 +189,13 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
         attention_mask: torch.Tensor,
         turn_mask: torch.Tensor,
         generator: torch.Generator | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RxTStageOutput:
+        """The mean over turns of the rows' negative cosine to their labels (plus the memory-change term).
+        With ``num_items_in_batch`` (the :meth:`loss_item_counts` of the optimizer step's whole batch, from the
+        trainer) it is this batch's share of the whole batch's loss: per turn the sum over this batch's rows
+        divided by that turn's total, and the mean over the turns the whole batch has."""
         args = self.stage_args
         if not isinstance(args, MemoryAttentionConfig):
             raise TypeError("RxTForMemoryAttentionTraining needs stage_args=MemoryAttentionConfig(...) (its label "
@@ -221,16 +232,18 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
                 )
             cos = cosine(new, label.detach()).mean(dim=(1, 2))  # [B]
             weight = valid.to(cos.dtype)
-            loss_k = -(cos * weight).sum() / weight.sum()
+            rows = weight.sum() if num_items_in_batch is None else num_items_in_batch[k]
+            loss_k = -(cos * weight).sum() / rows
             diff = (new.float() - old.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
             if args.stm_diff_weight > 0:
-                loss_k = loss_k + args.stm_diff_weight * math.sqrt(k + 1) * (diff * weight).sum() / weight.sum()
+                loss_k = loss_k + args.stm_diff_weight * math.sqrt(k + 1) * (diff * weight).sum() / rows
             losses.append(loss_k)
             with torch.no_grad():
                 metrics[f"cosine_turn_{k}"] = (cos * weight).sum() / weight.sum()
                 metrics[f"memory_rmse_turn_{k}"] = ((diff.sqrt() * weight).sum() / weight.sum())
             stm = torch.where(valid[:, None, None, None], new.detach(), old)
-        loss = torch.stack(losses).mean()
+        losses = torch.stack(losses)
+        loss = losses.mean() if num_items_in_batch is None else losses.sum() / (num_items_in_batch > 0).sum()
         with torch.no_grad():
             cosines = [v for k, v in metrics.items() if k.startswith("cosine_turn_")]
             rmses = [v for k, v in metrics.items() if k.startswith("memory_rmse_turn_")]

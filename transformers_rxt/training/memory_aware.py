@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..modeling_rxt import RxTForConversationalGeneration
-from .episodes import compute_memory_update
+from .episodes import compute_memory_update, iter_turns
 from .utils import (
     COMPONENTS,
     RxTStageModel,
@@ -220,20 +220,21 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             stm = compute_memory_update(self, system_input_ids, system_attention_mask, stm, has_system.bool())
         losses, review_losses, aux_losses, metrics = [], [], [], {}
         hits, count, review_hits, review_count = 0.0, 0, 0.0, 0
-        # k = turns only exists for reviews: the question asked after the episode's last turn is written.
-        for k in range(turns + 1):
-            valid = turn_mask[:, k].bool() if k < turns else torch.zeros_like(turn_mask[:, 0], dtype=torch.bool)
+        episode = list(iter_turns(input_ids, attention_mask, turn_mask, labels))
+        # one boundary more than turns: the review asked after the episode's last turn is written
+        for k in range(len(episode) + 1):
+            turn = episode[k] if k < len(episode) else None
             reviewing = review_mask[:, k].bool()
-            if not bool(valid.any() or reviewing.any()):
+            if turn is None and not bool(reviewing.any()):
                 break
             if k > 0:
                 if backprop > 0 and (k - 1) % backprop == 0:
                     stm = stm.detach()
-                stm = compute_memory_update(self, input_ids[:, k - 1], attention_mask[:, k - 1], stm,
-                                            turn_mask[:, k - 1].bool())
+                written = episode[k - 1]
+                stm = compute_memory_update(self, written.input_ids, written.attention_mask, stm, written.valid)
             parts, is_review = [], []
-            if bool(valid.any()) and (k > 0 or train_first_turn) and bool((labels[:, k, 1:] != -100).any()):
-                parts.append((input_ids[:, k], attention_mask[:, k], labels[:, k], valid.nonzero().flatten()))
+            if turn is not None and (k > 0 or train_first_turn) and bool((turn.labels[:, 1:] != -100).any()):
+                parts.append((turn.input_ids, turn.attention_mask, turn.labels, turn.valid.nonzero().flatten()))
                 is_review.append(False)
             if bool(reviewing.any()):
                 parts.append((review_input_ids[:, k], review_attention_mask[:, k], review_labels[:, k],

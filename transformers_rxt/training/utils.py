@@ -131,7 +131,8 @@ class RxTStageModel(RxTForConversationalGeneration):
 
     # The saved code and auto_map are the RxT model's (see save_pretrained), not this training class's.
     _auto_class = None
-    # Trainer must not inject `num_items_in_batch` into forward: our losses are per-batch means.
+    # Trainer must not inject its own `num_items_in_batch` (label tokens) into forward: a stage that normalises
+    # over the optimizer step's batch gets its own counts (`loss_item_counts`) from RxTStageTrainer.
     accepts_loss_kwargs = False
     #: stage-only modules (not part of the RxT model), saved under their own names next to its weights
     stage_heads: tuple[str, ...] = ()
@@ -197,6 +198,10 @@ class RxTStageModel(RxTForConversationalGeneration):
             custom_object_save(RxTForConversationalGeneration, save_directory)
             self.config.architectures = [RxTForConversationalGeneration.__name__]
             self.config.save_pretrained(save_directory)
+
+
+#: the key under which a micro-batch prepared by ``RxTStageTrainer.get_batch_samples`` carries its step generator
+_STEP_GENERATOR = "_rxt_step_generator"
 
 
 def restore_class_forward(module: nn.Module) -> None:
@@ -316,11 +321,21 @@ class RxTStageTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """``Trainer``'s micro-batches of one optimizer step, with (for a stage model that has
-        :meth:`~RxTStageModel.loss_item_counts`) their counts summed over the micro-batches and all processes."""
+        :meth:`~RxTStageModel.loss_item_counts`) their counts summed over the micro-batches and all processes.
+
+        The counts may depend on the step's random draws (stage 1-2's MLM masking), so each micro-batch is
+        prepared here (:meth:`prepare_stage_inputs`) with its step generator, drawn in the order
+        :meth:`compute_loss` would draw them; the generator travels with the batch and the forward continues
+        from it (a run draws the same numbers as when the batches were prepared inside the loss)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not self._counts_loss_items or not batch_samples:
             return batch_samples, num_items_in_batch
         model = self.accelerator.unwrap_model(self.model)
+        prepared = []
+        for batch in batch_samples:
+            generator = self.step_generator(device)
+            prepared.append({**self.prepare_stage_inputs(dict(batch), generator), _STEP_GENERATOR: generator})
+        batch_samples = prepared
         counts = [model.loss_item_counts(batch).to(device) for batch in batch_samples]
         total = torch.zeros(max(len(c) for c in counts), dtype=torch.long, device=device)
         for c in counts:
@@ -330,9 +345,11 @@ class RxTStageTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, Trainer):
         return batch_samples, total
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        device = next(self.model.parameters()).device
-        generator = self.step_generator(device)
-        inputs = self.prepare_stage_inputs(dict(inputs), generator)
+        inputs = dict(inputs)
+        generator = inputs.pop(_STEP_GENERATOR, None)
+        if generator is None:  # not prepared by get_batch_samples (evaluation, a stage without counts)
+            generator = self.step_generator(next(self.model.parameters()).device)
+            inputs = self.prepare_stage_inputs(inputs, generator)
         if self._counts_loss_items and num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs, generator=generator)
