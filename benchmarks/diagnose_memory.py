@@ -207,14 +207,14 @@ class CrossAttentionProbabilities:
     def __init__(self, model: RxTForConversationalGeneration):
         self.layers = [layer.memory_cross_attention for layer in model.rxt.decoder.layers
                        if layer.memory_cross_attention is not None]
+        if any(a.rope in ("qk", "q") for a in self.layers):  # the hook would need each query's position
+            raise ValueError("focus needs unrotated memory queries: a model with rope_memory_cross_attention: false")
         self.recorded: list[torch.Tensor] = []
         self.handles = [a.register_forward_hook(self._record, with_kwargs=True) for a in self.layers]
 
     def _record(self, attention, args, kwargs, output) -> None:
         keys = kwargs["key_value"][0]  # [B, Hkv, S, hd]
         queries = attention._heads(attention.q_proj(args[0]), attention.num_query_heads)
-        if attention.rope in ("qk", "q"):
-            raise ValueError("focus needs unrotated memory queries (rope_memory_cross_attention: false)")
         if queries.shape[1] > keys.shape[1]:  # query heads share key heads in contiguous groups
             keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
         elif queries.shape[1] < keys.shape[1]:  # reverse SQA: the query block is tiled over the key heads
@@ -243,12 +243,13 @@ def read_focus(model: RxTForConversationalGeneration, tokenizer, dialogues: int,
     width = model.config.memory_attention_config.get("fifo_write_slots")
     if not width:
         raise ValueError("focus needs a model with fifo_write_slots (the fact's slots are then known)")
-    records = build_memory_dialogues(dialogues, 8, seed=seed, split="heldout").to_list()
-    groups_held = model.config.memory_attention_config["stm_size"] // width
-    probs = CrossAttentionProbabilities(model)
+    stm_size = model.config.memory_attention_config["stm_size"]
+    groups_held = stm_size // width
     share, top = defaultdict(list), defaultdict(list)  # (layer, right) -> values
     by_distance = defaultdict(list)  # (layer, distance) -> share
+    probs = CrossAttentionProbabilities(model)  # refuses rotated queries before any work
     try:
+        records = build_memory_dialogues(dialogues, 8, seed=seed, split="heldout").to_list()
         for start in range(0, len(records), 64):
             batch = records[start:start + 64]
             turns = [dialogue_turns(r) for r in batch]
@@ -276,7 +277,6 @@ def read_focus(model: RxTForConversationalGeneration, tokenizer, dialogues: int,
     finally:
         probs.remove()
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    stm_size = model.config.memory_attention_config["stm_size"]
     return {"uniform": width / stm_size, "layers": [
         {"right": (len(share[(layer, True)]), mean(share[(layer, True)]), mean(top[(layer, True)])),
          "wrong": (len(share[(layer, False)]), mean(share[(layer, False)]), mean(top[(layer, False)])),

@@ -167,6 +167,10 @@ def test_diagnose_focus_on_held_out_dialogues(rxt_dir):
     assert len(counts) == 1 and counts.pop() > 0
     for f in focus["layers"]:  # 8 slots, 2 per write: facts up to 4 writes back are still in memory
         assert all(0.0 <= v <= 1.0 for v in f["by_distance"].values()) and set(f["by_distance"]) <= set(range(1, 5))
+    rotated = _fifo_model(len(tokenizer), **rxt_token_ids(tokenizer))
+    rotated.rxt.decoder.layers[0].memory_cross_attention.rope = "q"
+    with pytest.raises(ValueError, match="focus needs unrotated memory queries"):
+        diagnose.read_focus(rotated, tokenizer, dialogues=8, seed=5)
     with pytest.raises(ValueError, match="focus needs a model with fifo_write_slots"):
         diagnose.read_focus(RxTForConversationalGeneration.from_pretrained(folder), tokenizer, dialogues=8, seed=5)
 
