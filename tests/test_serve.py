@@ -320,7 +320,7 @@ def test_a_sigkilled_server_continues_every_stored_conversation_and_a_full_queue
 
 def test_two_servers_sharing_one_redis_serve_a_conversation_alternately(model_dir, reference, tmp_path):
     redis_server = shutil.which("redis-server")
-    assert redis_server, "redis-server is not installed: apt-get install -y redis-server (.ci/run does this)"
+    assert redis_server, "redis-server is not installed: apt-get install -y redis-server (scripts/run_tests.sh does this)"
     port = _free_port()
     redis_proc = subprocess.Popen([redis_server, "--port", str(port), "--save", "", "--appendonly", "no",
                                    "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
