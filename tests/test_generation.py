@@ -478,6 +478,11 @@ def test_stm_state_is_checked_before_decoding():
         (STMCache(torch.empty(1, 2, 8, 32, device="meta")), "on the meta device and holds no values"),
         (STMCache(good.memory.clone().index_fill_(2, torch.tensor([3]), float("nan"))), "NaN or inf"),
         (STMCache(good.memory.clone().index_fill_(3, torch.tensor([0]), float("inf"))), "NaN or inf"),
+        # The check reads only the extremes (torch.aminmax): one bad value among finite ones, at either end.
+        (STMCache(good.memory.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor(-float("inf")))),
+         "NaN or inf"),
+        (STMCache(good.memory.clone().index_put_((torch.tensor([0]), torch.tensor([1]), torch.tensor([7]),
+                                                  torch.tensor([31])), torch.tensor(float("nan")))), "NaN or inf"),
     ]
     for stm, message in cases:
         for mode in ("async", "sync", "none"):
