@@ -15,7 +15,10 @@
    * decode tokens/s, batch 1: a 32-token query, `--new-tokens` tokens; the time from the first to the last
      generated token. Reference: `interact(temperature=1.0, top_k=1)` (greedy); ours: `generate(do_sample=False)`.
    * memory update: reference: the time between the -1 and -2 markers of `interact()` (encoder + memory
-     attention on query + answer); ours: `update_memory` on the same-length interaction.
+     attention on query + answer, under its `no_grad`); ours: the update `generate(memory_update="sync")` runs
+     after the answer (under its `no_grad`), from the streamer's `end()` to `generate`'s return, on the same 97
+     tokens. Also printed for ours: a direct `update_memory(...)` call outside `no_grad` (what tables before
+     2026-11-30 21:00 UTC reported as ours), which also records the autograd graph: it is differentiable.
    * batch-16 throughput: 16 queries, `--batch-tokens` new tokens each, memory update excluded. Reference:
      `batch_interact` up to its -1 marker; ours: `generate(memory_update="none")`. Tokens/s = 16 x new / wall.
    * the same two figures in CPU time (`time.process_time()` of the worker: the decode tokens per CPU second,
@@ -23,6 +26,9 @@
      time does not; with 1 thread, CPU time is the work each implementation does.
    * a check that the weights are the same: the first generated token of every contender is printed (the
      reference's later steps use positions one too far, so only the first is comparable).
+   * `--parts` (instead of the above): the memory update's parts in CPU ms, each a median of `--repeats` calls
+     in one process (the encoder; the memory attention; the whole update, under no_grad; ours also with autograd
+     on), on the same query + [A] + `--new-tokens` answer tokens and the same starting memory for all.
    * `--compile`: one more contender, `ours-compiled`: ours with `generate(cache_implementation="static",
      compile_config=...)`, transformers' `torch.compile` (inductor, `fullgraph=True`) of the decode step. Each
      new shape is compiled by an untimed warm-up call first (its seconds are printed); its answer must be
@@ -79,6 +85,35 @@ def query_ids(batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     body = torch.randint(13, 20000, (batch, QUERY_LEN - 2), generator=g)
     return torch.cat([torch.tensor([[BOS, Q]]).expand(batch, 2), body], dim=1)
+
+
+def interaction_ids(new_tokens: int):
+    """A full interaction as both sides' memory update reads it: the query, [A], `new_tokens` answer tokens."""
+    import torch
+
+    answer = torch.randint(13, 20000, (1, new_tokens), generator=torch.Generator().manual_seed(1))
+    return torch.cat([query_ids(1), torch.tensor([[A]]), answer], dim=1)
+
+
+def cpu_ms(fn, repeats: int) -> float:
+    """Median CPU ms of `fn()` over `repeats` calls, after two untimed ones."""
+    return cpu_ms_and_faults(fn, repeats)[0]
+
+
+def cpu_ms_and_faults(fn, repeats: int) -> tuple[float, float]:
+    """Median CPU ms and median minor page faults (memory the allocator had to take from the system again) of
+    `fn()` over `repeats` calls, after two untimed ones."""
+    import resource
+
+    for _ in range(2):
+        fn()
+    times, faults = [], []
+    for _ in range(repeats):
+        start, start_faults = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        times.append(1e3 * (time.process_time() - start))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
+    return statistics.median(times), statistics.median(faults)
 
 
 # ------------------------------------------------------------------------------------------------ reference side
@@ -143,6 +178,31 @@ class RxlmWorker:
                 "update_ms": 1e3 * (update["end"][0] - update["start"][0]),
                 "update_cpu_ms": 1e3 * (update["end"][1] - update["start"][1]), "first": tokens[0]}
 
+    def parts(self, new_tokens: int, repeats: int) -> dict:
+        """CPU ms of the update's parts (`--parts`), under no_grad as in `interact()`."""
+        from rxlm.rxt.models import RxTForwardAction
+
+        torch, model = self.torch, self.model
+        if model.batch_size != 1:
+            model.set_batch_mode(False)
+        ids = interaction_ids(new_tokens)
+        mask = torch.ones_like(ids)
+
+        def memory_attention():
+            model.load_stm_state(self.stm[:, :1].clone())
+            model.memory_attention(encoded, attention_mask=mask)
+
+        def update():
+            model.load_stm_state(self.stm[:, :1].clone())
+            model.forward(ids, attention_mask=mask, action=RxTForwardAction.UPDATE)
+
+        with torch.no_grad():
+            _, encoded = model.encoder(ids, attention_mask=mask)
+            update_ms, update_faults = cpu_ms_and_faults(update, repeats)
+            return {"encoder": cpu_ms(lambda: model.encoder(ids, attention_mask=mask), repeats),
+                    "memory_attention": cpu_ms(memory_attention, repeats), "update": update_ms,
+                    "update_faults": update_faults}
+
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
         if model.batch_size != batch:
@@ -194,33 +254,63 @@ class OursWorker:
 
         class Streamer:
             seen_prompt = False
+            ended = None
 
             def put(self, value):
                 if self.seen_prompt:
                     stamps.append((time.perf_counter(), time.process_time()))
                 self.seen_prompt = True
 
-            def end(self):
-                pass
+            def end(self):  # after the last token, before generate's memory update: rxlm's -1 marker
+                self.ended = (time.perf_counter(), time.process_time())
 
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, memory_update="none",
-                      **self.decode_kwargs)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **self.decode_kwargs)
         compile_s = None
         if self.decode_kwargs and new_tokens not in self.warmed_up:  # compiles for this static-cache size
             start = time.perf_counter()
-            model.generate(prompt, stm=self._stm(1), **kwargs)
+            model.generate(prompt, stm=self._stm(1), memory_update="none", **kwargs)
             compile_s = time.perf_counter() - start
             self.warmed_up.add(new_tokens)
-        stm = self._stm(1)
-        out = model.generate(prompt, stm=stm, streamer=Streamer(), **kwargs)
+        stm, streamer = self._stm(1), Streamer()
+        # The memory update timed as in rxlm's interact(): the one generate runs after the answer ("sync": in this
+        # call, under generate's no_grad), from the streamer's end() to generate's return.
+        out = model.generate(prompt, stm=stm, streamer=streamer, memory_update="sync", **kwargs)
+        done = (time.perf_counter(), time.process_time())
         assert len(stamps) == new_tokens, len(stamps)
+        written, _ = model.interactions_from_generation(out, prompt.shape[1])
+        assert written.shape[1] == QUERY_LEN + 1 + new_tokens, written.shape  # the same 97 tokens as rxlm's update
+        # The direct call `update_memory(...)` outside no_grad (what the tables before 2026-11-30 21:00 UTC timed):
+        # differentiable by design, so it also records the autograd graph.
         start, start_cpu = time.perf_counter(), time.process_time()
-        model.update_memory(input_ids=out[:, : QUERY_LEN + 1 + new_tokens], stm=stm)
-        update, update_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]), "update_ms": 1e3 * update,
-                "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]), "update_cpu_ms": 1e3 * update_cpu,
+        model.update_memory(input_ids=written, stm=self._stm(1))
+        direct, direct_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]),
+                "update_ms": 1e3 * (done[0] - streamer.ended[0]),
+                "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]),
+                "update_cpu_ms": 1e3 * (done[1] - streamer.ended[1]),
+                "direct_update_ms": 1e3 * direct, "direct_update_cpu_ms": 1e3 * direct_cpu,
                 "first": int(out[0, QUERY_LEN + 1]), "answer": out[0, QUERY_LEN + 1:].tolist(),
                 "compile_s": compile_s}
+
+    def parts(self, new_tokens: int, repeats: int) -> dict:
+        """CPU ms of the update's parts (`--parts`), under no_grad as in `generate`; the whole `update_memory`
+        also with autograd on."""
+        torch, model = self.torch, self.model
+        ids = interaction_ids(new_tokens)
+        mask = torch.ones_like(ids)
+        memory = self._stm(1).memory
+
+        def update():
+            model.update_memory(ids, mask, self._stm(1))
+
+        with torch.no_grad():
+            encoded, _ = model.encode(ids, mask)
+            update_ms, update_faults = cpu_ms_and_faults(update, repeats)
+            result = {"encoder": cpu_ms(lambda: model.encode(ids, mask), repeats),
+                      "memory_attention": cpu_ms(lambda: model.memory_attention(memory, encoded, mask), repeats),
+                      "update": update_ms, "update_faults": update_faults}
+        result["update_autograd"] = cpu_ms(update, repeats)
+        return result
 
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
@@ -289,6 +379,18 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
 
+def print_parts(parts: dict[str, list[dict]], threads: int, base: str) -> None:
+    """The `--parts` table: medians over the rounds of each round's median CPU ms."""
+    columns = ("encoder", "memory_attention", "update", "update_faults", "update_autograd")
+    print(f"\n| threads | implementation | encoder CPU ms | memory attention CPU ms | update CPU ms "
+          f"| update minor page faults | update with autograd CPU ms | update speed vs {base} (CPU) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name, rows in parts.items():
+        cells = [f"{med(rows, key):.1f}" if key in rows[0] else "-" for key in columns]
+        ratio = med(parts[base], "update") / med(rows, "update")
+        print(f"| {threads} | {name} | {' | '.join(cells)} | {ratio:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rxlm-python", help="python of an environment with rxlm 0.3.80 (see above)")
@@ -300,6 +402,10 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with a static cache + torch.compile of the decode step")
+    parser.add_argument("--parts", action="store_true",
+                        help="only time the memory update's parts (encoder, memory attention, whole update; CPU ms, "
+                             "in-process medians of --repeats calls per round) on a query + [A] + --new-tokens")
+    parser.add_argument("--repeats", type=int, default=20, help="calls per round for --parts")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PATH", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -332,7 +438,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.rounds} alternating rounds, {args.new_tokens} new tokens (batch 1), "
           f"{args.batch} x {args.batch_tokens} (batch)\n", flush=True)
-    table, cpu_table = [], []
+    table, cpu_table, direct_table = [], [], []
     base = "rxlm" if args.rxlm_python else "ours-before"
     for threads in args.threads:
         clients = [Client("ours", sys.executable, "ours", ours_dir, threads)]
@@ -343,6 +449,12 @@ def main() -> None:
             clients.append(Client("ours-compiled", sys.executable, "ours-compiled", ours_dir, threads))
         if args.rxlm_python:
             clients.append(Client("rxlm", args.rxlm_python, "rxlm", rxlm_dir, threads))
+        if args.parts:
+            parts = alternate(clients, args.rounds, op="parts", new_tokens=args.new_tokens, repeats=args.repeats)
+            for c in clients:
+                c.close()
+            print_parts(parts, threads, base)
+            continue
         decode = alternate(clients, args.rounds, op="decode", new_tokens=args.new_tokens)
         batch = alternate(clients, max(3, args.rounds // 2), op="batch", batch=args.batch,
                           new_tokens=args.batch_tokens)
@@ -363,8 +475,13 @@ def main() -> None:
             cpu_table.append((threads, name, med(decode[name], "tps_cpu"), med(decode[name], "update_cpu_ms"),
                               med(decode[name], "tps_cpu") / med(decode[base], "tps_cpu"),
                               med(decode[base], "update_cpu_ms") / med(decode[name], "update_cpu_ms")))
+            if "direct_update_ms" in decode[name][0]:
+                direct_table.append((threads, name, med(decode[name], "direct_update_ms"),
+                                     med(decode[name], "direct_update_cpu_ms")))
         print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
+    if args.parts:
+        return
     print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "
           f"| decode vs {base} | update speed vs {base} | batch vs {base} |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -375,6 +492,10 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for threads, name, tps, upd, r1, r2 in cpu_table:
         print(f"| {threads} | {name} | {tps:.1f} | {upd:.1f} | {r1:.2f}x | {r2:.2f}x |")
+    print("\nOurs, `update_memory(...)` called directly with autograd on (records the graph; not what generate runs):"
+          "\n\n| threads | implementation | direct update ms | direct update CPU ms |\n|---:|---|---:|---:|")
+    for threads, name, upd, upd_cpu in direct_table:
+        print(f"| {threads} | {name} | {upd:.1f} | {upd_cpu:.1f} |")
 
 
 if __name__ == "__main__":

@@ -466,6 +466,28 @@ def test_input_errors_name_the_problem_and_the_fix():
         model.update_memory(torch.tensor([[2, 5, 30, 6, 200, 3]]), stm=model.init_memory(1))
 
 
+def test_a_sync_update_runs_after_the_streamer_ends_and_has_landed_when_generate_returns():
+    """What benchmarks/bench_decode.py times as our memory update (rxlm's -1 to -2 markers of `interact()`): from
+    the streamer's `end()` to `generate`'s return, with memory_update="sync"."""
+    model = tiny_model()
+    ids, _ = _prompts(model, [6])
+    events = []
+    model.memory_attention.register_forward_hook(lambda *args: events.append("memory update"))
+
+    class Streamer:
+        def put(self, value):
+            events.append("token")
+
+        def end(self):
+            events.append("end")
+
+    stm = model.init_memory(1, generator=torch.Generator().manual_seed(0))
+    before = stm.memory.clone()
+    model.generate(ids, stm=stm, max_new_tokens=3, min_new_tokens=3, memory_update="sync", streamer=Streamer())
+    assert events == ["token"] * 4 + ["end", "memory update"]  # the prompt, 3 tokens, end, then the update
+    assert not stm.update_pending and not torch.equal(stm.memory, before)
+
+
 def test_stm_state_is_checked_before_decoding():
     model = tiny_model()
     ids, _ = _prompts(model, [6])

@@ -153,6 +153,46 @@ def test_gated_residual_formulas():
     torch.testing.assert_close(plain(old, new), old + new)
 
 
+def test_sigmoid_gate_is_the_convex_mix_in_value_gradient_and_promoted_dtype():
+    """The sigmoid gate runs as one `torch.lerp`: the same values and gradients as g * new + (1 - g) * old, and
+    the dtype that arithmetic promotes to when the memory is fp32 and the update bf16 (autocast)."""
+    model = tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="linear", residual_per_slot_gate=True,
+                                   use_tanh_residual_gate=False))
+    gate = _perturb(model).memory_attention.residual_gate_layers[0]
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(2, 8, 32, generator=g, requires_grad=True)
+    new = torch.randn(2, 8, 32, generator=g, requires_grad=True)
+    out = gate(old, new)
+    weight = torch.sigmoid(gate.gate((old + new).mean(-1))).unsqueeze(-1)
+    expected = weight * new + (1 - weight) * old
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (old, new, gate.gate.weight))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (old, new, gate.gate.weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mixed = gate(old.detach(), new.detach().bfloat16())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, weight.detach() * new.detach().bfloat16() + (1 - weight.detach()) * old.detach(),
+                               rtol=0, atol=1e-2)
+
+
+def test_memory_update_gradients_pass_the_per_layer_writes():
+    """The encoder and the memory attention copy each layer into their output as it is made (no list + stack):
+    autograd's numerical gradient check of the whole update, with respect to the memory and the interaction's
+    embeddings, in float64."""
+    model = _perturb(tiny_model(memory=MEMORY["self-interlayer"])).double()
+    ids, mask = interaction_batch(batch=2, length=10)
+    memory = model.initial_memory_tensor(2, "normal").double().requires_grad_()
+    embeddings = model.embed_tokens(ids).detach().requires_grad_()
+
+    def update(memory, embeddings):
+        positions = torch.arange(ids.shape[1])
+        encoded, _ = model.encoder(embeddings, positions=positions, key_mask=mask.bool()[:, None, None, :])
+        return model.memory_attention(memory, encoded, mask)
+
+    assert torch.autograd.gradcheck(update, (memory, embeddings), fast_mode=True)
+
+
 def test_pair_slot_status_sees_the_old_slot_and_the_update_separately():
     model = tiny_model(memory=dict(use_gated_residual=True, residual_gate_type="elementwise",
                                    residual_gate_slot_status_type="pair", use_tanh_residual_gate=False))
