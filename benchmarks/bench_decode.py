@@ -87,6 +87,13 @@ def query_ids(batch: int, seed: int = 0):
     return torch.cat([torch.tensor([[BOS, Q]]).expand(batch, 2), body], dim=1)
 
 
+def stamp() -> tuple[float, float, int]:
+    """Wall time, CPU time and minor page faults so far (memory the allocator took from the system again)."""
+    import resource
+
+    return time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interaction_ids(new_tokens: int):
     """A full interaction as both sides' memory update reads it: the query, [A], `new_tokens` answer tokens."""
     import torch
@@ -164,7 +171,7 @@ class RxlmWorker:
         stamps, update, tokens = [], {}, []
         for token in model.interact(ids, torch.ones_like(ids), temperature=1.0, top_k=1,
                                     max_seq_len=QUERY_LEN + 1 + new_tokens):
-            now = (time.perf_counter(), time.process_time())
+            now = stamp()
             if token == -1:
                 update["start"] = now
             elif token == -2:
@@ -176,6 +183,7 @@ class RxlmWorker:
         return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]),
                 "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]),
                 "update_ms": 1e3 * (update["end"][0] - update["start"][0]),
+                "update_faults": update["end"][2] - update["start"][2],
                 "update_cpu_ms": 1e3 * (update["end"][1] - update["start"][1]), "first": tokens[0]}
 
     def parts(self, new_tokens: int, repeats: int) -> dict:
@@ -262,7 +270,7 @@ class OursWorker:
                 self.seen_prompt = True
 
             def end(self):  # after the last token, before generate's memory update: rxlm's -1 marker
-                self.ended = (time.perf_counter(), time.process_time())
+                self.ended = stamp()
 
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **self.decode_kwargs)
         compile_s = None
@@ -275,7 +283,7 @@ class OursWorker:
         # The memory update timed as in rxlm's interact(): the one generate runs after the answer ("sync": in this
         # call, under generate's no_grad), from the streamer's end() to generate's return.
         out = model.generate(prompt, stm=stm, streamer=streamer, memory_update="sync", **kwargs)
-        done = (time.perf_counter(), time.process_time())
+        done = stamp()
         assert len(stamps) == new_tokens, len(stamps)
         written, _ = model.interactions_from_generation(out, prompt.shape[1])
         assert written.shape[1] == QUERY_LEN + 1 + new_tokens, written.shape  # the same 97 tokens as rxlm's update
@@ -287,7 +295,7 @@ class OursWorker:
         return {"tps": (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]),
                 "update_ms": 1e3 * (done[0] - streamer.ended[0]),
                 "tps_cpu": (new_tokens - 1) / (stamps[-1][1] - stamps[0][1]),
-                "update_cpu_ms": 1e3 * (done[1] - streamer.ended[1]),
+                "update_cpu_ms": 1e3 * (done[1] - streamer.ended[1]), "update_faults": done[2] - streamer.ended[2],
                 "direct_update_ms": 1e3 * direct, "direct_update_cpu_ms": 1e3 * direct_cpu,
                 "first": int(out[0, QUERY_LEN + 1]), "answer": out[0, QUERY_LEN + 1:].tolist(),
                 "compile_s": compile_s}
@@ -475,9 +483,10 @@ def main() -> None:
             cpu_table.append((threads, name, med(decode[name], "tps_cpu"), med(decode[name], "update_cpu_ms"),
                               med(decode[name], "tps_cpu") / med(decode[base], "tps_cpu"),
                               med(decode[base], "update_cpu_ms") / med(decode[name], "update_cpu_ms")))
-            if "direct_update_ms" in decode[name][0]:
-                direct_table.append((threads, name, med(decode[name], "direct_update_ms"),
-                                     med(decode[name], "direct_update_cpu_ms")))
+            direct = ("direct_update_ms", "direct_update_cpu_ms")
+            direct_table.append((threads, name, med(decode[name], "update_faults"),
+                                 *(f"{med(decode[name], key):.1f}" if key in decode[name][0] else "-"
+                                   for key in direct)))
         print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
     if args.parts:
@@ -492,10 +501,11 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for threads, name, tps, upd, r1, r2 in cpu_table:
         print(f"| {threads} | {name} | {tps:.1f} | {upd:.1f} | {r1:.2f}x | {r2:.2f}x |")
-    print("\nOurs, `update_memory(...)` called directly with autograd on (records the graph; not what generate runs):"
-          "\n\n| threads | implementation | direct update ms | direct update CPU ms |\n|---:|---|---:|---:|")
-    for threads, name, upd, upd_cpu in direct_table:
-        print(f"| {threads} | {name} | {upd:.1f} | {upd_cpu:.1f} |")
+    print("\nMinor page faults during the memory update above (median), and ours' `update_memory(...)` called directly "
+          "with autograd on (records the graph; not what generate runs):\n\n| threads | implementation "
+          "| update minor page faults | direct update ms | direct update CPU ms |\n|---:|---|---:|---:|---:|")
+    for threads, name, faults, upd, upd_cpu in direct_table:
+        print(f"| {threads} | {name} | {faults:.0f} | {upd} | {upd_cpu} |")
 
 
 if __name__ == "__main__":
