@@ -167,6 +167,20 @@ class Diagnoser:
                 out[(pool_name, k)] = self.accuracy(probes, answers)
         return out
 
+    @torch.no_grad()
+    def kinds(self, probes: list[dict]) -> dict[str, tuple[int, float]]:
+        """Per fact kind, (questions, accuracy) of the question asked right after its fact, written alone into a
+        fresh memory: what the write and read keep of each kind of value when nothing competes with it."""
+        answers = []
+        for i, chunk in self.chunks(probes):
+            memory = self.write(self.fresh(len(chunk), i), [p["fact"] for p in chunk])
+            answers += self.answer([p["question"] for p in chunk], memory=memory)
+        out = {}
+        for kind in sorted({p["kind"] for p in probes}):
+            rows = [(p, a) for p, a in zip(probes, answers) if p["kind"] == kind]
+            out[kind] = (len(rows), self.accuracy([p for p, _ in rows], [a for _, a in rows]))
+        return out
+
     def _gate_hooks(self, store: dict[int, list[float]]):
         """Record the mean share of each slot that a write replaces (the final residual gate of each layer)."""
         gate_layers = self.model.memory_attention.residual_gate_layers
@@ -407,7 +421,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--backprop-turns", type=int, nargs="+", default=[2, 0],
                         help="backprop_turns settings for the gradient-flow measure (default: 2 0)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "scale", "focus", "probe", "gradients"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["read", "retention", "crowding", "kinds", "scale", "focus", "probe",
+                                                            "gradients"],
                         help="measures to skip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -433,6 +448,12 @@ def main() -> None:
             print("\n| written before the fact | k | accuracy, question right after the fact |\n|---|---:|---:|")
             for (pool, k), acc in diag.crowding(probes, pools).items():
                 print(f"| {pool} | {k} | {acc:.3f} |")
+        if "kinds" not in args.skip:
+            kinds = diag.kinds(probes)
+            print("\n| fact alone in a fresh memory, question right after it | " + " | ".join(
+                f"{kind} ({n})" for kind, (n, _) in kinds.items()) + " |")
+            print("|---|" + "---:|" * len(kinds))
+            print("| accuracy | " + " | ".join(f"{acc:.3f}" for _, acc in kinds.values()) + " |")
         if "scale" not in args.skip:
             print("\n| RMS per slot/token, per layer | values |\n|---|---|")
             for name, values in diag.scale(probes, pools).items():

@@ -204,3 +204,27 @@ def test_diagnose_probe_reads_what_the_slots_hold_and_not_what_they_do_not(rxt_d
     monkeypatch.setattr(diagnose, "written_slots", lambda m, t, facts: torch.randn(len(facts), 1, 16))
     noise = diagnose.value_probe(model, tokenizer, 8, 5, train_dialogues=300, steps=100)["targets"]
     assert noise["value"]["layers"][0]["heldout"] < 0.3 and noise["person"]["layers"][0]["heldout"] < 0.3
+
+
+def test_diagnose_kinds_scores_each_fact_kind_on_its_own(rxt_dir, monkeypatch):
+    """The kinds measure buckets the questions by fact kind: with answers right for colour questions only, colour
+    scores 1 and every other kind 0, and the counts add up to the probes; the answers come from the fact alone."""
+    diagnose = _diagnose_module()
+    folder, tokenizer = rxt_dir
+    diag = diagnose.Diagnoser(RxTForConversationalGeneration.from_pretrained(folder), tokenizer, batch_size=16)
+    probes, _ = diagnose.heldout_probes(48, 5)
+    expected = {p["question"]: (p["kind"], p["expected"]) for p in probes}
+    written = []
+
+    def answer(questions, memory=None, **kwargs):
+        written.append(memory)
+        return [f"It is {expected[q][1]}." if expected[q][0] == "colour" else "I do not know." for q in questions]
+
+    monkeypatch.setattr(diag, "answer", answer)
+    kinds = diag.kinds(probes)
+    assert sum(n for n, _ in kinds.values()) == len(probes) and set(kinds) == {p["kind"] for p in probes}
+    assert kinds["colour"] == (sum(p["kind"] == "colour" for p in probes), 1.0) and kinds["colour"][0] > 0
+    assert all(acc == 0.0 for kind, (_, acc) in kinds.items() if kind != "colour") and len(kinds) > 1
+    fresh = diag.fresh(16)
+    assert not torch.equal(written[0], fresh)  # the fact was written into a fresh memory before the question
+    torch.testing.assert_close(written[0], diag.write(fresh, [p["fact"] for p in probes[:16]]), rtol=0, atol=0)

@@ -737,6 +737,25 @@ def test_resize_token_embeddings_keeps_every_config_in_agreement_and_survives_sa
     torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
 
 
+def test_tied_word_embeddings_share_one_matrix_through_save_load_resize_and_the_reference_format(tmp_path):
+    """tie_word_embeddings=True (not the reference's default) makes the LM head read the shared token embedding:
+    one matrix, kept through save/load and resizing; the reference format, which has no tying, gets a copy."""
+    assert tiny_model().lm_head.weight is not tiny_model().embed_tokens.weight  # the default stays untied
+    model = _perturb(tiny_model(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.embed_tokens.weight
+    logits, memory = _run_turn(model)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = RxTForConversationalGeneration.from_pretrained(tmp_path / "hf")
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    torch.testing.assert_close(_run_turn(loaded)[0], logits, rtol=0, atol=0)
+    torch.testing.assert_close(_run_turn(loaded)[1], memory, rtol=0, atol=0)
+    save_rxlm_checkpoint(model, str(tmp_path / "rxlm"))
+    untied = RxTForConversationalGeneration.from_rxlm_pretrained(str(tmp_path / "rxlm"))
+    torch.testing.assert_close(_run_turn(untied)[0], logits, rtol=0, atol=1e-5)
+    loaded.resize_token_embeddings(101)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight and loaded.embed_tokens.weight.shape == (101, 32)
+
+
 def test_hidden_states_are_a_tuple_per_layer_and_return_dict_false_gives_a_tuple():
     model = tiny_model(decoder=ATTENTION["stateless"] | {"use_head_norm": True})
     ids, mask = interaction_batch(vocab=model.config.vocab_size)

@@ -1539,6 +1539,9 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
     # the training heads of the curriculum's stage models (transformers_rxt.training) saved with the weights: a
     # stage output loads as this model without them
     _keys_to_ignore_on_load_unexpected = [r"\.rope\.", r"\.stm\.memory", r"^(mlm_head|critic)\."]
+    # Used only with config.tie_word_embeddings=True (not the reference's default, which has its own LM head): the
+    # LM head reads the shared token embedding, so a value copied through the memory maps back to its own token.
+    _tied_weights_keys = {"lm_head.weight": "rxt.embed_tokens.weight"}
 
     def __init__(self, config: RxTConfig):
         super().__init__(config)

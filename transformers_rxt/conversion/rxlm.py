@@ -357,7 +357,8 @@ def save_rxlm_checkpoint(model: RxTForConversationalGeneration, dst: str, stm: O
             state["encoder.model.embedding.weight"] = value.clone()
         else:
             component, rest = key.split(".", 1)
-            state[f"{component}.model.{rest}"] = value
+            # The reference has no tying: a tied LM head (tie_word_embeddings=True) is saved as its own copy.
+            state[f"{component}.model.{rest}"] = value.clone() if key == "decoder.head.weight" else value
     shape = (config.num_memory_layers, 1, config.stm_size, config.hidden_size)
     memory = stm if stm is not None else torch.zeros(shape)
     state["decoder.model.stm.memory"] = memory
