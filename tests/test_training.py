@@ -12,6 +12,7 @@ from transformers_rxt import RxTForConversationalGeneration, rxt_token_ids, trai
 from transformers_rxt.data import (
     DataCollatorForRxTEpisodes,
     build_memory_dialogues,
+    memory_dialogues,
     pretraining_texts,
     sft_pairs,
     tokenize_mrl_dataset,
@@ -30,7 +31,7 @@ from transformers_rxt.training import (
     evaluate_memory_retention,
     segment_pooling,
 )
-from transformers_rxt.training.episodes import compute_memory_update
+from transformers_rxt.training.episodes import compute_memory_update, iter_turns
 from transformers_rxt.training.utils import component_of
 
 SLOTS = 8  # fewer slots than the ~17-token turns: stage 3 must not need S == T
@@ -159,6 +160,52 @@ def test_memory_attention_trainer_with_fewer_slots_than_tokens(tok, episodes, tm
     for name, value in model.state_dict().items():
         changed = not torch.equal(value, before[name])
         assert changed == (component_of(name) == "memory_attention") or "inv_freq" in name, name
+
+
+def test_stage3_label_of_a_fifo_write_is_the_interaction_pooled_onto_the_fresh_slots(tok, episodes, tmp_path):
+    """A FIFO write fills `fifo_write_slots` fresh slots and only shifts the others, so stage 3 scores the fresh
+    slots against the interaction pooled onto them (no blend with the memory: they held nothing) and leaves the
+    shifted copies out. Against the blend of all S slots, the fresh slots' label was the first few tokens of the
+    interaction mixed with the slots the write had just dropped."""
+    fifo = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+                use_tanh_residual_gate=False, fifo_write_slots=2)
+    model = make_model(tok, memory=fifo, stm_init_type="learned")
+    args = MemoryAttentionConfig(**common_args(tmp_path, max_steps=1), input_noise=0.0, label_noise=0.0)
+    trainer = MemoryAttentionTrainer(model, args, train_dataset=episodes, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    stage_model = trainer.model.eval()
+    with torch.no_grad():
+        output = stage_model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "turn_mask")})
+        stm, cosines = stage_model.initial_memory_tensor(batch["input_ids"].shape[0]), []
+        for turn in iter_turns(batch["input_ids"], batch["attention_mask"], batch["turn_mask"]):
+            encoded, _ = stage_model.encode(turn.input_ids, turn.attention_mask)
+            written = stage_model.memory_attention(stm, encoded, turn.attention_mask)
+            pooled = segment_pooling(encoded, turn.attention_mask, 2)
+            cos = torch.nn.functional.cosine_similarity(written[:, :, :2], pooled, dim=-1).mean(dim=(1, 2))
+            cosines.append((cos * turn.valid).sum() / turn.valid.sum())
+            stm = torch.where(turn.valid[:, None, None, None], written, stm)
+    torch.testing.assert_close(output.loss, -torch.stack(cosines).mean(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(output.metrics["cosine_turn_0"], cosines[0], rtol=0, atol=1e-6)
+    trainer.train()  # and it trains
+
+
+def test_fact_kind_weights_change_the_training_mix_only(tmp_path):
+    """DataArguments.fact_kind_weights re-weights the fact kinds of the synthetic training data (here: ages only)
+    and leaves the held-out dialogues, the default mix and the order of the corpus alone; bad weights are refused."""
+    from transformers_rxt.training.stages.common import DataArguments, mrl_records
+
+    ages_only = {"colour": 0, "size": 0, "place": 0, "age": 1, "count": 0, "pet": 0}
+    data = DataArguments(num_samples=12, eval_samples=12, max_distance=3, fact_kind_weights=json.dumps(ages_only))
+    kinds = [p["kind"] for r in mrl_records(data) for p in r["probes"]]
+    assert kinds and set(kinds) == {"age"}
+    plain = DataArguments(num_samples=12, eval_samples=12, max_distance=3)
+    assert mrl_records(data, heldout=True).to_list() == mrl_records(plain, heldout=True).to_list()
+    assert len({p["kind"] for r in mrl_records(plain) for p in r["probes"]}) > 1
+    assert memory_dialogues(4, 3, seed=0) == memory_dialogues(4, 3, seed=0, kind_weights=None)
+    assert sft_pairs(5, kind_weights=ages_only) != sft_pairs(5)
+    with pytest.raises(ValueError, match=r"kind_weights must give every fact kind \['age', 'colour', 'count', "
+                                         r"'pet', 'place', 'size'\] a weight >= 0, not all 0; got \{'age': 1\}"):
+        DataArguments(fact_kind_weights={"age": 1})
 
 
 def test_stage3_accumulated_step_equals_one_step_on_the_concatenated_batch(tok, episodes, tmp_path):

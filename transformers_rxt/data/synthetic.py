@@ -45,6 +45,7 @@ __all__ = [
     "Fact",
     "is_heldout_fact",
     "sample_fact",
+    "check_kind_weights",
     "pretraining_texts",
     "sft_pairs",
     "memory_dialogues",
@@ -208,13 +209,16 @@ def sample_fact(
     *,
     exclude_keys: Iterable[tuple[str, str, str | None]] = (),
     heldout_percent: int = 15,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> Fact:
-    """Draw a random fact of ``split`` whose key is not in ``exclude_keys``."""
+    """Draw a random fact of ``split`` whose key is not in ``exclude_keys``; ``kind_weights`` (see
+    :func:`check_kind_weights`) replaces the corpus's kind mix."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     excluded = set(exclude_keys)
-    kinds = list(_KIND_WEIGHTS)
-    weights = [_KIND_WEIGHTS[k] for k in kinds]
+    mix = check_kind_weights(kind_weights)
+    kinds = list(mix)
+    weights = [mix[k] for k in kinds]
     for _ in range(10_000):
         kind = rng.choices(kinds, weights)[0]
         person = rng.choice(PEOPLE)
@@ -233,6 +237,20 @@ def sample_fact(
     raise RuntimeError("could not sample a fact; too many excluded keys")  # pragma: no cover
 
 
+def check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """The fact-kind sampling weights: the corpus's own mix (colour 3, place 2, pet 2, size 1, age 1, count 1)
+    when None, else ``kind_weights`` (every kind named, weights >= 0, not all 0). A training corpus can
+    over-sample the kinds that are hard to recall (values from many classes: ages, counts); the held-out
+    dialogues the recall figures come from keep the corpus's own mix."""
+    if kind_weights is None:
+        return dict(_KIND_WEIGHTS)
+    weights = dict(kind_weights)
+    if set(weights) != set(_KIND_WEIGHTS) or any(w < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"kind_weights must give every fact kind {sorted(_KIND_WEIGHTS)} a weight >= 0, not all 0; "
+                         f"got {weights}")
+    return {kind: float(weights[kind]) for kind in _KIND_WEIGHTS}
+
+
 def _small_talk(rng: random.Random) -> tuple[str, str]:
     """A stateless question/answer pair (world knowledge or arithmetic)."""
     r = rng.random()
@@ -245,9 +263,10 @@ def _small_talk(rng: random.Random) -> tuple[str, str]:
     return rng.choice(_WORLD_QA)
 
 
-def _new_fact(rng: random.Random, split: Split, keys: set, heldout_percent: int) -> Fact:
+def _new_fact(rng: random.Random, split: Split, keys: set, heldout_percent: int,
+              kind_weights: Mapping[str, float] | None = None) -> Fact:
     """A fact whose key is not in ``keys`` yet; adds its key."""
-    fact = sample_fact(rng, split, exclude_keys=keys, heldout_percent=heldout_percent)
+    fact = sample_fact(rng, split, exclude_keys=keys, heldout_percent=heldout_percent, kind_weights=kind_weights)
     keys.add(fact.key)
     return fact
 
@@ -262,7 +281,8 @@ def _statement_turn(rng: random.Random, fact: Fact) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def pretraining_texts(n: int, seed: int = 0, *, heldout_percent: int = 15) -> list[str]:
+def pretraining_texts(n: int, seed: int = 0, *, heldout_percent: int = 15,
+                      kind_weights: Mapping[str, float] | None = None) -> list[str]:
     """``n`` paragraphs of plain text built from train-split facts only.
 
     Kinds: fact paragraphs followed by in-context questions and their answers (the recall pattern the memory
@@ -277,7 +297,8 @@ def pretraining_texts(n: int, seed: int = 0, *, heldout_percent: int = 15) -> li
             for _ in range(rng.randint(2, 5)):
                 facts.append(
                     sample_fact(
-                        rng, "train", exclude_keys=[f.key for f in facts], heldout_percent=heldout_percent
+                        rng, "train", exclude_keys=[f.key for f in facts], heldout_percent=heldout_percent,
+                        kind_weights=kind_weights,
                     )
                 )
             sentences = [f.statement(rng.randrange(3)) for f in facts]
@@ -295,7 +316,7 @@ def pretraining_texts(n: int, seed: int = 0, *, heldout_percent: int = 15) -> li
                     sentences.append(_small_talk(rng)[1])
             out.append(" ".join(sentences))
         else:
-            f = sample_fact(rng, "train", heldout_percent=heldout_percent)
+            f = sample_fact(rng, "train", heldout_percent=heldout_percent, kind_weights=kind_weights)
             q, a = _small_talk(rng)
             out.append(
                 f'{f.person} said: "{f.statement(rng.randrange(3))}" Later someone asked: "{f.question()}" '
@@ -305,7 +326,8 @@ def pretraining_texts(n: int, seed: int = 0, *, heldout_percent: int = 15) -> li
 
 
 def sft_pairs(
-    n: int, seed: int = 0, split: Split = "train", *, heldout_percent: int = 15
+    n: int, seed: int = 0, split: Split = "train", *, heldout_percent: int = 15,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, str]]:
     """``n`` single-turn ``{"query", "answer"}`` pairs: fact statements with acknowledgements (~40 %), recall
     questions with their answers (~35 %) and small talk (~25 %)."""
@@ -314,9 +336,10 @@ def sft_pairs(
     for _ in range(n):
         r = rng.random()
         if r < 0.4:
-            q, a = _statement_turn(rng, sample_fact(rng, split, heldout_percent=heldout_percent))
+            q, a = _statement_turn(rng, sample_fact(rng, split, heldout_percent=heldout_percent,
+                                                    kind_weights=kind_weights))
         elif r < 0.75:
-            f = sample_fact(rng, split, heldout_percent=heldout_percent)
+            f = sample_fact(rng, split, heldout_percent=heldout_percent, kind_weights=kind_weights)
             q, a = f.question(), f.answer()
         else:
             q, a = _small_talk(rng)
@@ -335,6 +358,7 @@ def memory_dialogues(
     probe_rate: float = 0.7,
     heldout_percent: int = 15,
     reviews: bool = False,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """``n`` multi-turn episodes in the reference's MRL record format, with recall probes.
 
@@ -369,14 +393,14 @@ def memory_dialogues(
         keys: set = set()
 
         t0 = rng.randint(0, turns_n - 1 - d_target)
-        target = _new_fact(rng, split, keys, heldout_percent)
+        target = _new_fact(rng, split, keys, heldout_percent, kind_weights)
         slots[t0] = ("fact", target)
         slots[t0 + d_target] = ("probe", target, d_target)
         for s in range(turns_n):
             if slots[s] is not None:
                 continue
             if rng.random() < fact_rate:
-                f = _new_fact(rng, split, keys, heldout_percent)
+                f = _new_fact(rng, split, keys, heldout_percent, kind_weights)
                 slots[s] = ("fact", f)
                 free = [d for d in range(1, max_distance + 1) if s + d < turns_n and slots[s + d] is None]
                 if free and rng.random() < probe_rate:
@@ -437,18 +461,19 @@ def _reviews(rng: random.Random, slots: list[tuple]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_pretraining_dataset(n: int = 20_000, seed: int = 0):
+def build_pretraining_dataset(n: int = 20_000, seed: int = 0, *, kind_weights: Mapping[str, float] | None = None):
     """``datasets.Dataset`` with a ``text`` column of ``n`` paragraphs (train-split facts only)."""
     datasets = require_extra("datasets")
 
-    return datasets.Dataset.from_dict({"text": pretraining_texts(n, seed)})
+    return datasets.Dataset.from_dict({"text": pretraining_texts(n, seed, kind_weights=kind_weights)})
 
 
-def build_sft_dataset(n: int = 20_000, seed: int = 0, split: Split = "train"):
+def build_sft_dataset(n: int = 20_000, seed: int = 0, split: Split = "train", *,
+                      kind_weights: Mapping[str, float] | None = None):
     """``datasets.Dataset`` with ``query``/``answer`` columns (the reference's SFT record format)."""
     datasets = require_extra("datasets")
 
-    return datasets.Dataset.from_list(sft_pairs(n, seed, split))
+    return datasets.Dataset.from_list(sft_pairs(n, seed, split, kind_weights=kind_weights))
 
 
 def build_memory_dialogues(
@@ -461,6 +486,7 @@ def build_memory_dialogues(
     fact_rate: float = 0.45,
     probe_rate: float = 0.7,
     reviews: bool = False,
+    kind_weights: Mapping[str, float] | None = None,
 ):
     """``datasets.Dataset`` of :func:`memory_dialogues` episodes (columns ``query``, ``answer``,
     ``interactions``, ``probes``, and ``reviews`` when asked for). ``split="heldout"`` uses only held-out fact
@@ -477,6 +503,7 @@ def build_memory_dialogues(
             fact_rate=fact_rate,
             probe_rate=probe_rate,
             reviews=reviews,
+            kind_weights=kind_weights,
         )
     )
 

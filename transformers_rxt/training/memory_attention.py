@@ -220,12 +220,24 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
                 inputs = encoded + args.input_noise * torch.randn(
                     encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
                 )
-            new = self.memory_attention(old, inputs, mask_k)
-            source = self.label_source(encoded, mask_k, old.shape[2])
-            if args.label_normalization == "rms":
-                label = (1 - w_new) * _unit_rms(old) + w_new * _unit_rms(source)
+            written = self.memory_attention(old, inputs, mask_k)
+            fifo = self.memory_attention.fifo_write_slots
+            if fifo is not None:
+                # A FIFO write fills `fifo` fresh slots and only shifts the others: the label of the fresh slots
+                # is the interaction pooled onto them (they hold nothing to blend with); the shifted slots are
+                # copies and need none. (Against the blend of all S slots, the fresh slots' label was the first
+                # fifo/S of the interaction mixed with the slots the write had just dropped.)
+                new, reference = written[:, :, :fifo], old[:, :, :fifo]
+                label = self.label_source(encoded, mask_k, fifo)
+                if args.label_normalization == "rms":
+                    label = _unit_rms(label)
             else:
-                label = (1 - w_new) * old + w_new * source
+                new, reference = written, old
+                source = self.label_source(encoded, mask_k, old.shape[2])
+                if args.label_normalization == "rms":
+                    label = (1 - w_new) * _unit_rms(old) + w_new * _unit_rms(source)
+                else:
+                    label = (1 - w_new) * old + w_new * source
             if noisy and args.label_noise > 0:
                 label = label + args.label_noise * torch.randn(
                     label.shape, generator=generator, device=label.device, dtype=label.dtype
@@ -234,14 +246,14 @@ class RxTForMemoryAttentionTraining(RxTStageModel):
             weight = valid.to(cos.dtype)
             rows = weight.sum() if num_items_in_batch is None else num_items_in_batch[k]
             loss_k = -(cos * weight).sum() / rows
-            diff = (new.float() - old.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
+            diff = (new.float() - reference.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
             if args.stm_diff_weight > 0:
                 loss_k = loss_k + args.stm_diff_weight * math.sqrt(k + 1) * (diff * weight).sum() / rows
             losses.append(loss_k)
             with torch.no_grad():
                 metrics[f"cosine_turn_{k}"] = (cos * weight).sum() / weight.sum()
                 metrics[f"memory_rmse_turn_{k}"] = ((diff.sqrt() * weight).sum() / weight.sum())
-            stm = torch.where(valid[:, None, None, None], new.detach(), old)
+            stm = torch.where(valid[:, None, None, None], written.detach(), old)
         losses = torch.stack(losses)
         loss = losses.mean() if num_items_in_batch is None else losses.sum() / (num_items_in_batch > 0).sum()
         with torch.no_grad():

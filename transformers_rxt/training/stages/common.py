@@ -41,6 +41,18 @@ class DataArguments:
     num_turns: int | None = field(default=None, metadata={"help": "Synthetic dialogues: turns per episode."})
     fact_rate: float = field(default=0.45, metadata={"help": "Synthetic dialogues: share of fact turns."})
     probe_rate: float = field(default=0.7, metadata={"help": "Synthetic dialogues: share of facts asked later."})
+    fact_kind_weights: dict | str | None = field(
+        default=None, metadata={"help": "Synthetic training data: sampling weight of every fact kind (a dict, or its "
+                                        "JSON), e.g. more ages and counts; None keeps the corpus's mix. Held-out "
+                                        "evaluation always uses the corpus's mix."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fact_kind_weights, str):
+            self.fact_kind_weights = json.loads(self.fact_kind_weights)
+        if self.fact_kind_weights is not None:
+            from transformers_rxt.data.synthetic import check_kind_weights
+
+            self.fact_kind_weights = check_kind_weights(self.fact_kind_weights)
 
 
 def parse(*dataclass_types, argv: list[str] | None = None):
@@ -77,7 +89,8 @@ def mrl_records(data: DataArguments, heldout: bool = False, num_turns: int | Non
             return None
         return build_memory_dialogues(n, data.max_distance, data.corpus_seed + int(heldout),
                                       "heldout" if heldout else "train", fact_rate=data.fact_rate,
-                                      probe_rate=data.probe_rate, num_turns=num_turns or data.num_turns)
+                                      probe_rate=data.probe_rate, num_turns=num_turns or data.num_turns,
+                                      kind_weights=None if heldout else data.fact_kind_weights)
     split = data.eval_split if heldout else data.dataset_split
     if split is None:
         return None

@@ -30,9 +30,12 @@ def training_texts(data: DataArguments):
     if data.dataset == SYNTHETIC:
         from transformers_rxt.data import memory_dialogues, pretraining_texts, sft_pairs
 
-        texts = pretraining_texts(data.num_samples, seed=data.corpus_seed)
-        texts += [f"{p['query']} {p['answer']}" for p in sft_pairs(data.num_samples // 2, seed=data.corpus_seed)]
-        for d in memory_dialogues(data.num_samples // 10, max_distance=data.max_distance, seed=data.corpus_seed):
+        weights = data.fact_kind_weights
+        texts = pretraining_texts(data.num_samples, seed=data.corpus_seed, kind_weights=weights)
+        texts += [f"{p['query']} {p['answer']}"
+                  for p in sft_pairs(data.num_samples // 2, seed=data.corpus_seed, kind_weights=weights)]
+        for d in memory_dialogues(data.num_samples // 10, max_distance=data.max_distance, seed=data.corpus_seed,
+                                  kind_weights=weights):
             texts += [d["query"], d["answer"]] + [f"{t['query']} {t['answer']}" for t in d["interactions"]]
         return texts
     from transformers_rxt.data import load_pretraining_dataset

@@ -62,7 +62,7 @@ def joint_datasets(data: DataArguments, tokenizer, kind: str, seed: int):
 
     if data.dataset == SYNTHETIC:
         build = build_pretraining_dataset if kind == "text" else build_sft_dataset
-        train = build(data.num_samples, seed=data.corpus_seed)
+        train = build(data.num_samples, seed=data.corpus_seed, kind_weights=data.fact_kind_weights)
         evals = build(data.eval_samples, seed=data.corpus_seed + 1) if data.eval_samples else None
     else:
         def load(split):

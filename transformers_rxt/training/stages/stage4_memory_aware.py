@@ -45,7 +45,7 @@ def curriculum_dataset(curriculum: CurriculumArguments, data: DataArguments, tok
         parts = [
             build_memory_dialogues(n // len(lengths), min(t - 1, data.max_distance), data.corpus_seed + 97 * i + t,
                                    "train", num_turns=t, fact_rate=data.fact_rate, probe_rate=data.probe_rate,
-                                   reviews=reviews)
+                                   reviews=reviews, kind_weights=data.fact_kind_weights)
             for t in lengths
         ]
         phases.append(datasets.concatenate_datasets(parts).shuffle(seed=data.corpus_seed + i))
