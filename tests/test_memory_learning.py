@@ -25,9 +25,10 @@ SHORTER = {
     "stage1.yaml": {"max_steps": 100, "num_samples": 3200, "warmup_steps": 10, "save_strategy": "no"},
     "stage2.yaml": {"max_steps": 50, "num_samples": 1600, "warmup_steps": 5},
     "stage3.yaml": {"max_steps": 30, "num_samples": 480, "warmup_steps": 3},
-    # 300 steps: the FIFO + unrotated-read preset (10f9009) starts to use its memory between steps 200 and 300
-    # of this phase (forced choice at 200 steps: memory 0.35, reset 0.25; at 300: 0.69 / 0.15; at 400: 0.73 / 0.23).
-    "stage4.yaml": {"max_steps": 300, "curriculum_turns": ["2"], "curriculum_samples": [9600],
+    # 600 steps: the preset of 94bbf4b (tied LM head, more ages and counts in the training facts) starts to use its
+    # memory later than the one before it: forced choice at 300 / 400 / 500 steps memory 0.27 / 0.40 / 0.35 against
+    # reset 0.13 / 0.23 / 0.19 (below this test's bar); it passes at 600. (10f9009's preset: 0.69 / 0.15 at 300.)
+    "stage4.yaml": {"max_steps": 600, "curriculum_turns": ["2"], "curriculum_samples": [9600],
                     "save_strategy": "no", "retention_dialogues": 0},
 }
 
@@ -57,6 +58,6 @@ def test_a_short_curriculum_learns_to_recall_from_memory(tmp_path):
     dialogues = build_memory_dialogues(48, 1, seed=7, split="heldout", num_turns=2, fact_rate=1.0, probe_rate=1.0)
     result = forced_choice_recall(model, tokenizer, dialogues)
     assert result["n"] == 48
-    # Measured here (b76f326): memory 0.69, reset 0.15, chance 0.167 (one binomial std at n=48 is ~0.06-0.07).
+    # One binomial std at n=48 is ~0.06-0.07 (chance 0.167).
     assert result["memory"] >= result["reset"] + 0.2, result
     assert result["memory"] >= 2 * result["chance"], result
