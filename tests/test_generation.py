@@ -195,7 +195,8 @@ def _update_context(model, monkeypatch):
 
     def recording(*args, **kwargs):
         seen.append({"threads": torch.get_num_threads(), "autocast": torch.is_autocast_enabled("cpu"),
-                     "inference": torch.is_inference_mode_enabled(), "thread": threading.current_thread().name})
+                     "inference": torch.is_inference_mode_enabled(), "thread": threading.current_thread().name,
+                     "thread_object": threading.current_thread()})  # kept alive: distinct threads stay distinct
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "compute_memory_update", recording)
@@ -223,11 +224,30 @@ def test_background_update_runs_in_the_callers_autocast_inference_mode_and_threa
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(memories["async"], memories["sync"])  # was off by ~1e-4: the worker ran without autocast
-    background = [s for s in seen if s["thread"] == "rxt-memory-update"]
+    background = [s for s in seen if s["thread"].startswith("rxt-memory-update")]
     assert len(background) == 3
     assert all(s["threads"] == threads + 1 for s in background)
     assert [s["autocast"] for s in background] == [True, True, False]
     assert [s["inference"] for s in background] == [False, False, True]
+
+
+def test_background_updates_of_all_conversations_run_on_one_reused_worker(monkeypatch):
+    model = tiny_model(seed=1)
+    seen = _update_context(model, monkeypatch)
+    ids, mask = _prompts(model, [6])
+    starts = [model.init_memory(1, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    expected = [start.clone() for start in starts]
+    for stm in expected:
+        _converse(model, stm, [ids, ids], [mask, mask], memory_update="sync")
+    stms = [start.clone() for start in starts]
+    for _ in range(2):
+        for stm in stms:
+            model.generate(ids, attention_mask=mask, stm=stm, max_new_tokens=10, do_sample=False)
+    assert all(torch.equal(stm.memory, want.memory) for stm, want in zip(stms, expected))
+    background = [s for s in seen if s["thread"].startswith("rxt-memory-update")]
+    assert len(background) == 4
+    worker = background[0]["thread_object"]
+    assert worker is not threading.current_thread() and all(s["thread_object"] is worker for s in background)
 
 
 def test_interact_streams_in_the_callers_autocast():
@@ -247,25 +267,27 @@ def test_an_update_that_cannot_get_a_thread_runs_in_the_callers(monkeypatch):
     import transformers_rxt.cache_rxt as cache_module
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("can't create new thread at interpreter shutdown")
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     model = tiny_model()
     ids, _ = _prompts(model, [6])
     start = model.init_memory(1, generator=torch.Generator().manual_seed(0))
     expected = start.clone()
     model.generate(ids, stm=expected, max_new_tokens=4, do_sample=False, memory_update="sync")
-    monkeypatch.setattr(cache_module, "start_thread", refuse)
+    monkeypatch.setattr(cache_module, "submit_update", refuse)
     model.generate(ids, stm=start, max_new_tokens=4, do_sample=False)  # async: no thread, so done in place
     assert not start.update_pending and torch.equal(start.memory, expected.memory)
 
 
-# Fresh processes that exit right after an async update starts. One interpreter imports torch and
-# transformers once and forks the children (each then ends through the interpreter's normal shutdown):
-# starting 20 interpreters would cost more than the rest of this file. The update must still be running
-# at exit, so the model is big enough for it to take a while; with the daemon update thread of before,
-# 19 of these 20 children aborted ("terminate called without an active exception").
+# Fresh processes that exit right after an async update starts, or after waiting for it (the update worker then
+# idles: an idle non-daemon thread would hang the exit). One interpreter imports torch and transformers once and
+# forks the children (each then ends through the interpreter's normal shutdown): starting 25 interpreters would
+# cost more than the rest of this file. The parent ran an async update before forking, so each child inherits the
+# parent's update worker object but not its thread, and must start its own. An update must still be running at
+# exit, so the model is big enough for it to take a while; with the daemon update thread of before, 19 of 20
+# children aborted ("terminate called without an active exception").
 EXIT_PROBE = """
-import atexit, gc, json, os, sys
+import atexit, gc, json, os, signal, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
 from rxt_factories import tiny_model
@@ -280,6 +302,9 @@ def after_generate():
     model.generate(prompt, stm=stm, max_new_tokens=3, do_sample=False)
     return stm
 
+def after_waiting():
+    return after_generate().wait()
+
 def after_abandoning_interact():
     stm = model.init_memory(1)
     for token in model.interact(query, stm=stm, max_seq_len=210, top_k=1):
@@ -287,20 +312,24 @@ def after_abandoning_interact():
     return stm
 
 def child(name, scenario):
+    signal.alarm(120)  # a child that hangs (e.g. on an update nobody runs) is killed: a failure, not a stuck test
     stm = scenario()
     pending = stm.update_pending
-    # atexit handlers run after the interpreter has joined its non-daemon threads. Twenty children share one
-    # pipe: one os.write per record (under PIPE_BUF, so atomic) keeps their lines from interleaving.
+    exiting = time.monotonic()
+    # atexit handlers run after the interpreter has stopped the update worker and joined its non-daemon threads.
+    # The children share one pipe: one os.write per record (under PIPE_BUF, so atomic) keeps their lines apart.
     atexit.register(lambda: os.write(1, (json.dumps({
-        "scenario": name, "pending_at_exit": pending,
+        "scenario": name, "pending_at_exit": pending, "exit_s": time.monotonic() - exiting,
         "landed_before_finalising": not stm.update_pending and stm._error is None}) + "\\n").encode()))
     raise SystemExit(0)
 
+after_waiting()  # the parent's update worker exists when the children are forked
 gc.freeze()  # the children share the parent's objects: cheaper forks and exits
 exit_codes = {}
-for name, scenario in (("generate", after_generate), ("interact", after_abandoning_interact)):
+for name, scenario, count in (("generate", after_generate, 10), ("interact", after_abandoning_interact, 10),
+                              ("waited", after_waiting, 5)):
     pids = []
-    for _ in range(10):
+    for _ in range(count):
         pid = os.fork()
         if pid == 0:
             child(name, scenario)
@@ -311,15 +340,19 @@ print(json.dumps({"exit_codes": exit_codes}), flush=True)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the probe forks its child processes")
-def test_processes_exit_cleanly_while_an_update_is_pending():
+def test_processes_exit_cleanly_while_an_update_is_pending_or_after_waiting():
     result = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(Path(__file__).parent)], capture_output=True,
                             text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stderr[-2000:]
-    assert lines[-1]["exit_codes"] == {"generate": [0] * 10, "interact": [0] * 10}, result.stderr[-2000:]
+    assert lines[-1]["exit_codes"] == {"generate": [0] * 10, "interact": [0] * 10, "waited": [0] * 5}, \
+        result.stderr[-2000:]
     children = lines[:-1]
-    assert sorted(c["scenario"] for c in children) == ["generate"] * 10 + ["interact"] * 10
-    assert all(c["pending_at_exit"] and c["landed_before_finalising"] for c in children), children
+    assert sorted(c["scenario"] for c in children) == ["generate"] * 10 + ["interact"] * 10 + ["waited"] * 5
+    assert all(c["landed_before_finalising"] for c in children), children
+    assert all(c["pending_at_exit"] == (c["scenario"] != "waited") for c in children), children
+    # Waited: nothing left to run, so the idle worker must not hold the exit up (it is woken and joined at once).
+    assert max(c["exit_s"] for c in children if c["scenario"] == "waited") < 5, children
 
 
 def test_memory_update_none_leaves_memory_untouched():

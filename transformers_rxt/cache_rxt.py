@@ -6,8 +6,9 @@ conversations, one row each), laid out batch-first as `[batch, layers, slots, di
 
 A memory update may run in the background (see `RxTForConversationalGeneration.generate`). Every read of
 `memory`, and the next `generate`, waits for it; a failed update is re-raised on the next read instead of
-leaving a half-written or stale memory in place. On CPU the update runs on a non-daemon thread, so the
-interpreter waits for it before it exits; on CUDA it is queued on a side stream from the caller's thread.
+leaving a half-written or stale memory in place. On CPU the update runs on one long-lived worker thread per
+process (a `ThreadPoolExecutor`, whose exit hook lets a pending update finish and then stops the worker, so the
+interpreter exits cleanly); on CUDA it is queued on a side stream from the caller's thread.
 
 This file is copied next to the weights by `save_pretrained` (remote code): stdlib, torch and
 safetensors only.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -76,6 +79,42 @@ def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=run, name=name, daemon=False)
     thread.start()
     return thread
+
+
+# The background updates' worker: one thread per process, started on first use and reused, because a fresh
+# thread per update costs more than the update saves (a new thread also starts with cold allocator arenas).
+_update_executor: Optional[ThreadPoolExecutor] = None
+_update_executor_lock = threading.Lock()
+UPDATE_THREAD_NAME = "rxt-memory-update"
+
+
+def _forget_update_executor() -> None:
+    """In a forked child: the parent's executor object is copied, its thread is not; start afresh on first use."""
+    global _update_executor, _update_executor_lock
+    _update_executor, _update_executor_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_update_executor)
+
+
+def submit_update(target: Callable[[], None]) -> Future:
+    """Run `target` on the process's memory-update worker, in the caller's torch context.
+
+    Updates from all caches queue on that one worker, in submission order. Raises `RuntimeError` once the
+    interpreter is shutting down (no new work is accepted then): the caller runs the update itself.
+    """
+    global _update_executor
+    context = TorchThreadContext()
+
+    def run() -> None:
+        with context.applied():
+            target()
+
+    with _update_executor_lock:
+        if _update_executor is None:
+            _update_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=UPDATE_THREAD_NAME)
+        return _update_executor.submit(run)
 
 
 class STMCache:
@@ -149,8 +188,8 @@ class STMCache:
         """Replace the memory with `compute(current_memory)`, now or in the background.
 
         In the background, a CUDA memory is updated on a side stream queued from this thread (`wait()`
-        synchronises with it); any other memory on a non-daemon thread that carries this thread's torch
-        context (autocast, inference and grad mode, thread count). Its error is re-raised by the next
+        synchronises with it); any other memory on the process's update worker (`submit_update`), in this
+        thread's torch context (autocast, inference and grad mode, thread count). Its error is re-raised by the next
         `wait()` or read. Only one update can be pending: a new one first waits for the previous one
         (unless this call completes a `reserve()`).
         """
@@ -160,9 +199,8 @@ class STMCache:
             self._finish(lambda: self._queue_on_side_stream(compute))
         elif background:
             try:
-                start_thread(lambda: self._finish(lambda: self._set(compute(self._memory)), reraise=False),
-                             name="rxt-memory-update")
-            except RuntimeError:  # no new thread (e.g. while the interpreter shuts down): finish it here
+                submit_update(lambda: self._finish(lambda: self._set(compute(self._memory)), reraise=False))
+            except RuntimeError:  # no worker (the interpreter is shutting down): finish it here
                 self._finish(lambda: self._set(compute(self._memory)))
         else:
             self._finish(lambda: self._set(compute(self._memory)))
