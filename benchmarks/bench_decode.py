@@ -19,6 +19,12 @@
      after the answer (under its `no_grad`), from the streamer's `end()` to `generate`'s return, on the same 97
      tokens. Also printed for ours: a direct `update_memory(...)` call outside `no_grad` (what tables before
      2026-11-30 21:00 UTC reported as ours), which also records the autograd graph: it is differentiable.
+   * sync vs async turns (ours only): `--turns` back-to-back turns of `generate` on one conversation, the
+     batch-1 prompt and `--new-tokens` tokens each, with `memory_update="sync"` and with `"async"` (the update
+     runs in the background and the next turn's `generate` waits for it before reading the memory), then
+     `stm.wait()`; per-turn wall and CPU ms. The two modes alternate which goes first from call to call. With
+     nothing between the turns an async turn cannot be cheaper than a sync one: it measures what handing the
+     update to the background costs.
    * batch-16 throughput: 16 queries, `--batch-tokens` new tokens each, memory update excluded. Reference:
      `batch_interact` up to its -1 marker; ours: `generate(memory_update="none")`. Tokens/s = 16 x new / wall.
    * the same two figures in CPU time (`time.process_time()` of the worker: the decode tokens per CPU second,
@@ -272,7 +278,10 @@ class OursWorker:
             def end(self):  # after the last token, before generate's memory update: rxlm's -1 marker
                 self.ended = stamp()
 
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **self.decode_kwargs)
+        # No min_new_tokens: the [EOS] logit is pushed down in the weights (see rxlm_build), so every answer has
+        # `new_tokens` tokens anyway (asserted below), and transformers' min-length processors would add two
+        # vocabulary-sized passes per step that rxlm's interact() does not run.
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, **self.decode_kwargs)
         compile_s = None
         if self.decode_kwargs and new_tokens not in self.warmed_up:  # compiles for this static-cache size
             start = time.perf_counter()
@@ -300,6 +309,26 @@ class OursWorker:
                 "first": int(out[0, QUERY_LEN + 1]), "answer": out[0, QUERY_LEN + 1:].tolist(),
                 "compile_s": compile_s}
 
+    def turns(self, new_tokens: int, turns: int) -> dict:
+        """Per-turn wall and CPU ms of `turns` back-to-back turns, memory_update "sync" and "async" (see above)."""
+        torch, model = self.torch, self.model
+        prompt = torch.cat([query_ids(1), torch.tensor([[A]])], dim=1)
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, **self.decode_kwargs)
+        self.turn_calls = getattr(self, "turn_calls", 0) + 1
+        result = {}
+        for mode in ("sync", "async") if self.turn_calls % 2 else ("async", "sync"):
+            stm = self._stm(1)
+            model.generate(prompt, stm=stm, memory_update=mode, **kwargs)  # untimed first turn
+            stm.wait()
+            start = stamp()
+            for _ in range(turns):
+                model.generate(prompt, stm=stm, memory_update=mode, **kwargs)
+            stm.wait()
+            end = stamp()
+            result[f"{mode}_ms"] = 1e3 * (end[0] - start[0]) / turns
+            result[f"{mode}_cpu_ms"] = 1e3 * (end[1] - start[1]) / turns
+        return result
+
     def parts(self, new_tokens: int, repeats: int) -> dict:
         """CPU ms of the update's parts (`--parts`), under no_grad as in `generate`; the whole `update_memory`
         also with autograd on."""
@@ -325,9 +354,11 @@ class OursWorker:
         prompt = torch.cat([query_ids(batch), torch.full((batch, 1), A)], dim=1)
         stm = self._stm(batch)
         start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), stm=stm, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, memory_update="none")
-        return {"tokens_per_s": batch * new_tokens / (time.perf_counter() - start), "steps": new_tokens}
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), stm=stm, max_new_tokens=new_tokens,
+                             do_sample=False, memory_update="none")
+        wall = time.perf_counter() - start
+        assert out.shape[1] == prompt.shape[1] + new_tokens and not (out[:, prompt.shape[1]:] == EOS).any()
+        return {"tokens_per_s": batch * new_tokens / wall, "steps": new_tokens}
 
 
 def serve(kind: str, path: str, threads: int) -> None:
@@ -408,6 +439,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=2,
+                        help="back-to-back turns per mode for the sync vs async table (ours only; 0: skip it)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with a static cache + torch.compile of the decode step")
     parser.add_argument("--parts", action="store_true",
@@ -446,7 +479,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.rounds} alternating rounds, {args.new_tokens} new tokens (batch 1), "
           f"{args.batch} x {args.batch_tokens} (batch)\n", flush=True)
-    table, cpu_table, direct_table = [], [], []
+    table, cpu_table, direct_table, turn_table = [], [], [], []
     base = "rxlm" if args.rxlm_python else "ours-before"
     for threads in args.threads:
         clients = [Client("ours", sys.executable, "ours", ours_dir, threads)]
@@ -466,8 +499,13 @@ def main() -> None:
         decode = alternate(clients, args.rounds, op="decode", new_tokens=args.new_tokens)
         batch = alternate(clients, max(3, args.rounds // 2), op="batch", batch=args.batch,
                           new_tokens=args.batch_tokens)
+        ours = [c for c in clients if c.name.startswith("ours")]
+        turns = alternate(ours, args.rounds, op="turns", new_tokens=args.new_tokens, turns=args.turns) if args.turns else {}
         for c in clients:
             c.close()
+        for name, rows in turns.items():
+            turn_table.append((threads, name, *(med(rows, f"{mode}_{unit}") for unit in ("ms", "cpu_ms")
+                                                for mode in ("sync", "async"))))
         firsts = {name: rows[0]["first"] for name, rows in decode.items()}
         print(f"threads {threads}: first generated token (same weights => same token): {firsts}", flush=True)
         if args.compile:
@@ -506,6 +544,13 @@ def main() -> None:
           "| update minor page faults | direct update ms | direct update CPU ms |\n|---:|---|---:|---:|---:|")
     for threads, name, faults, upd, upd_cpu in direct_table:
         print(f"| {threads} | {name} | {faults:.0f} | {upd} | {upd_cpu} |")
+    if turn_table:
+        print(f"\nSync vs async memory update, {args.turns} back-to-back turns of {args.new_tokens} new tokens (per turn, "
+              "medians over the rounds):\n\n| threads | implementation | sync turn ms | async turn ms | async / sync "
+              "| sync turn CPU ms | async turn CPU ms | async / sync (CPU) |\n|---:|---|---:|---:|---:|---:|---:|---:|")
+        for threads, name, sync, asyn, sync_cpu, async_cpu in turn_table:
+            print(f"| {threads} | {name} | {sync:.1f} | {asyn:.1f} | {asyn / sync:.3f} | {sync_cpu:.1f} "
+                  f"| {async_cpu:.1f} | {async_cpu / sync_cpu:.3f} |")
 
 
 if __name__ == "__main__":
