@@ -1654,7 +1654,8 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
             input_ids: the prompt as the chat template renders it with `add_generation_prompt=True`, i.e.
                 `[BOS][Q]query[A]`, left-padded in a batch. Nothing is added to it.
             stm: the conversations' `STMCache` (one row per conversation, or one row shared by all).
-            memory_update: "async" (default: the update runs on a background thread after the answer;
+            memory_update: "async" (default: the update runs after the answer on the process's memory-update
+                worker thread, or on a side stream on CUDA;
                 `stm.wait()`, any read of `stm.memory` and the next `generate` wait for it), "sync", or "none".
             **kwargs: anything `GenerationMixin.generate` takes (sampling, beams, `num_return_sequences`,
                 logits processors, stopping criteria, streamers, `return_dict_in_generate`, static caches,
