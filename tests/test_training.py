@@ -535,3 +535,53 @@ def test_review_loss_weight_without_reviews_is_refused_before_training(tok, epis
         MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)
     with pytest.raises(ValueError, match="review_loss_weight must be >= 0"):
         MemoryAwareConfig(**common_args(tmp_path, review_loss_weight=-1.0))
+
+
+def test_write_token_loss_asks_the_fresh_slots_for_the_interactions_words(tok):
+    """`write_token_loss_weight`: after every FIFO write, each memory layer's fresh slots (RMS-normalised, a mixture
+    over the slots) score the vocabulary through the shared token embedding, and the loss is the mean -log p of
+    the written interaction's distinct non-special tokens; checked by hand on one batch. It trains the write
+    (memory attention) even where no answer is trained, and weight 0 leaves the loss as it was."""
+    fifo = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+                use_tanh_residual_gate=False, fifo_write_slots=2)
+    model = make_model(tok, memory=fifo, stm_init_type="learned")
+    ds = tokenize_mrl_dataset(build_memory_dialogues(4, max_distance=3, seed=3), tok, 64)
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)([ds[i] for i in range(4)])
+    out = {}
+    for weight in (0.0, 0.5):
+        module = RxTForMemoryAwareTraining.from_rxt(
+            model, MemoryAwareConfig(output_dir="x", use_cpu=True, backprop_turns=0, write_token_loss_weight=weight))
+        out[weight] = module(**batch, generator=torch.Generator().manual_seed(0))
+    assert "write_token_loss" not in out[0.0].metrics
+    special = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad():
+        stm, per_turn = model.initial_memory_tensor(4), []
+        for k in range(batch["input_ids"].shape[1] - 1):
+            rows = batch["turn_mask"][:, k].bool()
+            stm = compute_memory_update(module, batch["input_ids"][:, k], batch["attention_mask"][:, k], stm, rows)
+            row_losses = []
+            for r in rows.nonzero().flatten().tolist():
+                words = {int(t) for t, m in zip(batch["input_ids"][r, k], batch["attention_mask"][r, k]) if m} - special
+                for layer in range(stm.shape[1]):
+                    slots = stm[r, layer, :2]
+                    slots = slots / slots.pow(2).mean(-1, keepdim=True).add(torch.finfo(slots.dtype).eps).sqrt()
+                    p = torch.softmax(slots @ embedding.T, dim=-1).mean(0)  # the mixture of the two fresh slots
+                    row_losses.append(-torch.log(p[sorted(words)]).mean())
+            per_turn.append(torch.stack(row_losses).mean())
+    expected = float(torch.stack(per_turn).mean())
+    assert float(out[0.5].metrics["write_token_loss"]) == pytest.approx(expected, rel=1e-4)
+    assert float(out[0.5].loss.detach()) == pytest.approx(float(out[0.0].loss.detach()) + 0.5 * expected, rel=1e-5)
+    no_answers = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    no_answers["labels"][:, 0] = batch["labels"][:, 0]  # only turn 0, which reads the initial memory
+    model.zero_grad(set_to_none=True)
+    module(**no_answers, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.memory_attention.parameters() if p.grad is not None) > 0
+
+
+def test_write_token_loss_needs_a_fifo_memory_and_a_non_negative_weight(tok, episodes, tmp_path):
+    with pytest.raises(ValueError, match="write_token_loss_weight must be >= 0"):
+        MemoryAwareConfig(**common_args(tmp_path, write_token_loss_weight=-0.1))
+    args = MemoryAwareConfig(**common_args(tmp_path, max_steps=1, write_token_loss_weight=0.1))
+    with pytest.raises(ValueError, match=r"write_token_loss_weight=0.1 scores the slots a FIFO write fills"):
+        MemoryAwareTrainer(make_model(tok), args, train_dataset=episodes, processing_class=tok)

@@ -76,6 +76,11 @@ class MemoryAwareConfig(TrainingArguments):
             column) ask the memory about an earlier fact before every turn without writing the question into
             it, so keeping a fact through later writes gets a training signal at every turn, not only at the
             episode's few probe turns. 0 ignores them (the reference's stage 4).
+        write_token_loss_weight (`float`, defaults to `0.0`): weight of an auxiliary loss on every FIFO write
+            (models with `fifo_write_slots`): the fresh slots of each memory layer must name the written
+            interaction's distinct tokens through the shared token embedding (the mean -log p of those tokens
+            under the mixture of the slots' vocabulary distributions). The answer loss alone lets the write keep
+            what questions ask for most and drop what only tells facts apart, such as whose fact it is. 0 = off.
     """
 
     backprop_turns: int = field(default=1, metadata={"help": "Memory updates per loss in backprop (0 = all)."})
@@ -92,6 +97,9 @@ class MemoryAwareConfig(TrainingArguments):
     review_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the review questions' answer loss (0 = reviews unused)."}
     )
+    write_token_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the FIFO write's token loss (0 = none)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
@@ -101,6 +109,8 @@ class MemoryAwareConfig(TrainingArguments):
             raise ValueError(f"backprop_turns must be >= 0 (0 = whole episode), got {self.backprop_turns}")
         if self.review_loss_weight < 0:
             raise ValueError(f"review_loss_weight must be >= 0 (0 = no reviews), got {self.review_loss_weight}")
+        if self.write_token_loss_weight < 0:
+            raise ValueError(f"write_token_loss_weight must be >= 0 (0 = none), got {self.write_token_loss_weight}")
 
     def trainable_components(self, step: int, epoch: float) -> set[str]:
         """Which components train at optimizer step ``step`` / epoch ``epoch`` (the unfreeze schedule)."""
@@ -187,6 +197,27 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             results.append((loss, mean.detach(), float(correct[mine].sum()), int(mine.sum())))
         return results, base.aux_loss
 
+    def _write_token_loss(self, stm: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          rows: torch.Tensor) -> torch.Tensor:
+        """How well the slots a FIFO write just filled name the interaction's tokens: every memory layer's fresh
+        slots, RMS-normalised, score the vocabulary through the shared token embedding; the slots are a mixture
+        (each token needs one slot that names it), and the loss is the mean -log p of the interaction's distinct
+        non-special tokens. The answer loss alone keeps what questions ask for most (the value) and drops what
+        only tells facts apart (whose fact it is); this asks the write to keep every word."""
+        n = self.rxt.memory_attention.fifo_write_slots
+        index = rows.nonzero().flatten()
+        slots = torch.nn.functional.rms_norm(stm[index, :, :n], (stm.shape[-1],))  # [R, L, n, D]
+        logp = torch.log_softmax((slots @ self.get_input_embeddings().weight.T).float(), dim=-1)
+        mixture = torch.logsumexp(logp, dim=2) - torch.log(torch.tensor(float(n)))  # [R, L, V]
+        ids = input_ids[index].masked_fill(attention_mask[index] == 0, 0)
+        present = torch.zeros(ids.shape[0], mixture.shape[-1], device=ids.device)
+        present.scatter_(1, ids, 1.0)
+        special = [self.config.pad_token_id, self.config.bos_token_id, self.config.eos_token_id,
+                   self.config.query_token_id, self.config.answer_token_id]
+        present[:, [t for t in special if t is not None]] = 0.0
+        per_row = -(mixture * present[:, None]).sum(-1) / present.sum(-1).clamp(min=1.0)[:, None]
+        return per_row.mean()
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -213,6 +244,8 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         train_first_turn = self.stage_arg("train_first_turn", True)
         aux_weight = self.stage_arg("moe_aux_loss_weight", self.config.router_aux_loss_coef)
         review_weight = self.stage_arg("review_loss_weight", 0.0)
+        write_weight = self.stage_arg("write_token_loss_weight", 0.0)
+        write_losses: list[torch.Tensor] = []
         if review_weight <= 0 or review_mask is None:
             review_mask = torch.zeros(batch, turns + 1, dtype=torch.long, device=input_ids.device)
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
@@ -232,6 +265,9 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                     stm = stm.detach()
                 written = episode[k - 1]
                 stm = compute_memory_update(self, written.input_ids, written.attention_mask, stm, written.valid)
+                if write_weight > 0 and self.training:
+                    write_losses.append(self._write_token_loss(stm, written.input_ids, written.attention_mask,
+                                                               written.valid))
             parts, is_review = [], []
             if turn is not None and (k > 0 or train_first_turn) and bool((turn.labels[:, 1:] != -100).any()):
                 parts.append((turn.input_ids, turn.attention_mask, turn.labels, turn.valid.nonzero().flatten()))
@@ -265,6 +301,10 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         if aux_losses:  # the mean of (turn loss + weight * aux) over turns, as the reference sums them
             loss = loss + aux_weight * _mean_over_trained(aux_losses, turn_counts)
         metrics["answer_accuracy"] = hits / max(count, 1)
+        if write_losses:
+            write_loss = torch.stack(write_losses).mean()
+            loss = loss + write_weight * write_loss
+            metrics["write_token_loss"] = write_loss.detach()
         if review_losses:
             review_loss = _mean_over_trained(review_losses, review_counts)
             loss = loss + review_weight * review_loss
@@ -328,6 +368,12 @@ class MemoryAwareTrainer(RxTStageTrainer):
         _check_reviews(args, train_dataset)
         if isinstance(model, (str, os.PathLike)):
             model = load_rxt_model(model)
+        if args.write_token_loss_weight > 0 and model.rxt.memory_attention.fifo_write_slots is None:
+            raise ValueError(
+                f"write_token_loss_weight={args.write_token_loss_weight} scores the slots a FIFO write fills, and "
+                "this model's memory attention has no fifo_write_slots: set fifo_write_slots in its "
+                "memory_attention_config, or write_token_loss_weight to 0."
+            )
         data_collator = episode_collator(data_collator, processing_class, model)
         module = RxTForMemoryAwareTraining.from_rxt(model, args)
         # Components that are never trained are frozen for good (also under DDP, before wrapping).
