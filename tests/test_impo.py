@@ -445,3 +445,33 @@ def test_dmpo_uses_trls_loss_types_and_beta_on_memory_conditioned_logps(tmp_path
     nll = -out.log_probs[:6][labels].mean()
     assert loss.item() == pytest.approx((-F.logsigmoid(z).mean() + 0.5 * nll).item(), abs=1e-5)
     assert float(z.abs().max()) > 0  # the reference differs: the margin is not trivially zero
+
+
+def test_impo_loss_stays_finite_where_the_padding_token_is_never_emitted(tmp_path, tok):
+    """A trained model gives its padding token a log-prob of -100 or less. TRL's loss takes exp(ref - policy) and
+    exp(policy - old) at every completion position before it masks, so the log-probs of untrained positions
+    (after an [EOS], rows padded to a longer step) must agree between the rollout and the training forward: both
+    are 0 there. Before, the rollout's were 0 where rows were padded and the forward's were log p(pad), so one
+    position held exp(300) = inf, and inf x 0 = NaN reached every gradient (a main-job IMPO run failed so)."""
+    m = model()
+    pad, eos = m.config.pad_token_id, m.config.eos_token_id
+
+    def never_pad_often_eos(module, args, logits):  # as a trained model: pad far below, [EOS] common
+        logits = logits.clone()
+        logits[..., pad] -= 300.0
+        logits[..., eos] += 4.0
+        return logits
+
+    m.lm_head.register_forward_hook(never_pad_often_eos)
+    args = impo_args(tmp_path, beta=0.05, num_generations=2, advantage_estimator="group", num_iterations=2)
+    trainer = impo(tmp_path, tok, args, model=m)
+    inputs = trainer._generate_and_score_completions([episodes(4)[i] for i in range(4)])
+    trained = inputs["completion_mask"] * inputs["tool_mask"]
+    assert bool((trained == 0).any()) and bool((trained == 1).any())  # untrained positions are in the batch
+    for key in ("ref_per_token_logps", "old_per_token_logps"):
+        assert bool((inputs[key][trained == 0] == 0).all()) and bool((inputs[key][trained == 1] < 0).all()), key
+    trainer.model.eval()  # no gradient-accumulation scaling (the loss is the same)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None)

@@ -398,6 +398,8 @@ class RxTForIMPOTraining(RxTStageModel):
                                                         stm=memory, logits_to_keep=logits_to_keep + 1).logits
         logits = logits[:, :-1].float() / a.temperature  # the last prompt position predicts the first answer token
         log_probs, _ = sequence_log_probs(logits, input_ids[:, -logits_to_keep:], shift=False)
+        if loss_mask is not None:  # 0 where nothing is trained, as in the rollout's log-probs (see _teacher_forced)
+            log_probs = log_probs * loss_mask
         out = IMPOForwardOutput(log_probs=log_probs, entropy=entropy_from_logits(logits),
                                 stm_diff=stm_difference_loss(memory, prev_memory, step_index))
         if self.critic is not None:
@@ -458,12 +460,18 @@ def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 @torch.no_grad()
 def _teacher_forced(model: RxTForConversationalGeneration, sequences, sequence_mask, memory, width: int,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, width] of the last ``width`` tokens of ``sequences`` read from ``memory`` (what
-    the training forward computes), and the logits [B, width, V] that predicted them (temperature-scaled)."""
+    the training forward computes), 0 where ``trained`` [B, width] is 0, and the logits [B, width, V] that
+    predicted them (temperature-scaled).
+
+    Zero, not the log-prob of the padding token, where nothing is trained: TRL's loss takes exp(ref - policy) and
+    exp(policy - old) at every position before it masks, and the batch pads rows of shorter steps with 0. A
+    padding token the model has learned never to emit has log-prob -100 or less, so a masked position held
+    exp(100+) = inf, and inf x 0 = NaN reached every weight (a main-job IMPO run failed so at step 49)."""
     logits = model(input_ids=sequences, attention_mask=sequence_mask, stm=memory, logits_to_keep=width + 1).logits
     logits = logits[:, :-1].float() / temperature
-    return sequence_log_probs(logits, sequences[:, -width:], shift=False)[0], logits
+    return sequence_log_probs(logits, sequences[:, -width:], shift=False)[0] * trained, logits
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -716,11 +724,13 @@ class IMPOTrainer(RxTHubTrainerMixin, ComponentOptimizerMixin, GRPOTrainer):
             step = {"prompt_ids": prompt, "prompt_mask": pmask, "completion_ids": comp, "completion_mask": cmask,
                     "prev_memory": prev_memory, "prev_ids": prev_ids, "prev_mask": prev_mask,
                     "prev_valid": prev_valid.float(), "row_valid": turn.valid.float()}
+            trained = cmask * turn.valid[:, None].to(cmask.dtype)  # the loss mask of these rows (tool_mask)
             if self.beta != 0.0:
                 step["ref_per_token_logps"], _ = _teacher_forced(ref, seqs, seq_mask, ref_mem, comp.shape[1],
-                                                                 a.temperature)
+                                                                 a.temperature, trained)
             if want_old or a.interstep_kl_coef:
-                log_probs, logits = _teacher_forced(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature)
+                log_probs, logits = _teacher_forced(actor, seqs, seq_mask, mem, comp.shape[1], a.temperature,
+                                                    trained)
                 if want_old:
                     step["old_per_token_logps"] = log_probs
                 if a.interstep_kl_coef and prev_logits is not None:
