@@ -26,8 +26,13 @@ TINY_MODEL = {
                            cross_att_groups=2, cross_att_query_groups=2, ff_dim=48, seq_len=64, stm_size=8),
     "encoder_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2, ff_dim=48,
                            seq_len=64, stm_size=8, skip_memory_cross_attention=True),
+    # a FIFO memory, as the tiny preset's (its stage 4 trains the FIFO write's token loss)
     "memory_attention_config": dict(num_layers=2, embed_dim=32, att_heads=4, att_groups=2, att_query_groups=2,
-                                    interlayer_att_groups=2, interlayer_att_query_groups=2, seq_len=64, stm_size=8),
+                                    interlayer_att_groups=2, interlayer_att_query_groups=2, seq_len=64, stm_size=8,
+                                    use_gated_residual=True, residual_gate_type="elementwise",
+                                    residual_per_slot_gate=True, residual_gate_slot_status_type="linear",
+                                    use_tanh_residual_gate=False, fifo_write_slots=2),
+    "stm_init_type": "learned",
 }
 
 
