@@ -182,10 +182,17 @@ def hub(monkeypatch, tmp_path):
 
 
 def _reference_outputs(model, path):
+    # One thread here and in the remote process (_load_remotely): with two, an AVX-512 CPU's matmul kernels split
+    # the sums differently in the two processes (6e-8 apart), and what is checked is the code and the weights.
     ids, mask = interaction_batch(vocab=model.config.vocab_size, seed=3)
     stm = model.init_memory(2, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, stm=stm).logits
+    finally:
+        torch.set_num_threads(threads)
     torch.save({"ids": ids, "mask": mask, "stm": stm.memory, "logits": logits}, path)
 
 
@@ -199,6 +206,7 @@ def _load_remotely(model_dir: Path, ref_path: Path, tmp_path: Path) -> str:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
         assert "transformers_modules" in type(model).__module__, type(model).__module__
         ref = torch.load({str(ref_path)!r})
+        torch.set_num_threads(1)  # as _reference_outputs
         with torch.no_grad():
             out = model(input_ids=ref["ids"], attention_mask=ref["mask"], stm=ref["stm"]).logits
         print("MAXDIFF", (out - ref["logits"]).abs().max().item())
