@@ -46,12 +46,20 @@ def episode(seed: int, turns: int) -> dict:
 EPISODES = [episode(1, 3), episode(2, 2), episode(3, 2), episode(4, 4)]
 
 
+# a FIFO memory (2 fresh slots per write), for the write token loss
+FIFO = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
+            use_tanh_residual_gate=False, fifo_write_slots=2)
+
+
 def one_step(output_dir: str, per_device: int, accumulation: int = 1, gradient_checkpointing: bool = False,
-             callbacks: list | None = None, review_loss_weight: float = 0.0) -> tuple[dict, MemoryAwareTrainer]:
+             callbacks: list | None = None, review_loss_weight: float = 0.0,
+             write_token_loss_weight: float = 0.0) -> tuple[dict, MemoryAwareTrainer]:
     """The initial parameters and the trainer after one SGD step on :data:`EPISODES` (their review questions
-    trained with ``review_loss_weight`` > 0)."""
+    trained with ``review_loss_weight`` > 0; with ``write_token_loss_weight`` > 0 the model has a FIFO memory
+    and its writes are scored)."""
     torch.manual_seed(0)
-    model = RxTForConversationalGeneration(tiny_config(stm_init_type="learned", seq_len=64)).train()
+    memory = FIFO if write_token_loss_weight > 0 else None
+    model = RxTForConversationalGeneration(tiny_config(memory=memory, stm_init_type="learned", seq_len=64)).train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MemoryAwareConfig(
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
@@ -59,6 +67,7 @@ def one_step(output_dir: str, per_device: int, accumulation: int = 1, gradient_c
         max_grad_norm=0.0, train_sampling_strategy="sequential", backprop_turns=0, use_cpu=True,
         report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
         gradient_checkpointing=gradient_checkpointing, review_loss_weight=review_loss_weight,
+        write_token_loss_weight=write_token_loss_weight,
     )
     trainer = MemoryAwareTrainer(model, args, train_dataset=EPISODES, callbacks=callbacks)
     trainer.train()
@@ -67,7 +76,9 @@ def one_step(output_dir: str, per_device: int, accumulation: int = 1, gradient_c
 
 def main(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    initial, trainer = one_step(str(Path(out).parent / f"run-{world}"), len(EPISODES) // world)
+    # every part of the stage loss: answers, reviews and the write token loss, each normalised over the step
+    initial, trainer = one_step(str(Path(out).parent / f"run-{world}"), len(EPISODES) // world,
+                                review_loss_weight=0.5, write_token_loss_weight=0.3)
     if trainer.is_world_process_zero():
         params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)  # gathered over processes

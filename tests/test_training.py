@@ -317,16 +317,19 @@ def test_memory_aware_rows_without_a_turn_keep_their_memory(tok):
     assert torch.equal(new[1], stm[1]) and not torch.equal(new[0], stm[0])
 
 
-@pytest.mark.parametrize("review_loss_weight", [0.0, 0.5], ids=["turns", "turns_and_reviews"])
-def test_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path, review_loss_weight):
+@pytest.mark.parametrize("review_loss_weight,write_token_loss_weight", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.3)],
+                         ids=["turns", "turns_and_reviews", "turns_reviews_and_writes"])
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path, review_loss_weight,
+                                                                   write_token_loss_weight):
     """Stage 4, 2 micro-batches of 2 episodes (different turn counts and answer lengths) accumulated = one batch
-    of 4: the loss is normalised by the whole step's answer tokens per turn (plain SGD: the update is the
-    gradient). The 2-process version of this is in test_training_distributed.py."""
+    of 4: the loss is normalised by the whole step's answer tokens per turn and, for the write token loss, by
+    the whole step's scored writes per boundary (plain SGD: the update is the gradient). The 2-process version
+    of this is in test_training_distributed.py."""
     from ddp_stage4_step import one_step
 
-    initial, whole = one_step(str(tmp_path / "whole"), per_device=4, review_loss_weight=review_loss_weight)
-    _, accumulated = one_step(str(tmp_path / "accumulated"), per_device=2, accumulation=2,
-                              review_loss_weight=review_loss_weight)
+    weights = dict(review_loss_weight=review_loss_weight, write_token_loss_weight=write_token_loss_weight)
+    initial, whole = one_step(str(tmp_path / "whole"), per_device=4, **weights)
+    _, accumulated = one_step(str(tmp_path / "accumulated"), per_device=2, accumulation=2, **weights)
     params = dict(accumulated.model.named_parameters())
     assert max(float((p.detach() - initial[n]).abs().max()) for n, p in whole.model.named_parameters()) > 1e-2
     for name, value in whole.model.named_parameters():
@@ -540,13 +543,19 @@ def test_review_loss_weight_without_reviews_is_refused_before_training(tok, epis
 def test_write_token_loss_asks_the_fresh_slots_for_the_interactions_words(tok):
     """`write_token_loss_weight`: after every FIFO write, each memory layer's fresh slots (RMS-normalised, a mixture
     over the slots) score the vocabulary through the shared token embedding, and the loss is the mean -log p of
-    the written interaction's distinct non-special tokens; checked by hand on one batch. It trains the write
+    the written interaction's distinct non-special tokens, for the episodes whose next turn reads the write;
+    checked by hand on one batch of episodes of different lengths. It trains the write
     (memory attention) even where no answer is trained, and weight 0 leaves the loss as it was."""
     fifo = dict(use_gated_residual=True, residual_gate_type="elementwise", residual_gate_slot_status_type="linear",
                 use_tanh_residual_gate=False, fifo_write_slots=2)
     model = make_model(tok, memory=fifo, stm_init_type="learned")
     ds = tokenize_mrl_dataset(build_memory_dialogues(4, max_distance=3, seed=3), tok, 64)
-    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)([ds[i] for i in range(4)])
+    features = [dict(ds[i]) for i in range(4)]
+    for row, turns in ((1, 2), (2, 3)):  # episodes of 2, 3 and 4 turns
+        features[row] = {**features[row], "turn_input_ids": features[row]["turn_input_ids"][:turns],
+                         "turn_labels": features[row]["turn_labels"][:turns]}
+    batch = DataCollatorForRxTEpisodes.from_tokenizer(tok)(features)
+    assert batch["turn_mask"].sum(dim=1).tolist() == [4, 2, 3, 4]
     out = {}
     for weight in (0.0, 0.5):
         module = RxTForMemoryAwareTraining.from_rxt(
@@ -560,15 +569,17 @@ def test_write_token_loss_asks_the_fresh_slots_for_the_interactions_words(tok):
         for k in range(batch["input_ids"].shape[1] - 1):
             rows = batch["turn_mask"][:, k].bool()
             stm = compute_memory_update(module, batch["input_ids"][:, k], batch["attention_mask"][:, k], stm, rows)
+            read = rows & batch["turn_mask"][:, k + 1].bool()  # an episode's last write is read by nothing
             row_losses = []
-            for r in rows.nonzero().flatten().tolist():
+            for r in read.nonzero().flatten().tolist():
                 words = {int(t) for t, m in zip(batch["input_ids"][r, k], batch["attention_mask"][r, k]) if m} - special
                 for layer in range(stm.shape[1]):
                     slots = stm[r, layer, :2]
                     slots = slots / slots.pow(2).mean(-1, keepdim=True).add(torch.finfo(slots.dtype).eps).sqrt()
                     p = torch.softmax(slots @ embedding.T, dim=-1).mean(0)  # the mixture of the two fresh slots
                     row_losses.append(-torch.log(p[sorted(words)]).mean())
-            per_turn.append(torch.stack(row_losses).mean())
+            if row_losses:
+                per_turn.append(torch.stack(row_losses).mean())
     expected = float(torch.stack(per_turn).mean())
     assert float(out[0.5].metrics["write_token_loss"]) == pytest.approx(expected, rel=1e-4)
     assert float(out[0.5].loss.detach()) == pytest.approx(float(out[0.0].loss.detach()) + 0.5 * expected, rel=1e-5)

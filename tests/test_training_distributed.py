@@ -125,8 +125,9 @@ def test_stages_1_4_and_5_complete_on_two_processes_and_resume(tmp_path):
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed next to this python")
 def test_ddp_stage4_step_equals_one_process_on_the_concatenated_batch(tmp_path):
     """One SGD step of stage 4 on 4 episodes: 2 processes with 2 episodes each (different turn counts and
-    answer lengths per process) give the parameters of 1 process on all 4. The stage loss is a token mean per
-    turn over the step's whole batch (counts summed over processes), not each process's own mean."""
+    answer lengths per process, review questions, the write token loss on a FIFO memory) give the parameters
+    of 1 process on all 4. Each part of the stage loss is a mean per turn boundary over the step's whole batch
+    (counts summed over processes), not each process's own mean."""
     worker = "tests/ddp_stage4_step.py"
     launch(worker, tmp_path, str(tmp_path / "two.pt"))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")

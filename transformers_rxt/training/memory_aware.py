@@ -139,20 +139,40 @@ class RxTForMemoryAwareTraining(RxTStageModel):
     (defaults without)."""
 
     def loss_item_counts(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Answer tokens that the loss trains on (shifted labels), interleaved per turn boundary k: entry 2k the
-        tokens of turn k, entry 2k + 1 those of the reviews asked before turn k (0 without reviews). Each turn's
-        and each review's loss is a token mean over the whole step's batch; the loss is the mean over the turns
-        (and, weighted, over the reviews) that have tokens in it."""
+        """What the loss trains on, three entries per turn boundary k: entry 3k the answer tokens of turn k
+        (shifted labels), 3k + 1 those of the reviews asked before turn k (0 without reviews), 3k + 2 the
+        episodes whose write of turn k - 1 the write token loss scores (0 without it). Each turn's and each
+        review's loss is a token mean, and each boundary's write loss a mean over episodes, over the whole
+        step's batch; the loss is the mean over the boundaries that have entries in it."""
         turns = (batch["labels"][:, :, 1:] != -100).sum(dim=(0, 2))
         if not self.stage_arg("train_first_turn", True):
             turns[0] = 0
-        counts = torch.zeros(2 * (turns.numel() + 1), dtype=torch.long, device=turns.device)
-        counts[0:-2:2] = turns
-        if self.stage_arg("review_loss_weight", 0.0) > 0 and batch.get("review_labels") is not None:
+        counts = torch.zeros(3 * (turns.numel() + 1), dtype=torch.long, device=turns.device)
+        counts[0:-3:3] = turns
+        reviewing = self._reviewing(batch.get("review_mask"), batch.get("review_labels"), batch["turn_mask"])
+        if reviewing is not None:
             reviewed = batch["review_labels"][:, :, 1:] != -100
-            reviewed &= batch["review_mask"].bool()[:, :, None]
-            counts[1::2] = reviewed.sum(dim=(0, 2))
+            counts[1::3] = (reviewed & reviewing[:, :, None]).sum(dim=(0, 2))
+        if self.stage_arg("write_token_loss_weight", 0.0) > 0:
+            counts[5::3] = self._scored_writes(batch["turn_mask"].bool(), reviewing).sum(dim=0)
         return counts
+
+    def _reviewing(self, review_mask: torch.Tensor | None, review_labels: torch.Tensor | None,
+                   turn_mask: torch.Tensor) -> torch.Tensor | None:
+        """bool [B, N + 1]: the review questions that are trained (None without reviews)."""
+        if self.stage_arg("review_loss_weight", 0.0) <= 0 or review_mask is None or review_labels is None:
+            return None
+        return review_mask.bool()
+
+    @staticmethod
+    def _scored_writes(turn_mask: torch.Tensor, reviewing: torch.Tensor | None) -> torch.Tensor:
+        """bool [B, N]: column k - 1 marks the episodes whose write of turn k - 1 something reads: turn k, or a
+        review asked before turn k. The write of an episode's last turn is read by nothing and not scored,
+        however long the other episodes of the batch are."""
+        read = torch.nn.functional.pad(turn_mask[:, 1:], (0, 1), value=False)
+        if reviewing is not None:
+            read = read | reviewing[:, 1:]
+        return turn_mask & read
 
     def _answer_losses(
         self,
@@ -199,7 +219,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
 
     def _write_token_loss(self, stm: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           rows: torch.Tensor) -> torch.Tensor:
-        """How well the slots a FIFO write just filled name the interaction's tokens: every memory layer's fresh
+        """Per row that ``rows`` (bool [B]) selects: how well the slots a FIFO write just filled name the interaction's tokens: every memory layer's fresh
         slots, RMS-normalised, score the vocabulary through the shared token embedding; the slots are a mixture
         (each token needs one slot that names it), and the loss is the mean -log p of the interaction's distinct
         non-special tokens. The answer loss alone keeps what questions ask for most (the value) and drops what
@@ -216,7 +236,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                    self.config.query_token_id, self.config.answer_token_id]
         present[:, [t for t in special if t is not None]] = 0.0
         per_row = -(mixture * present[:, None]).sum(-1) / present.sum(-1).clamp(min=1.0)[:, None]
-        return per_row.mean()
+        return per_row.mean(dim=1)  # [R]: the mean over memory layers
 
     def forward(
         self,
@@ -246,6 +266,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         review_weight = self.stage_arg("review_loss_weight", 0.0)
         write_weight = self.stage_arg("write_token_loss_weight", 0.0)
         write_losses: list[torch.Tensor] = []
+        write_means: list[torch.Tensor] = []  # this batch's own means, for the logs
         if review_weight <= 0 or review_mask is None:
             review_mask = torch.zeros(batch, turns + 1, dtype=torch.long, device=input_ids.device)
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
@@ -265,9 +286,12 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                     stm = stm.detach()
                 written = episode[k - 1]
                 stm = compute_memory_update(self, written.input_ids, written.attention_mask, stm, written.valid)
-                if write_weight > 0 and self.training:
-                    write_losses.append(self._write_token_loss(stm, written.input_ids, written.attention_mask,
-                                                               written.valid))
+                scored = written.valid & ((turn.valid if turn is not None else False) | reviewing)
+                if write_weight > 0 and self.training and bool(scored.any()):
+                    per_row = self._write_token_loss(stm, written.input_ids, written.attention_mask, scored)
+                    write_means.append(per_row.detach().mean())
+                    total = None if num_items_in_batch is None else num_items_in_batch[3 * k + 2]
+                    write_losses.append(per_row.mean() if total is None else per_row.sum() / total)
             parts, is_review = [], []
             if turn is not None and (k > 0 or train_first_turn) and bool((turn.labels[:, 1:] != -100).any()):
                 parts.append((turn.input_ids, turn.attention_mask, turn.labels, turn.valid.nonzero().flatten()))
@@ -278,7 +302,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                 is_review.append(True)
             if not parts:
                 continue
-            totals = [None if num_items_in_batch is None else num_items_in_batch[2 * k + r] for r in is_review]
+            totals = [None if num_items_in_batch is None else num_items_in_batch[3 * k + r] for r in is_review]
             results, aux = self._answer_losses(parts, stm, totals)
             for review, (loss_k, mean_k, h, c) in zip(is_review, results):
                 if review:
@@ -296,15 +320,15 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         if not losses and not review_losses:
             raise ValueError("no turn of this batch has answer labels to train on")
         counts = num_items_in_batch
-        turn_counts, review_counts = (None, None) if counts is None else (counts[0::2], counts[1::2])
+        turn_counts, review_counts, write_counts = (None,) * 3 if counts is None else (
+            counts[0::3], counts[1::3], counts[2::3])
         loss = _mean_over_trained(losses, turn_counts) if losses else input_ids.new_zeros((), dtype=torch.float)
         if aux_losses:  # the mean of (turn loss + weight * aux) over turns, as the reference sums them
             loss = loss + aux_weight * _mean_over_trained(aux_losses, turn_counts)
         metrics["answer_accuracy"] = hits / max(count, 1)
         if write_losses:
-            write_loss = torch.stack(write_losses).mean()
-            loss = loss + write_weight * write_loss
-            metrics["write_token_loss"] = write_loss.detach()
+            loss = loss + write_weight * _mean_over_trained(write_losses, write_counts)
+            metrics["write_token_loss"] = torch.stack(write_means).mean()
         if review_losses:
             review_loss = _mean_over_trained(review_losses, review_counts)
             loss = loss + review_weight * review_loss
