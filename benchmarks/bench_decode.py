@@ -32,6 +32,11 @@
      time does not; with 1 thread, CPU time is the work each implementation does.
    * a check that the weights are the same: the first generated token of every contender is printed (the
      reference's later steps use positions one too far, so only the first is comparable).
+   * `--floor` (instead of the above): a batch-1 decode step split into its dense matmuls (`aten::mm`/`addmm`/
+     `bmm`, self time under `torch.profiler`) and everything else, per step as the difference between decoding
+     `--new-tokens` and half as many (prompt and setup cancel out); rxlm up to its -1 marker, ours with
+     `memory_update="none"`. Both sides run the same matmuls on the same weights, so the last column, the base's
+     step time over ours' matmul time, is the most any change outside the matmul kernels can give.
    * `--parts` (instead of the above): the memory update's parts in CPU ms, each a median of `--repeats` calls
      in one process (the encoder; the memory attention; the whole update, under no_grad; ours also with autograd
      on), on the same query + [A] + `--new-tokens` answer tokens and the same starting memory for all.
@@ -129,6 +134,64 @@ def cpu_ms_and_faults(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(faults)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def floor_per_token(decode, new_tokens: int, profiled_tokens: int = 16) -> dict:
+    """`--floor`: the wall ms and the matmul ms of one decode step, each as the difference between decoding n and
+    n // 2 tokens (so the prompt's forward and any setup cancel out), medians of 3 calls. Wall ms: n =
+    `new_tokens`, without the profiler (its per-op bookkeeping would inflate the small ops). Matmul ms: the self
+    time of the dense matmul kernels (`MATMUL_OPS`) under `torch.profiler`, n = `profiled_tokens` (the profiler's
+    event lists grow with every op: long profiled runs take minutes and gigabytes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def wall(n):
+        start = time.perf_counter()
+        decode(n)
+        return 1e3 * (time.perf_counter() - start)
+
+    def matmul(n):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode(n)
+        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e3
+
+    def per_step(measure, n):
+        return (statistics.median(measure(n) for _ in range(3))
+                - statistics.median(measure(n // 2) for _ in range(3))) / (n - n // 2)
+
+    decode(new_tokens // 2)  # warm-up
+    return {"step_ms": per_step(wall, new_tokens), "matmul_ms": per_step(matmul, profiled_tokens)}
+
+
+def decode_step_weight_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step has to read: the decoder's (the routed experts' share top_k /
+    num_experts; not the memory cross-attention's key/value projections, computed once per turn) and the LM
+    head. Both implementations run these matmuls on the same weights."""
+    total = model.lm_head.weight.nbytes + (model.lm_head.bias.nbytes if model.lm_head.bias is not None else 0)
+    for module_name, module in model.rxt.decoder.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if ".memory_cross_attention.k_proj" in module_name or ".memory_cross_attention.v_proj" in module_name:
+                continue
+            routed = name in ("w1", "w2", "b1", "b2")  # RxTMoeFeedForward's stacked experts
+            total += param.nbytes * module.top_k // module.num_experts if routed else param.nbytes
+    return total
+
+
+def gemv_bandwidth(mb: int = 256) -> float:
+    """GB/s of a single-row matmul on a weight far larger than the caches (median of 5): the speed at which a
+    batch-1 decode step can stream weights from memory on this machine, with this many threads."""
+    import torch
+
+    weight = torch.randn(mb * 2**20 // (4 * 4096), 4096)
+    x = torch.randn(1, weight.shape[0])
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        x @ weight
+        times.append(time.perf_counter() - start)
+    return weight.nbytes / statistics.median(times[1:]) / 1e9
+
+
 # ------------------------------------------------------------------------------------------------ reference side
 
 
@@ -216,6 +279,22 @@ class RxlmWorker:
             return {"encoder": cpu_ms(lambda: model.encoder(ids, attention_mask=mask), repeats),
                     "memory_attention": cpu_ms(memory_attention, repeats), "update": update_ms,
                     "update_faults": update_faults}
+
+    def floor(self, new_tokens: int) -> dict:
+        """`--floor`: interact() up to its -1 marker (the answer only; the memory update is not run)."""
+        torch, model = self.torch, self.model
+        if model.batch_size != 1:
+            model.set_batch_mode(False)
+        ids = query_ids(1)
+
+        def decode(n):
+            model.load_stm_state(self.stm[:, :1].clone())
+            for token in model.interact(ids, torch.ones_like(ids), temperature=1.0, top_k=1,
+                                        max_seq_len=QUERY_LEN + 1 + n):
+                if token == -1:
+                    break
+
+        return floor_per_token(decode, new_tokens)
 
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
@@ -349,6 +428,19 @@ class OursWorker:
         result["update_autograd"] = cpu_ms(update, repeats)
         return result
 
+    def floor(self, new_tokens: int) -> dict:
+        """`--floor`: generate the answer only (memory_update="none"); also the bytes of weights one decode step
+        reads and this worker's single-row matmul (GEMV) bandwidth."""
+        torch, model = self.torch, self.model
+        prompt = torch.cat([query_ids(1), torch.tensor([[A]])], dim=1)
+
+        def decode(n):
+            model.generate(prompt, stm=self._stm(1), memory_update="none", max_new_tokens=n, do_sample=False,
+                           **self.decode_kwargs)
+
+        return {**floor_per_token(decode, new_tokens), "weight_mb": decode_step_weight_bytes(model) / 1e6,
+                "gemv_gbs": gemv_bandwidth()}
+
     def batch(self, batch: int, new_tokens: int) -> dict:
         torch, model = self.torch, self.model
         prompt = torch.cat([query_ids(batch), torch.full((batch, 1), A)], dim=1)
@@ -430,6 +522,25 @@ def print_parts(parts: dict[str, list[dict]], threads: int, base: str) -> None:
         print(f"| {threads} | {name} | {' | '.join(cells)} | {ratio:.2f}x |", flush=True)
 
 
+def print_floor(floor: dict[str, list[dict]], threads: int, base: str) -> None:
+    """The `--floor` table: per decode step, wall ms and the dense matmuls' ms (medians over the rounds), and the
+    decode speed vs `base` that an implementation reaches if everything but those matmuls took no time."""
+    print(f"\n| threads | implementation | decode step ms | matmul ms | other ms | matmul share "
+          f"| decode vs {base} | with matmuls only: vs {base} |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    base_step = med(floor[base], "step_ms")
+    for name, rows in floor.items():
+        step, mm = med(rows, "step_ms"), med(rows, "matmul_ms")
+        print(f"| {threads} | {name} | {step:.2f} | {mm:.2f} | {step - mm:.2f} | {mm / step:.0%} "
+              f"| {base_step / step:.2f}x | {base_step / mm:.2f}x |", flush=True)
+    ours = floor["ours"]
+    weight_mb, gbs = med(ours, "weight_mb"), med(ours, "gemv_gbs")
+    print(f"\nA decode step reads {weight_mb:.1f} MB of weights (fp32); a single-row matmul streams {gbs:.1f} GB/s "
+          f"here ({threads} thread(s), a {256} MB weight): no fp32 implementation's step can take less than "
+          f"{weight_mb / gbs:.2f} ms, {base_step / (weight_mb / gbs):.2f}x the speed of {base}'s "
+          f"{base_step:.2f} ms.", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rxlm-python", help="python of an environment with rxlm 0.3.80 (see above)")
@@ -447,6 +558,9 @@ def main() -> None:
                         help="only time the memory update's parts (encoder, memory attention, whole update; CPU ms, "
                              "in-process medians of --repeats calls per round) on a query + [A] + --new-tokens")
     parser.add_argument("--repeats", type=int, default=20, help="calls per round for --parts")
+    parser.add_argument("--floor", action="store_true",
+                        help="only split a batch-1 decode step into its dense matmuls (torch.profiler) and the rest, "
+                             "for every contender: how fast a decode step can get without faster matmuls")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PATH", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -496,6 +610,12 @@ def main() -> None:
                 c.close()
             print_parts(parts, threads, base)
             continue
+        if args.floor:
+            floor = alternate(clients, args.rounds, op="floor", new_tokens=args.new_tokens)
+            for c in clients:
+                c.close()
+            print_floor(floor, threads, base)
+            continue
         decode = alternate(clients, args.rounds, op="decode", new_tokens=args.new_tokens)
         batch = alternate(clients, max(3, args.rounds // 2), op="batch", batch=args.batch,
                           new_tokens=args.batch_tokens)
@@ -527,7 +647,7 @@ def main() -> None:
                                    for key in direct)))
         print(f"threads {threads} done: {json.dumps(table[-len(decode):])}", flush=True)  # in case a later one dies
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
-    if args.parts:
+    if args.parts or args.floor:
         return
     print(f"| threads | implementation | decode tok/s (batch 1) | memory update ms | batch-{args.batch} tok/s "
           f"| decode vs {base} | update speed vs {base} | batch vs {base} |")
