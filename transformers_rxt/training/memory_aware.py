@@ -149,7 +149,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             turns[0] = 0
         counts = torch.zeros(3 * (turns.numel() + 1), dtype=torch.long, device=turns.device)
         counts[0:-3:3] = turns
-        reviewing = self._reviewing(batch.get("review_mask"), batch.get("review_labels"), batch["turn_mask"])
+        reviewing = self._reviewing(batch.get("review_mask"), batch.get("review_labels"))
         if reviewing is not None:
             reviewed = batch["review_labels"][:, :, 1:] != -100
             counts[1::3] = (reviewed & reviewing[:, :, None]).sum(dim=(0, 2))
@@ -157,8 +157,8 @@ class RxTForMemoryAwareTraining(RxTStageModel):
             counts[5::3] = self._scored_writes(batch["turn_mask"].bool(), reviewing).sum(dim=0)
         return counts
 
-    def _reviewing(self, review_mask: torch.Tensor | None, review_labels: torch.Tensor | None,
-                   turn_mask: torch.Tensor) -> torch.Tensor | None:
+    def _reviewing(self, review_mask: torch.Tensor | None, review_labels: torch.Tensor | None
+                   ) -> torch.Tensor | None:
         """bool [B, N + 1]: the review questions that are trained (None without reviews)."""
         if self.stage_arg("review_loss_weight", 0.0) <= 0 or review_mask is None or review_labels is None:
             return None
@@ -219,11 +219,12 @@ class RxTForMemoryAwareTraining(RxTStageModel):
 
     def _write_token_loss(self, stm: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           rows: torch.Tensor) -> torch.Tensor:
-        """Per row that ``rows`` (bool [B]) selects: how well the slots a FIFO write just filled name the interaction's tokens: every memory layer's fresh
-        slots, RMS-normalised, score the vocabulary through the shared token embedding; the slots are a mixture
-        (each token needs one slot that names it), and the loss is the mean -log p of the interaction's distinct
-        non-special tokens. The answer loss alone keeps what questions ask for most (the value) and drops what
-        only tells facts apart (whose fact it is); this asks the write to keep every word."""
+        """Per row that ``rows`` (bool [B]) selects: how well the slots a FIFO write just filled name the
+        interaction's tokens: every memory layer's fresh slots, RMS-normalised, score the vocabulary through the
+        shared token embedding; the slots are a mixture (each token needs one slot that names it), and the loss
+        is the mean -log p of the interaction's distinct non-special tokens, averaged over the memory layers. The
+        answer loss alone keeps what questions ask for most (the value) and drops what only tells facts apart
+        (whose fact it is); this asks the write to keep every word."""
         n = self.rxt.memory_attention.fifo_write_slots
         index = rows.nonzero().flatten()
         slots = torch.nn.functional.rms_norm(stm[index, :, :n], (stm.shape[-1],))  # [R, L, n, D]
