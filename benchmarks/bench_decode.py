@@ -177,7 +177,10 @@ def decode_step_weight_bytes(model) -> int:
     return total
 
 
-def gemv_bandwidth(mb: int = 256) -> float:
+GEMV_MB = 256  # far larger than this box's 32 MB L3 cache
+
+
+def gemv_bandwidth(mb: int = GEMV_MB) -> float:
     """GB/s of a single-row matmul on a weight far larger than the caches (median of 5): the speed at which a
     batch-1 decode step can stream weights from memory on this machine, with this many threads."""
     import torch
@@ -536,7 +539,7 @@ def print_floor(floor: dict[str, list[dict]], threads: int, base: str) -> None:
     ours = floor["ours"]
     weight_mb, gbs = med(ours, "weight_mb"), med(ours, "gemv_gbs")
     print(f"\nA decode step reads {weight_mb:.1f} MB of weights (fp32); a single-row matmul streams {gbs:.1f} GB/s "
-          f"here ({threads} thread(s), a {256} MB weight): no fp32 implementation's step can take less than "
+          f"here ({threads} thread(s), a {GEMV_MB} MB weight): no fp32 implementation's step can take less than "
           f"{weight_mb / gbs:.2f} ms, {base_step / (weight_mb / gbs):.2f}x the speed of {base}'s "
           f"{base_step:.2f} ms.", flush=True)
 

@@ -268,8 +268,10 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         write_weight = self.stage_arg("write_token_loss_weight", 0.0)
         write_losses: list[torch.Tensor] = []
         write_means: list[torch.Tensor] = []  # this batch's own means, for the logs
-        if review_weight <= 0 or review_mask is None:
-            review_mask = torch.zeros(batch, turns + 1, dtype=torch.long, device=input_ids.device)
+        trained_reviews = self._reviewing(review_mask, review_labels)  # as loss_item_counts counts them
+        if trained_reviews is None:
+            trained_reviews = torch.zeros(batch, turns + 1, dtype=torch.bool, device=input_ids.device)
+        scored_writes = self._scored_writes(turn_mask.bool(), trained_reviews)  # [B, N]: column k - 1 at boundary k
         stm = self.initial_memory_tensor(batch, generator=generator)  # differentiable when learned
         if system_input_ids is not None and has_system is not None and bool(has_system.any()):
             stm = compute_memory_update(self, system_input_ids, system_attention_mask, stm, has_system.bool())
@@ -279,7 +281,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
         # one boundary more than turns: the review asked after the episode's last turn is written
         for k in range(len(episode) + 1):
             turn = episode[k] if k < len(episode) else None
-            reviewing = review_mask[:, k].bool()
+            reviewing = trained_reviews[:, k]
             if turn is None and not bool(reviewing.any()):
                 break
             if k > 0:
@@ -287,7 +289,7 @@ class RxTForMemoryAwareTraining(RxTStageModel):
                     stm = stm.detach()
                 written = episode[k - 1]
                 stm = compute_memory_update(self, written.input_ids, written.attention_mask, stm, written.valid)
-                scored = written.valid & ((turn.valid if turn is not None else False) | reviewing)
+                scored = scored_writes[:, k - 1]
                 if write_weight > 0 and self.training and bool(scored.any()):
                     per_row = self._write_token_loss(stm, written.input_ids, written.attention_mask, scored)
                     write_means.append(per_row.detach().mean())
