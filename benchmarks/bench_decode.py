@@ -44,6 +44,9 @@
      compile_config=...)`, transformers' `torch.compile` (inductor, `fullgraph=True`) of the decode step. Each
      new shape is compiled by an untimed warm-up call first (its seconds are printed); its answer must be
      token for token the eager one. Its memory update is ours (not compiled); its batch column is eager too.
+   * Ours loads the weights with `from_pretrained` and stores its Linear weights column-major
+     (`model.set_decode_weight_layout()`, as `rxt chat` and `rxt serve` do: the same values, a faster single-row
+     matmul on CPU); `--row-major`: one more contender, `ours-row-major`, with the row-major weights as loaded.
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ def floor_per_token(decode, new_tokens: int, profiled_tokens: int = 16) -> dict:
         return (statistics.median(measure(n) for _ in range(3))
                 - statistics.median(measure(n // 2) for _ in range(3))) / (n - n // 2)
 
-    decode(new_tokens // 2)  # warm-up
+    for n in sorted({new_tokens, new_tokens // 2, profiled_tokens, profiled_tokens // 2}):
+        decode(n)  # warm-up of every length (a compiled step compiles once per static-cache size)
     return {"step_ms": per_step(wall, new_tokens), "matmul_ms": per_step(matmul, profiled_tokens)}
 
 
@@ -321,7 +325,7 @@ class RxlmWorker:
 
 
 class OursWorker:
-    def __init__(self, path: str, compiled: bool = False):
+    def __init__(self, path: str, compiled: bool = False, row_major: bool = False):
         import torch
         import transformers_rxt
         from transformers_rxt import RxTForConversationalGeneration
@@ -329,6 +333,8 @@ class OursWorker:
         self.torch = torch
         self.source = os.path.dirname(transformers_rxt.__file__)
         self.model = RxTForConversationalGeneration.from_pretrained(path).eval()
+        if not row_major and hasattr(self.model, "set_decode_weight_layout"):  # --before trees may predate it
+            self.model.set_decode_weight_layout()  # what `rxt chat` and `rxt serve` run
         self.stm = shared_stm(path)
         self.decode_kwargs, self.warmed_up = {}, set()
         if compiled:
@@ -464,7 +470,8 @@ def serve(kind: str, path: str, threads: int) -> None:
     protocol = os.fdopen(os.dup(1), "w")  # answers only; anything the libraries print goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    worker = RxlmWorker(path) if kind == "rxlm" else OursWorker(path, compiled=kind == "ours-compiled")
+    worker = (RxlmWorker(path) if kind == "rxlm"
+              else OursWorker(path, compiled=kind == "ours-compiled", row_major=kind == "ours-row-major"))
     print(json.dumps({"ready": True, "source": getattr(worker, "source", None)}), file=protocol, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -557,6 +564,8 @@ def main() -> None:
                         help="back-to-back turns per mode for the sync vs async table (ours only; 0: skip it)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with a static cache + torch.compile of the decode step")
+    parser.add_argument("--row-major", action="store_true",
+                        help="one more contender: ours with the row-major Linear weights transformers loads")
     parser.add_argument("--parts", action="store_true",
                         help="only time the memory update's parts (encoder, memory attention, whole update; CPU ms, "
                              "in-process medians of --repeats calls per round) on a query + [A] + --new-tokens")
@@ -605,6 +614,8 @@ def main() -> None:
             assert clients[-1].hello["source"].startswith(os.path.abspath(args.before)), clients[-1].hello
         if args.compile:
             clients.append(Client("ours-compiled", sys.executable, "ours-compiled", ours_dir, threads))
+        if args.row_major:
+            clients.append(Client("ours-row-major", sys.executable, "ours-row-major", ours_dir, threads))
         if args.rxlm_python:
             clients.append(Client("rxlm", args.rxlm_python, "rxlm", rxlm_dir, threads))
         if args.parts:
@@ -636,6 +647,9 @@ def main() -> None:
             warm_up = [row["compile_s"] for row in decode["ours-compiled"] if row["compile_s"] is not None]
             print(f"threads {threads}: ours-compiled: answers token for token the eager ones: {same}; "
                   f"compile (warm-up generate) {warm_up[0]:.0f} s", flush=True)
+        if args.row_major:
+            same = all(row["answer"] == decode["ours"][0]["answer"] for row in decode["ours-row-major"])
+            print(f"threads {threads}: ours-row-major: answers token for token ours': {same}", flush=True)
         for name in decode:
             table.append((threads, name, med(decode[name], "tps"), med(decode[name], "update_ms"),
                           med(batch[name], "tokens_per_s"), med(decode[name], "tps") / med(decode[base], "tps"),

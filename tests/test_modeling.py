@@ -391,6 +391,37 @@ def test_save_pretrained_round_trip_identical_logits_and_rebuilt_buffers(tmp_pat
     torch.testing.assert_close(memory2, memory, rtol=0, atol=0)
 
 
+def _linear_weights(model):
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def test_decode_weight_layout_changes_strides_only_and_saves_the_plain_tensor(tmp_path):
+    """`set_decode_weight_layout()` keeps every nn.Linear weight in the memory order of its transpose (single-row
+    matmuls run faster on CPU): same values, outputs within float rounding, the same saved file; `False` and a
+    reload give the contiguous weights transformers' conventions and FSDP expect. A weight tied to the embedding
+    keeps its rows."""
+    model = _perturb(tiny_model(decoder=MOE["moe-shared1-global"]))
+    weights = _linear_weights(model)
+    assert len(weights) > 20 and all(w.is_contiguous() for w in weights.values())  # not the default
+    logits, memory = _run_turn(model)
+    assert model.set_decode_weight_layout() is model
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in _linear_weights(model).values())
+    decode_logits, decode_memory = _run_turn(model)
+    torch.testing.assert_close(decode_logits, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(decode_memory, memory, rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(saved[name + ".weight"], w) for name, w in _linear_weights(model).items())
+    loaded = RxTForConversationalGeneration.from_pretrained(tmp_path)
+    assert all(w.is_contiguous() for w in _linear_weights(loaded).values())
+    torch.testing.assert_close(_run_turn(loaded)[0], logits, rtol=0, atol=0)
+    model.set_decode_weight_layout(False)
+    assert all(w.is_contiguous() for w in _linear_weights(model).values())
+    torch.testing.assert_close(_run_turn(model)[0], logits, rtol=0, atol=0)
+    tied = tiny_model(tie_word_embeddings=True).set_decode_weight_layout()
+    assert tied.lm_head.weight is tied.embed_tokens.weight and tied.embed_tokens.weight.is_contiguous()
+
+
 REMOTE_CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "cache_rxt.py"}
 
 

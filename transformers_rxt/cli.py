@@ -31,7 +31,7 @@ def _load_model_and_tokenizer(path: str):
     import transformers_rxt  # noqa: F401  (registers the Auto classes)
     from .tokenization_rxt import load_rxt_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).set_decode_weight_layout()
     return model, load_rxt_tokenizer(path)
 
 

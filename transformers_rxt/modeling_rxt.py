@@ -23,12 +23,12 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -427,8 +427,10 @@ class RxTMoeFeedForward(nn.Module):
     def _experts_function(self, tokens: int):
         impl = self.experts_implementation
         if impl == "auto":
-            decode_step = (tokens * self.top_k <= self.num_experts and self.w1.device.type == "cpu"
-                           and not torch.compiler.is_compiling())
+            # Under torch.compile the routing can be read as integers only when dynamo captures scalar outputs
+            # (RxT's compiled decode step turns it on: `get_compiled_call`).
+            readable = not torch.compiler.is_compiling() or torch._dynamo.config.capture_scalar_outputs
+            decode_step = tokens * self.top_k <= self.num_experts and self.w1.device.type == "cpu" and readable
             impl = "selected_mm" if decode_step else "grouped_mm"
         return selected_mm_experts_forward if impl == "selected_mm" else ALL_EXPERTS_FUNCTIONS[impl]
 
@@ -785,6 +787,25 @@ class RxTPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, RxTAttention):
                 module.config = self.config
+
+    def set_decode_weight_layout(self, enabled: bool = True) -> "RxTPreTrainedModel":
+        """Store every `nn.Linear` weight column-major (`enabled`), or row-major again (`False`); returns the model.
+
+        The weights keep their values and shapes (and state-dict entries and saved files); only their memory order
+        changes, to that of their [in, out] transpose. Why: a decode step multiplies a single row by every weight,
+        and on CPU that single-row matmul runs faster over an [in, out] matrix (multiply-adds along its rows) than
+        over an [out, in] one (a short dot product and a horizontal sum per output): 1.2x per decode step of an
+        RxT-Alpha-Mini-shaped model, with the memory update, batched decoding and training steps unchanged
+        (benchmarks/RESULTS_decode.md). Not the default, because FSDP and transformers' loading conventions expect
+        contiguous weights: call it for inference (`rxt chat` and `rxt serve` do), and with `False` before wrapping
+        the model for distributed training. A weight shared with an embedding keeps its rows (a lookup reads rows).
+        """
+        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in embedding_weights:
+                weight = module.weight
+                weight.data = weight.data.t().contiguous().t() if enabled else weight.data.contiguous()
+        return self
 
     def set_attn_implementation(self, attn_implementation: str, **kwargs) -> None:
         """Switch every attention module to another function of transformers' attention interface: "sdpa"
@@ -1632,6 +1653,20 @@ class RxTForConversationalGeneration(RxTMemoryMixin, RxTPreTrainedModel, Generat
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if model_kwargs.get("past_key_values") is not None:
             model_kwargs["past_key_values"] = RxTCache.wrap(model_kwargs["past_key_values"], self.config)
+
+    def get_compiled_call(self, compile_config: Optional[CompileConfig]) -> Callable:
+        """transformers' compiled decode step (`generate(..., compile_config=...)`), traced with dynamo's
+        `capture_scalar_outputs`: the MoE's CPU decode step then reads its routing as integers inside the graph and
+        runs only the chosen experts on views of their weights, where the graph would otherwise run every expert
+        (`grouped_mm`) or gather the chosen ones into copies (`batched_mm`). Measured 7.6-7.9 -> 5.8-6.2 ms per
+        step of an RxT-Alpha-Mini-shaped model, 1 thread (benchmarks/RESULTS_decode.md)."""
+        compiled = super().get_compiled_call(compile_config)
+
+        def call(*args, **kwargs):
+            with torch._dynamo.config.patch(capture_scalar_outputs=True):
+                return compiled(*args, **kwargs)
+
+        return call
 
     def create_masks_for_generate(self, config, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
                                   past_key_values: Cache, position_ids: Optional[torch.Tensor] = None, **kwargs):

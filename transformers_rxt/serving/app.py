@@ -529,6 +529,7 @@ def _load(config: ServeConfig):
     model = AutoModelForCausalLM.from_pretrained(config.model, trust_remote_code=True).eval()
     if getattr(model.config, "model_type", None) != "rxt":
         raise ValueError(f"{config.model} is a {model.config.model_type!r} model; rxt serve serves RxT models")
+    model.set_decode_weight_layout()
     torch.set_grad_enabled(False)
     return model, load_rxt_tokenizer(config.model)
 
