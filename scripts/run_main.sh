@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # README command 1: the main job, on CPU, offline, on the embedded synthetic memory corpus.
 #   1. sets up .venv (torch==2.13.0 CPU build first, then this package) unless it is there already;
-#   2. trains a tiny RxT through the whole curriculum, stages 0-5 (rxt train --preset tiny), then measures
+#   2. trains a tiny RxT through the whole curriculum, stages 0-5 (rxt train --preset tiny; stages 1-4 as two
+#      data-parallel CPU processes on a machine with two cores or more), then measures
 #      memory retention on held-out dialogues (memory carried vs reset) and writes a Hub-ready directory;
 #   3. chats with the trained model from a script: facts first, questions about them turns later; then the
 #      same questions with a fresh memory, where the model can only guess.
 # Interrupted? Run it again: finished stages are skipped and a stopped stage resumes from its checkpoint.
-# RXT_OUTPUT (default outputs/main) picks the output folder, RXT_VENV the virtual environment.
+# RXT_OUTPUT (default outputs/main) picks the output folder, RXT_VENV the virtual environment, RXT_CPU_PROCESSES
+# the number of training processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${RXT_VENV:-.venv}"
@@ -21,8 +23,11 @@ installed=$(date +%s)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 RXT="$VENV/bin/rxt"
+# Stages 1-4 as two data-parallel processes (one per core, each with half of the preset's batch: the same
+# global batch) where the machine has two cores; RXT_CPU_PROCESSES=1 trains in one process.
+PROCESSES="${RXT_CPU_PROCESSES:-$(( $(nproc) >= 2 ? 2 : 1 ))}"
 
-"$RXT" train --preset tiny --output "$OUT" --num-threads "$OMP_NUM_THREADS"
+"$RXT" train --preset tiny --output "$OUT" --num-threads "$OMP_NUM_THREADS" --cpu-processes "$PROCESSES"
 trained=$(date +%s)
 
 echo

@@ -243,3 +243,48 @@ def test_the_package_runs_no_scripts():
     package = Path(__file__).resolve().parents[1] / "transformers_rxt"
     offenders = [p.name for p in package.rglob("*.py") if "runpy" in p.read_text() or "run_path" in p.read_text()]
     assert offenders == []
+
+
+def test_cpu_processes_split_each_stage_batch_and_keep_stage_5_whole(tmp_path, capsys):
+    """`--cpu-processes N`: stages 1-4 run as N gloo DDP processes, each with 1/N of the stage's batch (so the
+    global batch is the preset's); stage 5's rollout batch is not split; a batch N does not divide is refused."""
+    from transformers_rxt.curriculum import plan_curriculum, preset_dir
+
+    plan = plan_curriculum("micro", tmp_path, cpu_processes=2, extra_args=["--max_steps", "2"])
+    assert [run.processes for run in plan] == [1, 2, 2, 2, 2, 1]
+    # micro's batches: 16, 16, 8, 8 -> 8, 8, 4, 4 per process, after the extra arguments (the last value wins)
+    assert [run.argv[-4:] for run in plan[1:5]] == [("--use_cpu", "true", "--per_device_train_batch_size", b)
+                                                     for b in ("8", "8", "4", "4")]
+    command = plan[4].command(threads=1)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    assert command[command.index("--config_file") + 1] == str(preset_dir("micro").parent / "accelerate" / "ddp.yaml")
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert command[command.index("--num_cpu_threads_per_process") + 1] == "1"
+    assert plan[5].command()[1:3] == ["-m", "transformers_rxt.training.stages.stage5_impo"]
+    # an explicit batch in the extra arguments is the one split
+    overridden = plan_curriculum("micro", tmp_path, "0-1", cpu_processes=2,
+                                 extra_args=["--per_device_train_batch_size=6"])
+    assert overridden[1].argv[-1] == "3"
+    with pytest.raises(ValueError, match=r"cpu_processes=3 must divide stage 1's batch \(per_device_train_batch_size "
+                                         r"16 in stage1\.yaml"):
+        plan_curriculum("micro", tmp_path, cpu_processes=3)
+    with pytest.raises(ValueError, match="cpu_processes must be >= 1, got 0"):
+        plan_curriculum("micro", tmp_path, cpu_processes=0)
+    with pytest.raises(ValueError, match="give one of them"):
+        run_curriculum("micro", tmp_path, launcher="accelerate launch", cpu_processes=2)
+    with pytest.raises(SystemExit, match="--launcher and --cpu-processes"):
+        main(["train", "--preset", "micro", "--output", str(tmp_path), "--launcher", "x", "--cpu-processes", "2"])
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+    assert main(["train", "--preset", "micro", "--output", str(tmp_path), "--dry-run", "--cpu-processes", "2"]) == 0
+    assert capsys.readouterr().out.count("-m accelerate.commands.launch") == 4
+
+
+def test_cpu_processes_train_the_same_global_batch(tmp_path):
+    """Stage 1 on 2 CPU processes (real gloo DDP) trains the rows one process trains at the preset's batch."""
+    common = ["--max_steps", "2", "--disable_tqdm", "true"]
+    one = run_curriculum("micro", tmp_path / "one", "0-1", extra_args=common, log=lambda _: None)[1]
+    two = run_curriculum("micro", tmp_path / "two", "0-1", extra_args=common, cpu_processes=2,
+                         log=lambda _: None)[1]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["steps"] == one["steps"] == 2
+    assert two["train_tokens"] == one["train_tokens"]  # summed over both processes: the same rows

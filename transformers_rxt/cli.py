@@ -198,8 +198,9 @@ def _stage_table(reports: list) -> str:
     return "\n".join(lines)
 
 
-def _print_plan(plan: list, launcher: str | None) -> None:
-    """`rxt train --dry-run`: each stage's equivalent command line (what runs in this process without --launcher)."""
+def _print_plan(plan: list, launcher: str | None, threads: int) -> None:
+    """`rxt train --dry-run`: each stage's equivalent command line (what runs in this process without --launcher
+    or --cpu-processes)."""
     import shlex
 
     print("[rxt train] dry run: nothing is trained; the stages and their equivalent commands:")
@@ -207,7 +208,7 @@ def _print_plan(plan: list, launcher: str | None) -> None:
         if run.complete:
             print(f"{run.title}: already complete in {run.output}, would be skipped")
         else:
-            print(f"{run.title} -> {run.output}\n  {shlex.join(run.command(launcher if run.stage.number else None))}")
+            print(f"{run.title} -> {run.output}\n  {shlex.join(run.command(launcher if run.stage.number else None, threads))}")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -219,16 +220,20 @@ def train(args: argparse.Namespace) -> int:
     extra = list(args.stage_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if args.launcher and args.cpu_processes > 1:
+        raise SystemExit("rxt train: --launcher and --cpu-processes both say how to run the stages; give one")
     if args.dry_run:
         _print_plan(plan_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
-                                    extra_args=extra), args.launcher)
+                                    extra_args=extra, cpu_processes=args.cpu_processes),
+                    args.launcher, args.num_threads or 1)
         return 0
     if args.num_threads:
         import torch
 
         torch.set_num_threads(args.num_threads)
     reports = run_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
-                             launcher=args.launcher, extra_args=extra)
+                             launcher=args.launcher, extra_args=extra, cpu_processes=args.cpu_processes,
+                             threads=args.num_threads or 1)
     output = Path(args.output).resolve()
     print("\n[rxt train] stages:")
     print(_stage_table(reports))

@@ -15,7 +15,9 @@ command again continues an interrupted run where it stopped.
 
 Stages run in this process by default (their ``main`` is called directly); ``launcher="accelerate launch ..."``
 runs each training stage as ``<launcher> -m transformers_rxt.training.stages.<stage> ...`` instead (several GPUs
-or processes).
+or processes). ``cpu_processes=N`` runs stages 1-4 as N data-parallel CPU processes (gloo DDP) with the preset's
+global batch: each process gets 1/N of the stage's ``per_device_train_batch_size``, so the recipe is the same
+and a machine's N cores share the training.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -34,8 +37,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = ["CurriculumError", "STAGES", "Stage", "StageRun", "parse_stages", "is_complete_checkpoint",
-           "latest_checkpoint", "plan_curriculum", "preset_dir", "presets", "presets_root", "run_curriculum",
+           "latest_checkpoint", "plan_curriculum", "preset_dir", "CPU_PARALLEL_STAGES", "cpu_data_parallel_launcher", "presets", "presets_root", "run_curriculum",
            "stage_dir", "final_stage_dir"]
 
 
@@ -75,6 +80,10 @@ STAGES: tuple[Stage, ...] = (
 )
 DMPO_CONFIG = "stage5_dmpo.yaml"
 REPORT_FILE = "stage_report.json"
+# The stages ``cpu_processes`` splits. Stage 5 stays whole: its batch is rollout groups (episodes x samples) whose
+# rewards are scaled over the batch, which a split would change.
+CPU_PARALLEL_STAGES = (1, 2, 3, 4)
+BATCH_OPTION = "--per_device_train_batch_size"
 
 
 def presets_root() -> Path:
@@ -186,11 +195,50 @@ class StageRun:
     complete: bool
     checkpoint: Path | None = None
     broken_checkpoints: tuple[Path, ...] = ()
+    processes: int = 1  # > 1: data-parallel CPU processes (``argv`` then holds each process's share of the batch)
 
-    def command(self, launcher: str | None = None) -> list[str]:
-        """The equivalent command line (``python -m ...``, or under ``launcher``)."""
+    def command(self, launcher: str | None = None, threads: int = 1) -> list[str]:
+        """The equivalent command line: ``python -m ...``, under ``launcher``, or (``processes`` > 1) under
+        :func:`cpu_data_parallel_launcher` with ``threads`` torch threads per process."""
+        if self.processes > 1:
+            launcher = cpu_data_parallel_launcher(self.processes, threads)
         return [*(shlex.split(launcher) if launcher else [sys.executable]), "-m", self.stage.entry_point,
                 *self.argv]
+
+
+def cpu_data_parallel_launcher(processes: int, threads: int = 1) -> str:
+    """``accelerate launch`` of ``processes`` gloo DDP processes on this machine's CPU, ``threads`` torch threads
+    each, with the shipped ``presets/accelerate/ddp.yaml`` (the stage gets ``--use_cpu true``)."""
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return shlex.join([sys.executable, "-m", "accelerate.commands.launch",
+                       "--config_file", str(presets_root() / "accelerate" / "ddp.yaml"),
+                       "--num_processes", str(processes), "--num_cpu_threads_per_process", str(threads),
+                       "--main_process_port", str(port)])
+
+
+def _per_device_batch(config: Path, extra_args: Sequence[str]) -> int:
+    """The ``per_device_train_batch_size`` a stage runs with: the last one in ``extra_args``, else its config's,
+    else ``TrainingArguments``' default (8)."""
+    value: Any = (yaml.safe_load(config.read_text()) or {}).get(BATCH_OPTION[2:], 8)
+    for i, arg in enumerate(extra_args):
+        if arg == BATCH_OPTION and i + 1 < len(extra_args):
+            value = extra_args[i + 1]
+        elif arg.startswith(BATCH_OPTION + "="):
+            value = arg.split("=", 1)[1]
+    return int(value)
+
+
+def _split_batch_args(stage: Stage, config: Path, extra_args: Sequence[str], processes: int) -> list[str]:
+    """The arguments that run ``stage`` as ``processes`` CPU processes with its global batch; refuses a batch
+    that ``processes`` does not divide."""
+    batch = _per_device_batch(config, extra_args)
+    if batch % processes:
+        raise ValueError(f"cpu_processes={processes} must divide stage {stage.number}'s batch "
+                         f"(per_device_train_batch_size {batch} in {config.name} or the extra arguments) so that "
+                         "the global batch stays the same: use a divisor of it, or cpu_processes=1")
+    return ["--use_cpu", "true", BATCH_OPTION, str(batch // processes)]
 
 
 def plan_curriculum(
@@ -200,11 +248,15 @@ def plan_curriculum(
     *,
     algorithm: str = "impo",
     extra_args: Sequence[str] = (),
+    cpu_processes: int = 1,
 ) -> list[StageRun]:
     """The stages :func:`run_curriculum` would run or skip, with their arguments; refuses (before any work) an
-    unknown preset, a stage the preset has no config for, and a stage whose input no earlier stage provides."""
+    unknown preset, a stage the preset has no config for, a stage whose input no earlier stage provides, and
+    ``cpu_processes`` that does not divide the batch of a stage it would split."""
     if algorithm not in ("impo", "dmpo"):
         raise ValueError(f"algorithm must be 'impo' or 'dmpo', got {algorithm!r}")
+    if cpu_processes < 1:
+        raise ValueError(f"cpu_processes must be >= 1, got {cpu_processes}")
     config_dir = preset_dir(preset)
 
     def is_dmpo(stage: Stage) -> bool:
@@ -239,7 +291,10 @@ def plan_curriculum(
             argv += ["--resume_from_checkpoint", str(checkpoint)]
         if number > 0:  # the tokenizer has nothing to distribute and no training options
             argv += list(extra_args)
-        plan.append(StageRun(stage, title, out, tuple(argv), False, checkpoint, broken))
+        processes = cpu_processes if number in CPU_PARALLEL_STAGES else 1
+        if processes > 1:
+            argv += _split_batch_args(stage, config_dir / config_of(stage), extra_args, processes)
+        plan.append(StageRun(stage, title, out, tuple(argv), False, checkpoint, broken, processes))
     return plan
 
 
@@ -252,8 +307,7 @@ def _run_in_process(run: StageRun) -> None:
             raise CurriculumError(f"{run.stage.entry_point} exited with status {stop.code}") from stop
 
 
-def _run_subprocess(run: StageRun, launcher: str) -> None:
-    command = run.command(launcher)
+def _run_subprocess(command: list[str]) -> None:
     done = subprocess.run(command)
     if done.returncode:
         raise CurriculumError(f"{shlex.join(command)} failed with exit status {done.returncode}")
@@ -267,6 +321,8 @@ def run_curriculum(
     algorithm: str = "impo",
     launcher: str | None = None,
     extra_args: Sequence[str] = (),
+    cpu_processes: int = 1,
+    threads: int = 1,
     log: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Run (or finish) the curriculum of ``preset`` into ``output_dir``; returns one report per stage.
@@ -282,11 +338,20 @@ def run_curriculum(
             ``<launcher> -m transformers_rxt.training.stages.<stage> ...`` subprocesses (default: in this process).
         extra_args: appended to every training stage's arguments (stages 1-5), e.g. ``["--report_to",
             "tensorboard"]`` or ``["--use_cpu", "false"]``.
+        cpu_processes: run stages 1-4 (:data:`CPU_PARALLEL_STAGES`) as this many data-parallel CPU processes
+            (gloo DDP through ``accelerate launch``), each with 1/``cpu_processes`` of the stage's
+            ``per_device_train_batch_size``, so the global batch is the preset's; it must divide each of those
+            batches. Not with ``launcher``.
+        threads: torch threads of each of those processes.
         log: where progress lines go.
 
     Each report is the stage's ``stage_report.json`` plus ``skipped`` (already complete before this call).
     """
-    plan = plan_curriculum(preset, output_dir, stages, algorithm=algorithm, extra_args=extra_args)
+    if launcher and cpu_processes > 1:
+        raise ValueError(f"launcher={launcher!r} and cpu_processes={cpu_processes} both say how to run the stages: "
+                         "give one of them")
+    plan = plan_curriculum(preset, output_dir, stages, algorithm=algorithm, extra_args=extra_args,
+                           cpu_processes=cpu_processes)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     reports = []
     for run in plan:
@@ -301,8 +366,8 @@ def run_curriculum(
         resuming = f" (resuming from {run.checkpoint.name})" if run.checkpoint else ""
         log(f"[rxt train] {run.title} -> {run.output}{resuming}")
         started = time.time()
-        if launcher and run.stage.number > 0:
-            _run_subprocess(run, launcher)
+        if run.processes > 1 or (launcher and run.stage.number > 0):
+            _run_subprocess(run.command(launcher, threads))
         else:
             _run_in_process(run)
         if not is_complete(run.output):

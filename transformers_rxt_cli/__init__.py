@@ -107,6 +107,11 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--launcher", default=None,
                        help="run stages 1-5 as '<LAUNCHER> -m transformers_rxt.training.stages.<stage> ...', "
                             "e.g. 'accelerate launch --num_processes 2' (default: in this process)")
+    train.add_argument("--cpu-processes", type=int, default=1,
+                       help="run stages 1-4 as N data-parallel CPU processes (gloo DDP through accelerate launch, "
+                            "--num-threads threads each), each with 1/N of the stage's batch, so the global batch "
+                            "and the recipe stay the preset's; N must divide those batches (default 1: in this "
+                            "process)")
     train.add_argument("--dry-run", action="store_true",
                        help="print what each stage would do (its command line, or 'complete') and exit")
     train.add_argument("--eval-dialogues", type=int, default=512,
