@@ -25,7 +25,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 RXT="$VENV/bin/rxt"
 # Stages 1-4 as two data-parallel processes (one per core, each with half of the preset's batch: the same
 # global batch) where the machine has two cores; RXT_CPU_PROCESSES=1 trains in one process.
-PROCESSES="${RXT_CPU_PROCESSES:-$(( $(nproc) >= 2 ? 2 : 1 ))}"
+# (the cores this process may use; not `nproc`, which reports OMP_NUM_THREADS when it is set)
+CORES=$("$VENV/bin/python" -c "import os; print(len(os.sched_getaffinity(0)))")
+PROCESSES="${RXT_CPU_PROCESSES:-$(( CORES >= 2 ? 2 : 1 ))}"
+echo "[main] training: stages 1-4 on $PROCESSES CPU process(es) of $OMP_NUM_THREADS thread(s) ($CORES cores available)"
 
 "$RXT" train --preset tiny --output "$OUT" --num-threads "$OMP_NUM_THREADS" --cpu-processes "$PROCESSES"
 trained=$(date +%s)
