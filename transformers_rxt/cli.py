@@ -208,7 +208,8 @@ def _print_plan(plan: list, launcher: str | None, threads: int) -> None:
         if run.complete:
             print(f"{run.title}: already complete in {run.output}, would be skipped")
         else:
-            print(f"{run.title} -> {run.output}\n  {shlex.join(run.command(launcher if run.stage.number else None, threads))}")
+            command = run.command(launcher if run.stage.number else None, threads)
+            print(f"{run.title} -> {run.output}\n  {shlex.join(command)}")
 
 
 def train(args: argparse.Namespace) -> int:

@@ -39,9 +39,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["CurriculumError", "STAGES", "Stage", "StageRun", "parse_stages", "is_complete_checkpoint",
-           "latest_checkpoint", "plan_curriculum", "preset_dir", "CPU_PARALLEL_STAGES", "cpu_data_parallel_launcher", "presets", "presets_root", "run_curriculum",
-           "stage_dir", "final_stage_dir"]
+__all__ = ["CPU_PARALLEL_STAGES", "CurriculumError", "STAGES", "Stage", "StageRun", "cpu_data_parallel_launcher",
+           "parse_stages", "is_complete_checkpoint", "latest_checkpoint", "plan_curriculum", "preset_dir", "presets",
+           "presets_root", "run_curriculum", "stage_dir", "final_stage_dir"]
 
 
 class CurriculumError(RuntimeError):
