@@ -272,8 +272,10 @@ def test_cpu_processes_split_each_stage_batch_and_keep_stage_5_whole(tmp_path, c
         plan_curriculum("micro", tmp_path, cpu_processes=0)
     with pytest.raises(ValueError, match="give one of them"):
         run_curriculum("micro", tmp_path, launcher="accelerate launch", cpu_processes=2)
-    with pytest.raises(SystemExit, match="--launcher and --cpu-processes"):
-        main(["train", "--preset", "micro", "--output", str(tmp_path), "--launcher", "x", "--cpu-processes", "2"])
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["train", "--preset", "micro", "--output", str(tmp_path), "--launcher", "x", "--cpu-processes",
+                     "2", *dry_run]) == 2
+        assert "(--launcher, --cpu-processes) both say how to run the stages" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # refused before any work
     assert main(["train", "--preset", "micro", "--output", str(tmp_path), "--dry-run", "--cpu-processes", "2"]) == 0
     assert capsys.readouterr().out.count("-m accelerate.commands.launch") == 4

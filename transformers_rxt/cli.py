@@ -216,13 +216,12 @@ def train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .curriculum import final_stage_dir, plan_curriculum, run_curriculum
+    from .curriculum import check_launch_options, final_stage_dir, plan_curriculum, run_curriculum
 
     extra = list(args.stage_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
-    if args.launcher and args.cpu_processes > 1:
-        raise SystemExit("rxt train: --launcher and --cpu-processes both say how to run the stages; give one")
+    check_launch_options(args.launcher, args.cpu_processes)  # before the dry run, which plans without launching
     if args.dry_run:
         _print_plan(plan_curriculum(args.preset, args.output, args.stages, algorithm=args.algorithm,
                                     extra_args=extra, cpu_processes=args.cpu_processes),

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["CPU_PARALLEL_STAGES", "CurriculumError", "STAGES", "Stage", "StageRun", "cpu_data_parallel_launcher",
-           "parse_stages", "is_complete_checkpoint", "latest_checkpoint", "plan_curriculum", "preset_dir", "presets",
+__all__ = ["CPU_PARALLEL_STAGES", "CurriculumError", "STAGES", "Stage", "StageRun", "check_launch_options",
+           "cpu_data_parallel_launcher", "parse_stages", "is_complete_checkpoint", "latest_checkpoint", "plan_curriculum", "preset_dir", "presets",
            "presets_root", "run_curriculum", "stage_dir", "final_stage_dir"]
 
 
@@ -206,6 +206,13 @@ class StageRun:
                 *self.argv]
 
 
+def check_launch_options(launcher: str | None, cpu_processes: int) -> None:
+    """Refuses two ways of running the stages at once (a ``launcher`` and ``cpu_processes`` > 1)."""
+    if launcher and cpu_processes > 1:
+        raise ValueError(f"launcher={launcher!r} and cpu_processes={cpu_processes} (--launcher, --cpu-processes) both "
+                         "say how to run the stages: give one of them")
+
+
 def cpu_data_parallel_launcher(processes: int, threads: int = 1) -> str:
     """``accelerate launch`` of ``processes`` gloo DDP processes on this machine's CPU, ``threads`` torch threads
     each, with the shipped ``presets/accelerate/ddp.yaml`` (the stage gets ``--use_cpu true``)."""
@@ -347,9 +354,7 @@ def run_curriculum(
 
     Each report is the stage's ``stage_report.json`` plus ``skipped`` (already complete before this call).
     """
-    if launcher and cpu_processes > 1:
-        raise ValueError(f"launcher={launcher!r} and cpu_processes={cpu_processes} both say how to run the stages: "
-                         "give one of them")
+    check_launch_options(launcher, cpu_processes)
     plan = plan_curriculum(preset, output_dir, stages, algorithm=algorithm, extra_args=extra_args,
                            cpu_processes=cpu_processes)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
