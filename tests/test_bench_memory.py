@@ -58,6 +58,18 @@ def test_history_window_keeps_newest_whole_turns(bench):
     assert bench.history_in_window(history, 2, 4) == [3]
 
 
+def test_training_budget_counts_every_process_and_thread(bench):
+    # The main job trains stages 1-4 as two one-thread processes: the baselines' CPU budget is twice that wall time.
+    reports = [{"stage": "stage0", "wall_time_s": 0.5},
+               {"stage": "stage1", "train_runtime_s": 10.0, "world_size": 2, "torch_threads": 1},
+               {"stage": "stage4", "train_runtime_s": 100.0, "world_size": 2, "torch_threads": 2},
+               {"stage": "stage5_impo", "train_runtime_s": 7.0},  # a report from before world_size was written
+               {"stage": "stage9", "cpu_time_s": 3.0, "train_runtime_s": 99.0, "world_size": 2}]
+    out = bench.rxt_training_seconds(reports)
+    assert out["seconds"] == 0.5 + 20.0 + 400.0 + 7.0 + 3.0
+    assert out["clock"] == "cpu+trainer wall+trainer wall x 2+trainer wall x 4+wall"
+
+
 @pytest.mark.slow  # ~25 s of CPU
 def test_bench_memory_end_to_end(bench, rxt_dir, tmp_path, capsys):
     folder, _ = rxt_dir

@@ -80,13 +80,17 @@ def find_stage_reports(rxt_dir: Path, output_root: Path | None) -> list[dict]:
 
 def rxt_training_seconds(reports: list[dict]) -> dict:
     """Training time of the curriculum: CPU time where a report has it, else the trainer's run time (wall
-    clock, which is at least the CPU time of a one-thread run), else the stage's wall time (stage 0)."""
+    clock, which is at least the CPU time of a one-thread run), else the stage's wall time (stage 0).
+    A wall clock counts once per process and thread the stage ran (``world_size`` x ``torch_threads``): the main
+    job trains stages 1-4 as two one-thread processes, so its CPU budget is twice its wall time, and the
+    stateless baselines, trained on one thread, get that much CPU time (for a many-thread stage an upper bound)."""
     seconds, clocks = 0.0, []
     for r in reports:
         for key, clock in (("cpu_time_s", "cpu"), ("train_runtime_s", "trainer wall"), ("wall_time_s", "wall")):
             if r.get(key) is not None:
-                seconds += float(r[key])
-                clocks.append(clock)
+                cores = 1 if clock == "cpu" else int(r.get("world_size") or 1) * int(r.get("torch_threads") or 1)
+                seconds += float(r[key]) * cores
+                clocks.append(clock if cores == 1 else f"{clock} x {cores}")
                 break
     return {"seconds": seconds, "clock": "+".join(sorted(set(clocks))) or "none",
             "stage_wall_s": sum(float(r.get("wall_time_s") or 0) for r in reports),

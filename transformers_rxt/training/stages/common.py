@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -126,6 +128,7 @@ def stage_report(trainer: Any, output_dir: str, stage: str, started: float, extr
         "train_tokens": summary.get("train_tokens"),
         "train_tokens_per_second": summary.get("train_tokens_per_second"),
         "world_size": trainer.args.world_size,
+        "torch_threads": torch.get_num_threads(),  # per process: with world_size, the CPU the stage could use
         "last_log": last,
         "first_log": next((h for h in history if "loss" in h), {}),
         **(extra or {}),
