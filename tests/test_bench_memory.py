@@ -70,6 +70,21 @@ def test_training_budget_counts_every_process_and_thread(bench):
     assert out["clock"] == "cpu+trainer wall+trainer wall x 2+trainer wall x 4+wall"
 
 
+def test_train_only_and_skip_train_are_refused_together(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rxt", "x", "--train-only", "shape", "--skip-train"])
+    assert "--train-only trains a baseline and --skip-train loads them: pass one of the two" in capsys.readouterr().err
+
+
+def test_train_only_trains_and_saves_one_baseline(bench, rxt_dir, tmp_path):
+    folder, _ = rxt_dir
+    out = bench.main(["--rxt", str(folder), "--train-only", "params", "--budget-seconds", "0.5", "--context", "128",
+                      "--save-dir", str(tmp_path)])
+    assert list(out["trained"]) == [bench.PARAMS] and out["trained"][bench.PARAMS]["steps"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stateless-params"]
+    assert json.loads((tmp_path / "stateless-params" / "train_report.json").read_text()) == out["trained"][bench.PARAMS]
+
+
 @pytest.mark.slow  # ~25 s of CPU
 def test_bench_memory_end_to_end(bench, rxt_dir, tmp_path, capsys):
     folder, _ = rxt_dir

@@ -226,6 +226,8 @@ def train_or_load_baselines(rxt, tokenizer, args) -> dict[str, tuple[LlamaForCau
         return out
     out = {}
     for name, config in stateless_configs(rxt, tokenizer, args.context).items():
+        if args.train_only and name != {"shape": SHAPE, "params": PARAMS}[args.train_only]:
+            continue
         torch.manual_seed(args.train_seed)
         model = LlamaForCausalLM(config)
         log(f"[train {name}] {describe(config)}: {model.num_parameters() / 1e6:.3f} M parameters, "
@@ -474,9 +476,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for every model")
     parser.add_argument("--save-dir", default="outputs/bench_memory", help="where trained baselines are saved")
     parser.add_argument("--skip-train", action="store_true", help="load the baselines from --baseline-dirs")
+    parser.add_argument("--train-only", choices=["shape", "params"], default=None,
+                        help="train and save only this baseline, then stop (two such runs side by side use two "
+                             "cores; then evaluate with --skip-train --baseline-dirs)")
     parser.add_argument("--baseline-dirs", nargs=2, metavar=("SHAPE_DIR", "PARAMS_DIR"), default=None)
     parser.add_argument("--output", default=None, help="also write every number to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.train_only and args.skip_train:
+        parser.error("--train-only trains a baseline and --skip-train loads them: pass one of the two")
+    return args
 
 
 def machine_load() -> str:
@@ -498,6 +506,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"no stage_report.json beside {args.rxt}: pass --rxt-output or --budget-seconds")
         args.budget_seconds = rxt_time["seconds"]
     baselines = train_or_load_baselines(rxt, tokenizer, args)
+    if args.train_only:  # one baseline trained and saved; the evaluation runs later with --skip-train
+        return {"budget_seconds": args.budget_seconds, "trained": {n: rep for n, (_, rep) in baselines.items()}}
 
     settings = {"9 turns": dict(count=args.dialogues, max_distance=8, turns=None, buckets=None)}
     if args.long_dialogues:
