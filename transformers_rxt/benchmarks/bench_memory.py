@@ -56,6 +56,7 @@ from transformers_rxt.training.evaluation import evaluate_memory_retention
 
 MAX_NEW_TOKENS = 32  # as evaluate_memory_retention; also the answer room kept free in a stateless window
 SHAPE, PARAMS = "stateless, decoder shape", "stateless, RxT params"
+BASELINE_KEYS = {SHAPE: "shape", PARAMS: "params"}  # --train-only's names, and the save folders' (stateless-KEY)
 LONG_BUCKETS = ((1, 4), (5, 8), (9, 16), (17, 24), (25, 32), (33, 10_000))
 
 
@@ -226,14 +227,14 @@ def train_or_load_baselines(rxt, tokenizer, args) -> dict[str, tuple[LlamaForCau
         return out
     out = {}
     for name, config in stateless_configs(rxt, tokenizer, args.context).items():
-        if args.train_only and name != {"shape": SHAPE, "params": PARAMS}[args.train_only]:
+        if args.train_only not in (None, BASELINE_KEYS[name]):
             continue
         torch.manual_seed(args.train_seed)
         model = LlamaForCausalLM(config)
         log(f"[train {name}] {describe(config)}: {model.num_parameters() / 1e6:.3f} M parameters, "
             f"{args.budget_seconds:.0f} s ({args.budget_clock})")
         report = train_stateless(model, tokenizer, args, name)
-        folder = Path(args.save_dir) / ("stateless-shape" if name == SHAPE else "stateless-params")
+        folder = Path(args.save_dir) / f"stateless-{BASELINE_KEYS[name]}"
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / "train_report.json").write_text(json.dumps(report, indent=2))
@@ -476,7 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for every model")
     parser.add_argument("--save-dir", default="outputs/bench_memory", help="where trained baselines are saved")
     parser.add_argument("--skip-train", action="store_true", help="load the baselines from --baseline-dirs")
-    parser.add_argument("--train-only", choices=["shape", "params"], default=None,
+    parser.add_argument("--train-only", choices=list(BASELINE_KEYS.values()), default=None,
                         help="train and save only this baseline, then stop (two such runs side by side use two "
                              "cores; then evaluate with --skip-train --baseline-dirs)")
     parser.add_argument("--baseline-dirs", nargs=2, metavar=("SHAPE_DIR", "PARAMS_DIR"), default=None)
