@@ -14,10 +14,8 @@ cd "$(dirname "$0")/.."
 VENV="${RXT_VENV:-.venv}"
 OUT="${RXT_OUTPUT:-outputs/main}"
 started=$(date +%s)
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 echo "[main] installing into $VENV (torch==2.13.0 CPU build first) ..."
-"$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[dev]"
+bash scripts/install_venv.sh "$VENV"
 installed=$(date +%s)
 # No network at run time; one thread per process is fastest for this small model on a shared 2-core CPU.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false

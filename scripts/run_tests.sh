@@ -15,12 +15,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
     || echo "run_tests.sh: could not install redis-server (apt-get failed); tests/test_serve.py's Redis test will fail" >&2
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-# torch first, pinned to the CPU build: anything looser lets accelerate/peft pull CUDA wheels.
-"$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[dev]"
+bash scripts/install_venv.sh "$VENV" "$PY"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false

@@ -7,9 +7,12 @@ and ``python -m transformers_rxt.training.stages.stageN_*`` call it with the pro
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,25 @@ def parse(*dataclass_types, argv: list[str] | None = None):
     if seeds:
         set_seed(seeds[0])
     return parsed
+
+
+@contextmanager
+def preparing_data(args: Any, data: DataArguments) -> Iterator[None]:
+    """The context a stage builds and tokenizes its data in (``args``: its ``TrainingArguments``).
+
+    - Data from files or the Hub is prepared by the main process first and read back from the ``datasets`` cache
+      by the others (``main_process_first``). The synthetic corpus lives in memory and has no cache to share, so
+      there every process builds its own copy at the same time instead of one after the other.
+    - Everything allocated before (the imported libraries: about a million objects that are never garbage) is
+      moved out of the garbage collector's view (``gc.freeze``): tokenizing allocates fast enough to start many
+      full collections, and each of them walked all of those objects (stage 4's curriculum: 27 s -> 19 s).
+    """
+    gc.freeze()
+    if data.dataset == SYNTHETIC:
+        yield
+        return
+    with args.main_process_first(desc="tokenizing"):
+        yield
 
 
 def cap(ds, n: int | None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .common import SYNTHETIC, DataArguments, cap, load_tokenizer, parse, stage_report
+from .common import SYNTHETIC, DataArguments, cap, load_tokenizer, parse, preparing_data, stage_report
 
 
 @dataclass
@@ -84,7 +84,7 @@ def run(stage: str, kind: str, argv: list[str] | None = None) -> None:
     started = time.time()
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
     model = build_model(model_args, tokenizer)
-    with args.main_process_first(desc="tokenizing"):
+    with preparing_data(args, data):
         train, evals = joint_datasets(data, tokenizer, kind, args.seed)
     trainer = JointLMTrainer(model, args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

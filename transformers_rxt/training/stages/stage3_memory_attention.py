@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .common import DataArguments, episode_datasets, load_tokenizer, parse, stage_report
+from .common import DataArguments, episode_datasets, load_tokenizer, parse, preparing_data, stage_report
 
 
 @dataclass
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data, args = parse(ModelArguments, DataArguments, MemoryAttentionConfig, argv=argv)
     started = time.time()
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
-    with args.main_process_first(desc="tokenizing"):
+    with preparing_data(args, data):
         train, evals = episode_datasets(data, tokenizer)
     trainer = MemoryAttentionTrainer(model_args.init_from, args, train_dataset=train, eval_dataset=evals,
                                      processing_class=tokenizer)

@@ -16,7 +16,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .common import SYNTHETIC, DataArguments, episode_datasets, load_tokenizer, parse, stage_report
+from .common import (
+    SYNTHETIC,
+    DataArguments,
+    episode_datasets,
+    load_tokenizer,
+    parse,
+    preparing_data,
+    stage_report,
+)
 
 
 @dataclass
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 argv=argv)
     started = time.time()
     tokenizer = load_tokenizer(model_args.tokenizer or model_args.init_from)
-    with args.main_process_first(desc="tokenizing"):
+    with preparing_data(args, data):
         if curriculum.curriculum_turns and data.dataset == SYNTHETIC:
             train, evals = curriculum_dataset(curriculum, data, tokenizer, args.review_loss_weight > 0), None
         else:

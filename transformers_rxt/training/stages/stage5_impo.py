@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
-from .common import DataArguments, load_tokenizer, mrl_records, parse, stage_report
+from .common import DataArguments, load_tokenizer, mrl_records, parse, preparing_data, stage_report
 
 
 @dataclass
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     turns = data.num_turns or (getattr(args, "curriculum_steps", 1) + 1)
     train_raw, heldout_raw = mrl_records(data, False, turns), mrl_records(data, True, turns)
-    with args.main_process_first(desc="tokenizing"):
+    with preparing_data(args, data):
         if algorithm == "dmpo":
             train = tokenize_dmpo_dataset(make_dmpo_records(list(train_raw), seed=data.corpus_seed), tokenizer,
                                           data.max_length)
